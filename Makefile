@@ -1,0 +1,34 @@
+# The two commands a new user needs: `make demo` and `make test`. Each does all set-up.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv assets test demo bench clean
+
+# torch==2.13.0 first: it is the CPU build these machines carry; an unpinned torch
+# would pull a multi-GB CUDA build. The worker extra's `torch>=2.2` is then satisfied.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[operator,worker,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# etcd + kube-apiserver for the local control plane, built once and cached in ~/.cache/gpuroute.
+assets:
+	bash gpuroute/localenv/kube-assets.sh >/dev/null
+
+test: venv assets
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv assets
+	$(PY) -m gpuroute.cli demo
+
+bench: venv assets
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

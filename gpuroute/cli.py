@@ -1,0 +1,165 @@
+"""The `gpuroute` command: operator, worker, keys and demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from gpuroute.curve_keys import (KeyError_, KeyPair, dump_manifests, operator_secrets, read_key_file,
+                                 worker_secrets, write_key_file)
+
+
+def _env_key(path: str | None, env: str, what: str) -> bytes:
+    if path:
+        return read_key_file(path)
+    value = os.environ.get(env)
+    if value:
+        from gpuroute.curve_keys import parse_key
+
+        return parse_key(value, source=f"${env}")
+    raise SystemExit(f"gpuroute: {what} is required (a file option or ${env})")
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from gpuroute_operator.engine import EngineConfig
+    from gpuroute_operator.main import run_operator
+
+    if args.dev_plaintext:
+        logging.getLogger("gpuroute").warning("--dev-plaintext: worker traffic is NOT encrypted or authenticated")
+        secret = KeyPair.generate().secret
+    else:
+        secret = _env_key(args.server_key_file, "GPUROUTE_SERVER_SECRET_KEY", "the operator's CURVE secret key")
+    config = EngineConfig(bind=args.bind, secret_key=secret, namespace=args.namespace, kubeconfig=args.kubeconfig,
+                          plaintext=args.dev_plaintext)
+    run_operator(config, web_port=args.web_port or None, liveness_port=args.liveness_port or None, verbose=args.verbose)
+    return 0
+
+
+def _parse_model(value: str):  # noqa: ANN202 (ModelSpec is imported lazily)
+    from gpuroute_worker.config import ModelSpec
+
+    name, sep, rest = value.partition("=")
+    uri, hash_sep, digest = rest.rpartition("#")
+    if not sep or not hash_sep or not name or len(digest) != 64:
+        raise argparse.ArgumentTypeError(f"--model expects NAME=URI#SHA256, got {value!r}")
+    return ModelSpec(name, uri, digest.lower())
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gpuroute_worker.config import WorkerConfig
+    from gpuroute_worker.main import serve
+
+    config = WorkerConfig(
+        operator_endpoint=args.operator,
+        pool=args.pool,
+        worker_id=args.id or socket.gethostname(),
+        secret_key=_env_key(args.key_file, "GPUROUTE_WORKER_SECRET_KEY", "the worker's CURVE secret key"),
+        server_public_key=_env_key(args.server_public_key_file, "GPUROUTE_SERVER_PUBLIC_KEY", "the operator's public key"),
+        capacity=args.capacity,
+        max_batch=args.max_batch,
+        max_batch_wait_ms=args.max_batch_wait_ms,
+        device=args.device,
+        health_port=args.health_port or None,
+        torch_threads=args.threads,
+        models={m.name: m for m in args.model},
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    pair = KeyPair.generate()
+    if args.role == "operator":
+        objects = operator_secrets(pair, namespace=args.namespace, worker_namespace=args.worker_namespace)
+    else:
+        if not args.pool:
+            raise SystemExit("gpuroute keys worker: --pool is required")
+        objects = worker_secrets(pair, pool=args.pool, worker=args.name, namespace=args.namespace,
+                                 worker_namespace=args.worker_namespace)
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = "server" if args.role == "operator" else f"{args.pool}-{args.name}"
+        write_key_file(out / f"{stem}.key_secret", pair.secret)
+        (out / f"{stem}.key").write_bytes(pair.public + b"\n")
+    sys.stdout.write(dump_manifests(objects))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gpuroute.demo import run_demo
+
+    return run_demo(workdir=args.workdir, output_dir=args.output_dir, keep_running=args.keep_running,
+                    workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpuroute", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    op = sub.add_parser("operator", help="run the operator (kopf) on the management cluster")
+    op.add_argument("--bind", default="tcp://0.0.0.0:7700", help="ZeroMQ endpoint for workers")
+    op.add_argument("--server-key-file", help="operator CURVE secret key (or $GPUROUTE_SERVER_SECRET_KEY)")
+    op.add_argument("--namespace", default=os.environ.get("GPUROUTE_NAMESPACE", "gpuroute-system"),
+                    help="operator namespace (default for key Secret references)")
+    op.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster or $KUBECONFIG)")
+    op.add_argument("--web-port", type=int, default=9090, help="/metrics, /healthz and status API; 0 disables")
+    op.add_argument("--liveness-port", type=int, default=8080, help="kopf liveness probe; 0 disables")
+    op.add_argument("--dev-plaintext", action="store_true", help="DEV ONLY: no CURVE on the worker socket")
+    op.set_defaults(func=_cmd_operator)
+
+    wk = sub.add_parser("worker", help="run a GPU worker that dials the operator")
+    wk.add_argument("--operator", required=True, help="operator endpoint, e.g. tcp://gpuroute.example.com:7700")
+    wk.add_argument("--pool", required=True, help="WorkerPool this worker belongs to")
+    wk.add_argument("--id", default=None, help="worker id (default: hostname, the pod name)")
+    wk.add_argument("--key-file", help="worker CURVE secret key (or $GPUROUTE_WORKER_SECRET_KEY)")
+    wk.add_argument("--server-public-key-file", help="operator public key (or $GPUROUTE_SERVER_PUBLIC_KEY)")
+    wk.add_argument("--capacity", type=int, default=4, help="jobs accepted at once")
+    wk.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch")
+    wk.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="time a batch waits to fill")
+    wk.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    wk.add_argument("--health-port", type=int, default=8081, help="/healthz, /readyz, /metrics; 0 disables")
+    wk.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    wk.add_argument("--model", type=_parse_model, action="append", default=[],
+                    help="super-resolution model NAME=PATH_OR_URI#SHA256 (repeatable)")
+    wk.set_defaults(func=_cmd_worker)
+
+    ks = sub.add_parser("keys", help="generate a CURVE key pair as Kubernetes Secret manifests")
+    ks.add_argument("role", choices=("operator", "worker"))
+    ks.add_argument("--pool", help="pool of the worker key")
+    ks.add_argument("--name", default="worker", help="name of the worker key inside the pool's Secret")
+    ks.add_argument("--namespace", default="gpuroute-system", help="management-cluster namespace")
+    ks.add_argument("--worker-namespace", default="gpuroute-workers", help="GPU-cluster namespace")
+    ks.add_argument("--out-dir", help="also write the raw key files here (for local runs)")
+    ks.set_defaults(func=_cmd_keys)
+
+    dm = sub.add_parser("demo", help="run the whole path locally: control plane, S3, operator, workers, jobs")
+    dm.add_argument("--workdir", default=None, help="where logs and state go (default: a temp dir)")
+    dm.add_argument("--output-dir", default="demo-output", help="where job outputs are saved")
+    dm.add_argument("--workers", type=int, default=2, help="worker processes in the demo pool")
+    dm.add_argument("--keep-running", action="store_true", help="leave everything up for kubectl until Ctrl-C")
+    dm.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "operator":  # kopf.configure() sets up the operator's logging
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyError_ as exc:
+        print(f"gpuroute: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The gpuroute side of a local environment: keys, pools, operator and worker processes.
+
+Used by the demo and by the integration and end-to-end tests, on top of a real
+ControlPlane and a moto S3 server. Every process is a real `gpuroute` process with its
+own log file; nothing is simulated.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpuroute.curve_keys import KeyPair, write_key_file
+from gpuroute.localenv.controlplane import ControlPlane
+from gpuroute.localenv.objectstore import S3Server
+
+GROUP, VERSION = "gpuroute.io", "v1alpha1"
+TERMINAL_PHASES = frozenset({"Completed", "Failed", "Cancelled"})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ManagedProcess:
+    """A child process in its own process group, logging to a file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A WorkerPool to create locally."""
+
+    name: str
+    """WorkerPool name."""
+    cloud: str = "local"
+    """Declared cloud."""
+    region: str = "local-1"
+    """Declared region."""
+    price_per_gpu_hour: float = 1.0
+    """Declared USD per GPU-hour."""
+    spot: bool = False
+    """Declared preemptible capacity."""
+    workers: tuple[str, ...] = ("w1",)
+    """Worker key names to generate and admit."""
+    max_in_flight_per_worker: int = 4
+    """Jobs per worker at once."""
+    allowed_namespaces: tuple[str, ...] = ()
+    """Namespaces allowed to use the pool."""
+    extra_spec: Mapping[str, Any] = field(default_factory=dict)
+    """More spec fields (models, allowedSourceCIDRs...)."""
+
+
+class LocalStack:
+    def __init__(self, workdir: Path, control_plane: ControlPlane, s3: S3Server, *,
+                 namespace: str = "gpuroute-system", worker_threads: int = 1) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.control_plane = control_plane
+        self.s3 = s3
+        self.namespace = namespace
+        self.worker_threads = worker_threads
+        self.operator_key = KeyPair.generate()
+        write_key_file(self.workdir / "server.key_secret", self.operator_key.secret)
+        (self.workdir / "server.key").write_bytes(self.operator_key.public + b"\n")
+        self.operator_port = free_port()
+        self.operator_web_port = free_port()
+        self.worker_keys: dict[tuple[str, str], KeyPair] = {}
+        self.operator: ManagedProcess | None = None
+        self.workers: dict[str, ManagedProcess] = {}
+        self._operator_runs = 0
+        self._api = control_plane.api_client()
+        self.ensure_namespace(namespace)
+
+    # ---- Kubernetes objects ----------------------------------------------------------
+
+    @property
+    def core(self) -> Any:
+        from kubernetes import client
+
+        return client.CoreV1Api(self._api)
+
+    @property
+    def custom(self) -> Any:
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self._api)
+
+    def ensure_namespace(self, name: str, *, read: Sequence[str] = (), write: Sequence[str] = ()) -> None:
+        from kubernetes.client.rest import ApiException
+
+        annotations = {}
+        if read:
+            annotations["gpuroute.io/storage-read"] = ", ".join(read)
+        if write:
+            annotations["gpuroute.io/storage-write"] = ", ".join(write)
+        body = {"metadata": {"name": name, "annotations": annotations}}
+        try:
+            self.core.create_namespace(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.patch_namespace(name, body)
+
+    def add_pool(self, pool: PoolConfig) -> None:
+        from kubernetes.client.rest import ApiException
+
+        data = {}
+        for worker in pool.workers:
+            pair = self.worker_keys.setdefault((pool.name, worker), KeyPair.generate())
+            data[f"{worker}.key"] = base64.b64encode(pair.public).decode()
+        secret_name = f"gpuroute-pool-{pool.name}-keys"
+        secret = {"metadata": {"name": secret_name, "namespace": self.namespace}, "data": data}
+        try:
+            self.core.create_namespaced_secret(self.namespace, secret)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.replace_namespaced_secret(secret_name, self.namespace, secret)
+        spec = {
+            "cloud": pool.cloud, "region": pool.region, "pricePerGpuHour": pool.price_per_gpu_hour, "spot": pool.spot,
+            "workerKeysSecretRef": {"name": secret_name, "namespace": self.namespace},
+            "maxInFlightPerWorker": pool.max_in_flight_per_worker,
+            "allowedNamespaces": list(pool.allowed_namespaces), "gpu": {"model": "cpu", "memoryGiB": 0},
+            **pool.extra_spec,
+        }
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkerPool", "metadata": {"name": pool.name}, "spec": spec}
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, "workerpools", body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.custom.patch_cluster_custom_object(GROUP, VERSION, "workerpools", pool.name, {"spec": spec})
+
+    def worker_pool(self, name: str) -> dict[str, Any]:
+        return self.custom.get_cluster_custom_object(GROUP, VERSION, "workerpools", name)
+
+    def create_job(self, namespace: str, name: str, spec: Mapping[str, Any], *,
+                   annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageJob",
+                "metadata": {"name": name, "annotations": dict(annotations or {})}, "spec": dict(spec)}
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "imagejobs", body)
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "imagejobs", name)
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "imagejobs", name)
+
+    def list_jobs(self, namespace: str) -> list[dict[str, Any]]:
+        return list(self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "imagejobs")["items"])
+
+    def wait_for_jobs(self, namespace: str, names: Iterable[str], *, timeout: float = 120.0,
+                      phases: frozenset[str] = TERMINAL_PHASES) -> dict[str, dict[str, Any]]:
+        """Poll until every named job is in one of `phases`; returns the last bodies."""
+        wanted = set(names)
+        deadline = time.monotonic() + timeout
+        seen: dict[str, dict[str, Any]] = {}
+        while True:
+            seen = {j["metadata"]["name"]: j for j in self.list_jobs(namespace) if j["metadata"]["name"] in wanted}
+            pending = [n for n in wanted if (seen.get(n, {}).get("status") or {}).get("phase") not in phases]
+            if not pending:
+                return seen
+            if time.monotonic() > deadline:
+                states = {n: (seen.get(n, {}).get("status") or {}).get("phase") for n in sorted(pending)}
+                raise TimeoutError(f"jobs not in {sorted(phases)} after {timeout}s: {states}\n"
+                                   f"operator log:\n{self.operator.log_tail() if self.operator else ''}")
+            time.sleep(0.2)
+
+    def wait_for_pool(self, name: str, *, workers: int, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.worker_pool(name).get("status") or {}
+            if status.get("connectedWorkers", 0) == workers:
+                return status
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n}\n{p.log_tail(15)}" for n, p in self.workers.items())
+                raise TimeoutError(f"pool {name} has {status.get('connectedWorkers')} workers, wanted {workers}\n"
+                                   f"operator:\n{self.operator.log_tail() if self.operator else ''}\n{logs}")
+            time.sleep(0.2)
+
+    # ---- processes -------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> ManagedProcess:
+        log_path = self.workdir / f"{name}.log"
+        log = log_path.open("ab")
+        popen = subprocess.Popen([sys.executable, "-m", "gpuroute.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                 env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        log.close()
+        return ManagedProcess(name, popen, log_path)
+
+    @property
+    def operator_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.operator_port}"
+
+    def start_operator(self) -> ManagedProcess:
+        self._operator_runs += 1
+        env = self.control_plane.env(self.s3.env(os.environ))
+        self.operator = self._spawn(f"operator-{self._operator_runs}", [
+            "operator", "--bind", self.operator_endpoint, "--server-key-file", str(self.workdir / "server.key_secret"),
+            "--namespace", self.namespace, "--kubeconfig", self.control_plane.kubeconfig,
+            "--web-port", str(self.operator_web_port), "--liveness-port", "0"], env)
+        return self.operator
+
+    def start_worker(self, pool: str, worker: str, *, capacity: int = 4, max_batch: int = 8,
+                     extra_args: Sequence[str] = ()) -> ManagedProcess:
+        pair = self.worker_keys[(pool, worker)]
+        key_file = self.workdir / f"{pool}-{worker}.key_secret"
+        write_key_file(key_file, pair.secret)
+        # Workers get no storage credentials: they only ever see presigned URLs.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        process = self._spawn(f"worker-{pool}-{worker}", [
+            "worker", "--operator", self.operator_endpoint, "--pool", pool, "--id", worker,
+            "--key-file", str(key_file), "--server-public-key-file", str(self.workdir / "server.key"),
+            "--capacity", str(capacity), "--max-batch", str(max_batch), "--health-port", "0",
+            "--threads", str(self.worker_threads), *extra_args], env)
+        self.workers[worker] = process
+        return process
+
+    def stop(self) -> None:
+        for process in [*self.workers.values(), *([self.operator] if self.operator else [])]:
+            process.stop()
+        self._api.close()

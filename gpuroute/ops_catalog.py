@@ -1,0 +1,279 @@
+"""The catalogue of image operations: names, parameters, defaults and bounds.
+
+One table serves three readers: the operator validates `spec.steps` against it before a
+job is admitted, the worker fills defaults from it before running a step, and a test
+checks that the CRD schema documents every parameter listed here. It imports neither
+kopf nor torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_STEPS = 16
+MAX_DIMENSION = 16384
+"""Largest width or height any step may ask for, in pixels."""
+
+RESAMPLING_METHODS = ("nearest", "bilinear", "bicubic", "lanczos")
+_HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+class StepError(ValueError):
+    """A step the worker cannot run; `field` names the offending spec path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of an op."""
+
+    kind: str
+    """One of: number, integer, boolean, string, enum, color."""
+    default: Any = None
+    """Value used when the step omits the parameter; None means optional without default."""
+    minimum: float | None = None
+    """Inclusive lower bound for number and integer parameters."""
+    maximum: float | None = None
+    """Inclusive upper bound for number and integer parameters."""
+    choices: tuple[str, ...] = ()
+    """Allowed values for enum parameters."""
+    required: bool = False
+    """Whether the step must set the parameter."""
+    doc: str = ""
+    """One line for `kubectl explain` and the README."""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An operation in the catalogue."""
+
+    family: str
+    """upscale, enhance, filter or transform."""
+    doc: str
+    """What the op does, in one line."""
+    params: Mapping[str, Param] = field(default_factory=dict)
+    """The op's parameters by name."""
+
+
+def _num(default: float | None, lo: float, hi: float, doc: str, *, required: bool = False) -> Param:
+    return Param("number", default, lo, hi, required=required, doc=doc)
+
+
+def _int(default: int | None, lo: int, hi: int, doc: str, *, required: bool = False) -> Param:
+    return Param("integer", default, lo, hi, required=required, doc=doc)
+
+
+_FACTOR = _num(1.0, 0.0, 10.0, "Enhancement factor as in Pillow's ImageEnhance: 1.0 leaves the image unchanged.", required=True)
+_FILL = Param("color", "#000000", doc="Fill colour as #rrggbb for uncovered pixels.")
+
+CATALOG: Mapping[str, OpSpec] = {
+    "upscale": OpSpec(
+        "upscale",
+        "Enlarge by `scale` or to `width`/`height` with a classical filter or a super-resolution model.",
+        {
+            "scale": _num(None, 0.01, 16.0, "Scale factor applied to both sides."),
+            "width": _int(None, 1, MAX_DIMENSION, "Target width in pixels; height follows the aspect ratio if unset."),
+            "height": _int(None, 1, MAX_DIMENSION, "Target height in pixels; width follows the aspect ratio if unset."),
+            "method": Param("enum", "bicubic", choices=(*RESAMPLING_METHODS, "model"), doc="Resampling filter, or `model` for learned super-resolution."),
+            "model": Param("string", None, doc="Name of a super-resolution model the pool serves (method: model)."),
+        },
+    ),
+    "denoise": OpSpec(
+        "enhance",
+        "Remove noise with a median filter or a Gaussian blur.",
+        {
+            "method": Param("enum", "median", choices=("median", "gaussian"), doc="Median (keeps edges) or Gaussian smoothing."),
+            "size": _int(3, 3, 9, "Median window size in pixels (odd)."),
+            "radius": _num(1.0, 0.1, 10.0, "Gaussian standard deviation in pixels."),
+        },
+    ),
+    "sharpen": OpSpec(
+        "enhance",
+        "Unsharp mask with Pillow's UnsharpMask semantics.",
+        {
+            "radius": _num(2.0, 0.1, 50.0, "Blur radius of the mask in pixels."),
+            "percent": _int(150, 0, 500, "Strength of the sharpening in percent."),
+            "threshold": _int(3, 0, 255, "Minimum brightness change, in 8-bit levels, that is sharpened."),
+        },
+    ),
+    "autocontrast": OpSpec(
+        "enhance",
+        "Stretch each channel's histogram to the full range (Pillow ImageOps.autocontrast).",
+        {"cutoff": _num(0.0, 0.0, 49.0, "Percent of darkest and lightest pixels ignored.")},
+    ),
+    "equalize": OpSpec("enhance", "Equalize each channel's histogram (Pillow ImageOps.equalize)."),
+    "gamma": OpSpec(
+        "enhance",
+        "Gamma correction: out = in ** (1 / gamma), so gamma above 1 brightens.",
+        {"gamma": _num(1.0, 0.05, 10.0, "Gamma value.", required=True)},
+    ),
+    "brightness": OpSpec("enhance", "Scale brightness (Pillow ImageEnhance.Brightness).", {"factor": _FACTOR}),
+    "contrast": OpSpec("enhance", "Scale contrast around the mean grey (Pillow ImageEnhance.Contrast).", {"factor": _FACTOR}),
+    "saturation": OpSpec("enhance", "Scale colour saturation (Pillow ImageEnhance.Color).", {"factor": _FACTOR}),
+    "blur": OpSpec(
+        "filter",
+        "Gaussian blur (Pillow ImageFilter.GaussianBlur).",
+        {"radius": _num(2.0, 0.1, 50.0, "Standard deviation in pixels.")},
+    ),
+    "edges": OpSpec("filter", "Edge detection with Pillow's FIND_EDGES kernel."),
+    "emboss": OpSpec("filter", "Emboss with Pillow's EMBOSS kernel."),
+    "grayscale": OpSpec("filter", "Luma (ITU-R 601-2, as Pillow's convert('L')) replicated to three channels."),
+    "sepia": OpSpec(
+        "filter",
+        "Sepia tone with the classic sepia matrix.",
+        {"amount": _num(1.0, 0.0, 1.0, "Blend between the original (0) and full sepia (1).")},
+    ),
+    "invert": OpSpec("filter", "Invert every channel (Pillow ImageOps.invert)."),
+    "resize": OpSpec(
+        "transform",
+        "Resize to `width`/`height` or by `scale`, antialiased when shrinking.",
+        {
+            "scale": _num(None, 0.01, 16.0, "Scale factor applied to both sides."),
+            "width": _int(None, 1, MAX_DIMENSION, "Target width in pixels; height follows the aspect ratio if unset."),
+            "height": _int(None, 1, MAX_DIMENSION, "Target height in pixels; width follows the aspect ratio if unset."),
+            "method": Param("enum", "bicubic", choices=RESAMPLING_METHODS, doc="Resampling filter."),
+        },
+    ),
+    "crop": OpSpec(
+        "transform",
+        "Cut out the rectangle at (`x`, `y`) of `width` x `height`.",
+        {
+            "x": _int(0, 0, MAX_DIMENSION, "Left edge in pixels."),
+            "y": _int(0, 0, MAX_DIMENSION, "Top edge in pixels."),
+            "width": _int(None, 1, MAX_DIMENSION, "Width in pixels.", required=True),
+            "height": _int(None, 1, MAX_DIMENSION, "Height in pixels.", required=True),
+        },
+    ),
+    "rotate": OpSpec(
+        "transform",
+        "Rotate counter-clockwise by any angle (Pillow Image.rotate).",
+        {
+            "angle": _num(None, -360.0, 360.0, "Angle in degrees, counter-clockwise.", required=True),
+            "expand": Param("boolean", False, doc="Grow the canvas to hold the whole rotated image."),
+            "method": Param("enum", "bilinear", choices=("nearest", "bilinear"), doc="Sampling filter."),
+            "fill": _FILL,
+        },
+    ),
+    "flip": OpSpec(
+        "transform",
+        "Mirror the image.",
+        {"direction": Param("enum", "horizontal", choices=("horizontal", "vertical"), doc="horizontal mirrors left-right, vertical top-bottom.")},
+    ),
+    "pad": OpSpec(
+        "transform",
+        "Add a border.",
+        {
+            "left": _int(0, 0, 4096, "Pixels added on the left."),
+            "top": _int(0, 0, 4096, "Pixels added on the top."),
+            "right": _int(0, 0, 4096, "Pixels added on the right."),
+            "bottom": _int(0, 0, 4096, "Pixels added on the bottom."),
+            "mode": Param("enum", "constant", choices=("constant", "edge", "reflect"), doc="constant uses `fill`; edge repeats the border; reflect mirrors it."),
+            "fill": _FILL,
+        },
+    ),
+}
+
+FAMILIES = ("upscale", "enhance", "filter", "transform")
+
+
+def _check_param(path: str, name: str, param: Param, value: Any) -> Any:
+    where = f"{path}.{name}"
+    if param.kind in ("number", "integer"):
+        # bool is an int subclass; a YAML `true` is never a valid number.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise StepError(where, f"must be a {param.kind}, got {type(value).__name__}")
+        if param.kind == "integer":
+            if isinstance(value, float) and not value.is_integer():
+                raise StepError(where, f"must be an integer, got {value}")
+            value = int(value)
+        elif not math.isfinite(value):
+            raise StepError(where, "must be finite")
+        else:
+            value = float(value)
+        if param.minimum is not None and value < param.minimum:
+            raise StepError(where, f"must be at least {param.minimum:g}, got {value:g}")
+        if param.maximum is not None and value > param.maximum:
+            raise StepError(where, f"must be at most {param.maximum:g}, got {value:g}")
+        return value
+    if param.kind == "boolean":
+        if not isinstance(value, bool):
+            raise StepError(where, f"must be true or false, got {value!r}")
+        return value
+    if param.kind == "enum":
+        if value not in param.choices:
+            raise StepError(where, f"must be one of {', '.join(param.choices)}; got {value!r}")
+        return value
+    if param.kind == "color":
+        if not isinstance(value, str) or not _HEX_COLOR.match(value):
+            raise StepError(where, f"must be a colour as #rrggbb, got {value!r}")
+        return value.lower()
+    if not isinstance(value, str) or not value or len(value) > 253:
+        raise StepError(where, "must be a non-empty string of at most 253 characters")
+    return value
+
+
+def _check_cross_field(path: str, op: str, params: dict[str, Any]) -> None:
+    if op in ("upscale", "resize"):
+        sized = [k for k in ("width", "height") if params.get(k) is not None]
+        if params.get("scale") is None and not sized and not (op == "upscale" and params.get("method") == "model"):
+            raise StepError(path, f"{op} needs `scale` or `width`/`height`")
+        if params.get("scale") is not None and sized:
+            raise StepError(f"{path}.scale", "set either `scale` or `width`/`height`, not both")
+        if op == "upscale" and params.get("method") == "model" and not params.get("model"):
+            raise StepError(f"{path}.model", "method `model` needs the name of a model the pool serves")
+        if op == "upscale" and params.get("model") and params.get("method") != "model":
+            raise StepError(f"{path}.method", "`model` is set, so `method` must be `model`")
+    if op == "denoise" and params["size"] % 2 == 0:
+        raise StepError(f"{path}.size", f"must be odd, got {params['size']}")
+
+
+def normalize_step(index: int, step: Any) -> dict[str, Any]:
+    """Validate one step and return it with every default filled in."""
+    path = f"spec.steps[{index}]"
+    if not isinstance(step, Mapping):
+        raise StepError(path, f"must be an object like {{op: blur, radius: 2}}, got {type(step).__name__}")
+    op = step.get("op")
+    if op not in CATALOG:
+        raise StepError(f"{path}.op", f"unknown op {op!r}; known ops: {', '.join(sorted(CATALOG))}")
+    spec = CATALOG[op]
+    unknown = sorted(set(step) - set(spec.params) - {"op"})
+    if unknown:
+        allowed = ", ".join(sorted(spec.params)) or "none"
+        raise StepError(f"{path}.{unknown[0]}", f"is not a parameter of {op} (parameters: {allowed})")
+    out: dict[str, Any] = {"op": op}
+    for name, param in spec.params.items():
+        if step.get(name) is None:
+            if param.required:
+                raise StepError(f"{path}.{name}", f"is required for {op}")
+            out[name] = param.default
+        else:
+            out[name] = _check_param(path, name, param, step[name])
+    _check_cross_field(path, op, out)
+    return out
+
+
+def normalize_steps(steps: Any) -> tuple[dict[str, Any], ...]:
+    """Validate a whole pipeline; raises StepError naming the first bad field."""
+    if not isinstance(steps, Sequence) or isinstance(steps, (str, bytes)):
+        raise StepError("spec.steps", "must be a list of steps")
+    if not 1 <= len(steps) <= MAX_STEPS:
+        raise StepError("spec.steps", f"must hold 1 to {MAX_STEPS} steps, got {len(steps)}")
+    return tuple(normalize_step(i, step) for i, step in enumerate(steps))
+
+
+def models_used(steps: Sequence[Mapping[str, Any]]) -> frozenset[str]:
+    """Names of the super-resolution models a normalized pipeline needs."""
+    return frozenset(s["model"] for s in steps if s["op"] == "upscale" and s.get("method") == "model")
+
+
+def parse_color(value: str) -> tuple[int, int, int]:
+    """#rrggbb to an (r, g, b) tuple of 8-bit levels."""
+    return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)

@@ -1,0 +1,1 @@
+"""The gpuroute operator: watches ImageJobs and routes them to GPU worker pools."""

@@ -1,0 +1,162 @@
+"""WorkerPools: their parsed spec, live workers, queue and measurements."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gpuroute import protocol
+from gpuroute_operator.router import PoolView
+from gpuroute_operator.scheduler import FairQueue
+from gpuroute_operator.zap import parse_cidrs
+
+if TYPE_CHECKING:
+    from gpuroute_operator.jobs import Job
+
+EWMA_ALPHA = 0.2
+"""Weight of the newest sample in moving averages (about the last 10 samples count)."""
+
+
+class PoolSpecError(ValueError):
+    """A WorkerPool spec the operator cannot use; reported on the pool's status."""
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A validated WorkerPool spec."""
+
+    name: str
+    """WorkerPool name."""
+    cloud: str
+    """Cloud the pool runs in."""
+    region: str
+    """Region the pool runs in."""
+    price_per_gpu_hour: float
+    """USD per GPU-hour, for cost-aware routing."""
+    spot: bool
+    """Preemptible capacity."""
+    keys_secret: tuple[str, str] | None
+    """(namespace, name) of the Secret listing admitted worker public keys."""
+    cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    """Source networks workers may connect from; empty allows any."""
+    max_in_flight_per_worker: int
+    """Upper bound on jobs sent to one worker, whatever it announces."""
+    allowed_namespaces: tuple[str, ...]
+    """Namespaces allowed to use the pool; empty allows all."""
+    models: frozenset[str]
+    """Model names the pool declares (workers also announce theirs)."""
+    generation: int
+    """metadata.generation of the spec parsed."""
+
+
+def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: int, default_namespace: str) -> PoolSpec:
+    spec = spec or {}
+    ref = spec.get("workerKeysSecretRef") or {}
+    if ref and not ref.get("name"):
+        raise PoolSpecError("spec.workerKeysSecretRef.name is required")
+    try:
+        price = float(spec.get("pricePerGpuHour") or 0.0)
+        max_in_flight = int(spec.get("maxInFlightPerWorker") or 4)
+    except (TypeError, ValueError) as exc:
+        raise PoolSpecError(f"spec.pricePerGpuHour / spec.maxInFlightPerWorker: {exc}") from exc
+    if price < 0 or max_in_flight < 1:
+        raise PoolSpecError("spec.pricePerGpuHour must be >= 0 and spec.maxInFlightPerWorker >= 1")
+    try:
+        cidrs = parse_cidrs(spec.get("allowedSourceCIDRs") or (), "spec.allowedSourceCIDRs")
+    except ValueError as exc:
+        raise PoolSpecError(str(exc)) from exc
+    return PoolSpec(
+        name=name,
+        cloud=str(spec.get("cloud") or ""),
+        region=str(spec.get("region") or ""),
+        price_per_gpu_hour=price,
+        spot=bool(spec.get("spot", False)),
+        keys_secret=(ref.get("namespace") or default_namespace, ref["name"]) if ref else None,
+        cidrs=cidrs,
+        max_in_flight_per_worker=max_in_flight,
+        allowed_namespaces=tuple(spec.get("allowedNamespaces") or ()),
+        models=frozenset(m["name"] for m in spec.get("models") or () if isinstance(m, Mapping) and m.get("name")),
+        generation=generation,
+    )
+
+
+def ewma(previous: float | None, sample: float) -> float:
+    return sample if previous is None else (1 - EWMA_ALPHA) * previous + EWMA_ALPHA * sample
+
+
+@dataclass
+class WorkerConn:
+    """One connected worker, as the operator sees it."""
+
+    routing_id: bytes
+    pool: str
+    worker: str
+    capacity: int
+    device: str
+    models: frozenset[str]
+    last_seen: float = field(default_factory=time.monotonic)
+    last_heartbeat_wall: float = field(default_factory=time.time)
+    rtt_ms: float | None = None
+    draining: bool = False
+    jobs: dict[str, Job] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else max(0, self.capacity - len(self.jobs))
+
+    def silent_for(self, now: float) -> float:
+        return now - self.last_seen
+
+    def expired(self, now: float) -> bool:
+        return self.silent_for(now) > protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
+
+
+@dataclass
+class PoolState:
+    """A pool's configuration plus what is live right now."""
+
+    spec: PoolSpec
+    keys: int = 0
+    problem: str = ""
+    workers: dict[bytes, WorkerConn] = field(default_factory=dict)
+    queue: FairQueue[Job] = field(default_factory=FairQueue)
+    service_ms: float | None = None
+    mpix_per_s: float | None = None
+    last_heartbeat: float | None = None
+
+    @property
+    def busy(self) -> int:
+        return sum(len(w.jobs) for w in self.workers.values())
+
+    @property
+    def rtt_ms(self) -> float | None:
+        samples = [w.rtt_ms for w in self.workers.values() if w.rtt_ms is not None]
+        return sum(samples) / len(samples) if samples else None
+
+    def view(self) -> PoolView:
+        live = [w for w in self.workers.values() if not w.draining]
+        return PoolView(
+            name=self.spec.name, cloud=self.spec.cloud, region=self.spec.region,
+            price_per_gpu_hour=self.spec.price_per_gpu_hour, spot=self.spec.spot,
+            allowed_namespaces=self.spec.allowed_namespaces,
+            models=frozenset().union(*(w.models for w in live)) if live else frozenset(),
+            workers=len(live), slots=sum(w.capacity for w in live), busy=self.busy,
+            queued=len(self.queue), rtt_ms=self.rtt_ms, service_ms=self.service_ms,
+        )
+
+    def record_result(self, worker_ms: float, output_pixels: int) -> None:
+        self.service_ms = ewma(self.service_ms, worker_ms)
+        if worker_ms > 0:
+            self.mpix_per_s = ewma(self.mpix_per_s, output_pixels / 1e6 / (worker_ms / 1000.0))
+
+    def free_worker(self, preferred: str | None) -> WorkerConn | None:
+        free = [w for w in self.workers.values() if w.free > 0]
+        if not free:
+            return None
+        for conn in free:
+            if conn.worker == preferred:
+                return conn
+        return max(free, key=lambda w: (w.free, -len(w.jobs)))

@@ -1,0 +1,99 @@
+"""The operator's ROUTER socket: CURVE server, one persistent connection per worker.
+
+Transport only: frames in, decoded Messages out to a handler, and sends by routing id.
+Malformed messages are dropped and counted; nothing a peer sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from gpuroute import protocol
+from gpuroute.protocol import Kind, Message, ProtocolError
+from gpuroute_operator import metrics
+
+log = logging.getLogger(__name__)
+
+
+class MessageHandler(Protocol):
+    def on_message(self, routing_id: bytes, pool: str, message: Message) -> None: ...
+
+
+class WorkerServer:
+    def __init__(self, context: zmq.asyncio.Context, *, bind: str, secret_key: bytes, handler: MessageHandler,
+                 plaintext: bool = False) -> None:
+        self._context = context
+        self._bind = bind
+        self._secret_key = secret_key
+        self._handler = handler
+        self._plaintext = plaintext
+        self._socket: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.endpoint = ""
+
+    def start(self) -> None:
+        socket = self._context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        # A worker that reconnects with its routing id takes over its old connection
+        # at once, instead of being ignored until the dead one times out.
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Sends to a vanished worker raise EHOSTUNREACH instead of disappearing.
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if not self._plaintext:
+            socket.curve_server = True
+            socket.curve_secretkey = self._secret_key
+            socket.curve_publickey = zmq.curve_public(self._secret_key)
+            socket.setsockopt(zmq.ZAP_DOMAIN, b"gpuroute")
+        socket.bind(self._bind)
+        self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._socket = socket
+        self._task = asyncio.get_running_loop().create_task(self._receive(), name="worker-server")
+        log.info("listening for workers on %s (%s)", self.endpoint, "PLAINTEXT, dev only" if self._plaintext else "CURVE")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._socket is not None:
+            self._socket.close()
+
+    def send(self, routing_id: bytes, kind: Kind, header: Mapping[str, Any], payload: bytes | None = None) -> bool:
+        """Send without blocking; False if the worker is gone or its queue is full."""
+        assert self._socket is not None
+        try:
+            self._socket.send_multipart([routing_id, *protocol.encode(kind, header, payload)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                return False
+            raise
+        metrics.MESSAGES.labels("out", kind.name).inc()
+        return True
+
+    async def _receive(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            routing_id = frames[0].bytes
+            try:
+                pool = "" if self._plaintext else frames[1].get("User-Id")
+                message = protocol.decode([f.bytes for f in frames[1:]])
+            except ProtocolError as exc:
+                metrics.REJECTED_MESSAGES.labels("malformed").inc()
+                log.warning("dropped malformed message from %r: %s", routing_id[:64], exc)
+                continue
+            metrics.MESSAGES.labels("in", message.kind.name).inc()
+            try:
+                self._handler.on_message(routing_id, pool, message)
+            except Exception:  # a handler bug must not take the socket loop down
+                metrics.REJECTED_MESSAGES.labels("handler_error").inc()
+                log.exception("handling %s from %r failed", message.kind.name, routing_id[:64])

@@ -1,0 +1,186 @@
+"""Parse and validate an ImageJob spec into an immutable JobSpec (pure, no I/O).
+
+Every error names the field it is about (`spec.steps[2].radius: must be at most 50`),
+because that message lands in the ImageJob's status for the user to read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpuroute.ops_catalog import StepError, normalize_steps
+
+MAX_INLINE_BYTES = 256 * 1024
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+PRIORITIES = ("realtime", "batch")
+STRATEGIES = ("fastest", "cheapest", "balanced")
+DEFAULT_TIMEOUT_S = 600
+DEFAULT_MAX_ATTEMPTS = 3
+
+_S3 = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.+)$")
+_AZURE = re.compile(r"^azure://(?P<account>[a-z0-9]{3,24})/(?P<container>[a-z0-9](?:[a-z0-9\-]{1,61}[a-z0-9]))/(?P<blob>.+)$")
+
+
+class SpecError(ValueError):
+    """A spec the operator cannot run; permanent: the job fails and is never retried."""
+
+    def __init__(self, field: str, message: str, reason: str = "InvalidSpec") -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StorageURI:
+    """A parsed s3:// or azure:// location."""
+
+    scheme: str
+    """s3 or azure."""
+    container: str
+    """S3 bucket, or Azure `account/container`."""
+    key: str
+    """Object key or blob name."""
+
+    @property
+    def uri(self) -> str:
+        return f"{self.scheme}://{self.container}/{self.key}"
+
+
+def parse_storage_uri(uri: str, field: str) -> StorageURI:
+    if match := _S3.match(uri):
+        return StorageURI("s3", match["bucket"], match["key"])
+    if match := _AZURE.match(uri):
+        return StorageURI("azure", f"{match['account']}/{match['container']}", match["blob"])
+    raise SpecError(field, f"{uri!r} is not s3://bucket/key or azure://account/container/blob")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Hard filters and the routing strategy."""
+
+    pools: tuple[str, ...] = ()
+    """Allowed WorkerPool names; empty allows all."""
+    clouds: tuple[str, ...] = ()
+    """Allowed clouds; empty allows all."""
+    regions: tuple[str, ...] = ()
+    """Allowed regions; empty allows all (data residency)."""
+    strategy: str = "balanced"
+    """fastest, cheapest or balanced."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated ImageJob spec."""
+
+    input_uri: StorageURI | None
+    """Object-storage input, presigned for the worker."""
+    input_url: str | None
+    """User-supplied https:// input, fetched by the worker after the SSRF check."""
+    inline: bytes | None
+    """Decoded inline input, sent inside the JOB message."""
+    output: StorageURI
+    """Where the worker writes the result."""
+    output_format: str
+    """png, jpeg or webp."""
+    quality: int
+    """Encoder quality for jpeg and webp."""
+    steps: tuple[dict[str, Any], ...]
+    """Normalized pipeline, defaults filled."""
+    priority: str
+    """realtime or batch."""
+    timeout_s: int
+    """Seconds from admission until the job fails with Timeout."""
+    max_attempts: int
+    """Dispatch attempts before a retryable failure becomes final."""
+    placement: Placement
+    """Routing constraints."""
+
+
+def _strings(value: Any, field: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise SpecError(field, "must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _int_in(value: Any, field: str, default: int, lo: int, hi: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise SpecError(field, f"must be an integer from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _choice(value: Any, field: str, default: str, choices: tuple[str, ...]) -> str:
+    if value is None:
+        return default
+    if value not in choices:
+        raise SpecError(field, f"must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
+
+
+def _parse_input(source: Any) -> tuple[StorageURI | None, str | None, bytes | None]:
+    if not isinstance(source, Mapping):
+        raise SpecError("spec.input", "is required: set `uri` or `inline`")
+    uri, inline = source.get("uri"), source.get("inline")
+    if (uri is None) == (inline is None):
+        raise SpecError("spec.input", "set exactly one of `uri` and `inline`")
+    if inline is not None:
+        if not isinstance(inline, str):
+            raise SpecError("spec.input.inline", "must be a base64 string")
+        try:
+            data = base64.b64decode(inline, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise SpecError("spec.input.inline", "is not valid base64") from exc
+        if len(data) > MAX_INLINE_BYTES:
+            raise SpecError("spec.input.inline", f"decodes to {len(data)} bytes, limit is {MAX_INLINE_BYTES}", "InputTooLarge")
+        if not data:
+            raise SpecError("spec.input.inline", "is empty")
+        return None, None, data
+    if not isinstance(uri, str):
+        raise SpecError("spec.input.uri", "must be a string")
+    if uri.startswith("https://"):
+        return None, uri, None
+    return parse_storage_uri(uri, "spec.input.uri"), None, None
+
+
+def parse_job_spec(spec: Mapping[str, Any] | None) -> JobSpec:
+    """Validate a whole spec; raises SpecError naming the first bad field."""
+    if not isinstance(spec, Mapping):
+        raise SpecError("spec", "is required")
+    input_uri, input_url, inline = _parse_input(spec.get("input"))
+    output = spec.get("output")
+    if not isinstance(output, Mapping) or not isinstance(output.get("uri"), str):
+        raise SpecError("spec.output.uri", "is required (s3://bucket/key or azure://account/container/blob)")
+    try:
+        steps = normalize_steps(spec.get("steps"))
+    except StepError as exc:
+        raise SpecError(exc.field, exc.message) from exc
+    placement = spec.get("placement") or {}
+    if not isinstance(placement, Mapping):
+        raise SpecError("spec.placement", "must be an object")
+    return JobSpec(
+        input_uri=input_uri,
+        input_url=input_url,
+        inline=inline,
+        output=parse_storage_uri(output["uri"], "spec.output.uri"),
+        output_format=_choice(output.get("format"), "spec.output.format", "png", OUTPUT_FORMATS),
+        quality=_int_in(output.get("quality"), "spec.output.quality", 90, 1, 100),
+        steps=steps,
+        priority=_choice(spec.get("priority"), "spec.priority", "batch", PRIORITIES),
+        timeout_s=_int_in(spec.get("timeoutSeconds"), "spec.timeoutSeconds", DEFAULT_TIMEOUT_S, 1, 86400),
+        max_attempts=_int_in(spec.get("maxAttempts"), "spec.maxAttempts", DEFAULT_MAX_ATTEMPTS, 1, 10),
+        placement=Placement(
+            pools=_strings(placement.get("pools"), "spec.placement.pools"),
+            clouds=_strings(placement.get("clouds"), "spec.placement.clouds"),
+            regions=_strings(placement.get("regions"), "spec.placement.regions"),
+            strategy=_choice(placement.get("strategy"), "spec.placement.strategy", "balanced", STRATEGIES),
+        ),
+    )

@@ -1,0 +1,175 @@
+"""Coalesced status writes and Events, off the event loop.
+
+Callers hand over the whole desired status of an object; the writer keeps only the
+latest per object and sends it once the first unsent change is `coalesce_s` old, or
+at once when marked urgent (terminal phases). A job that goes Dispatched → Processing
+within a few hundred ms therefore costs one patch, and the terminal patch always
+carries the full timing. At most one patch per object is in flight, so patches to an
+object are never reordered. Writes run in threads (pykube is blocking).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pykube
+
+from gpuroute_operator import metrics
+from gpuroute_operator.kube import ImageJobObject, Kube, WorkerPoolObject
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY_S = 1.0
+"""Delay before a failed patch (API server unavailable) is tried again."""
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """The object a status or Event is about."""
+
+    kind: str
+    """ImageJob or WorkerPool."""
+    name: str
+    """metadata.name."""
+    namespace: str | None = None
+    """metadata.namespace; None for cluster-scoped objects."""
+    uid: str = ""
+    """metadata.uid, for Events."""
+
+    def involved(self) -> dict[str, str]:
+        ref = {"apiVersion": "gpuroute.io/v1alpha1", "kind": self.kind, "name": self.name, "uid": self.uid}
+        if self.namespace:
+            ref["namespace"] = self.namespace
+        return ref
+
+
+def merge_patch_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """Status as a JSON merge patch: empty top-level fields are deleted, nested ones omitted.
+
+    Deleting a field and setting it to "" read the same to every client; sending ""
+    also trips API servers built with Go 1.19 and json-iterator's old reflect2, which
+    decode an empty string as null and then reject it against the schema.
+    """
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items() if v is not None and v != ""}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return {k: (None if v is None or v == "" else clean(v)) for k, v in status.items()}
+
+
+_KINDS: Mapping[str, type[pykube.objects.APIObject]] = {"ImageJob": ImageJobObject, "WorkerPool": WorkerPoolObject}
+
+
+@dataclass
+class _Pending:
+    status: Mapping[str, Any]
+    since: float
+    urgent: bool
+
+
+class StatusWriter:
+    def __init__(self, kube: Kube, *, coalesce_s: float = 0.3, concurrency: int = 8) -> None:
+        self._kube = kube
+        self._coalesce_s = coalesce_s
+        self._pending: dict[ObjectRef, _Pending] = {}
+        self._in_flight: set[ObjectRef] = set()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self.patches_sent = 0
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="status-writer")
+
+    def update(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = False) -> None:
+        previous = self._pending.get(ref)
+        since = previous.since if previous else time.monotonic()
+        self._pending[ref] = _Pending(status, since, urgent or (previous.urgent if previous else False))
+        if urgent:
+            self._wake.set()
+
+    def forget(self, ref: ObjectRef) -> None:
+        """Drop unsent status of a deleted object."""
+        self._pending.pop(ref, None)
+
+    def event(self, ref: ObjectRef, reason: str, message: str, *, warning: bool = False) -> None:
+        self._spawn(self._post_event(ref, reason, message, "Warning" if warning else "Normal"))
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending) + len(self._in_flight)
+
+    async def flush(self, timeout_s: float = 10.0) -> None:
+        """Send everything pending now; used at shutdown."""
+        deadline = time.monotonic() + timeout_s
+        for pending in self._pending.values():
+            pending.urgent = True
+        self._wake.set()
+        while (self._pending or self._tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        await self.flush()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._coalesce_s / 3)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            now = time.monotonic()
+            due = [ref for ref, p in self._pending.items()
+                   if ref not in self._in_flight and (p.urgent or now - p.since >= self._coalesce_s)]
+            for ref in due:
+                pending = self._pending.pop(ref)
+                self._in_flight.add(ref)
+                self._spawn(self._write(ref, pending))
+
+    async def _write(self, ref: ObjectRef, pending: _Pending) -> None:
+        try:
+            async with self._slots:
+                found = await asyncio.to_thread(self._kube.patch_status, _KINDS[ref.kind], ref.namespace, ref.name,
+                                                merge_patch_status(pending.status))
+            metrics.STATUS_PATCHES.labels("ok" if found else "gone").inc()
+            self.patches_sent += 1
+        except (pykube.exceptions.HTTPError, pykube.exceptions.KubernetesError, OSError) as exc:
+            metrics.STATUS_PATCHES.labels("error").inc()
+            log.warning("status patch of %s %s/%s failed, retrying: %s", ref.kind, ref.namespace, ref.name, exc)
+            await asyncio.sleep(RETRY_DELAY_S)
+            # A newer status may have arrived meanwhile; it supersedes the failed one.
+            if ref not in self._pending:
+                self._pending[ref] = _Pending(pending.status, time.monotonic(), True)
+        finally:
+            self._in_flight.discard(ref)
+            if ref in self._pending:
+                self._wake.set()
+
+    async def _post_event(self, ref: ObjectRef, reason: str, message: str, type_: str) -> None:
+        try:
+            async with self._slots:
+                await asyncio.to_thread(self._kube.post_event, ref.involved(), type_=type_, reason=reason, message=message)
+        except (pykube.exceptions.HTTPError, pykube.exceptions.KubernetesError, OSError) as exc:
+            # Events are advisory: losing one must not hold up job processing.
+            log.warning("event %s for %s/%s not posted: %s", reason, ref.namespace, ref.name, exc)

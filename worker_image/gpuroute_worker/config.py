@@ -1,0 +1,60 @@
+"""Worker configuration, parsed once at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A super-resolution model this worker serves."""
+
+    name: str
+    """Name jobs use in `upscale.model`."""
+    uri: str
+    """Local path, s3:// or https:// location of the weights (.pth, Real-ESRGAN format)."""
+    sha256: str
+    """Expected hex digest of the weights file; a mismatch refuses to load."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker process needs to join a pool."""
+
+    operator_endpoint: str
+    """ZeroMQ endpoint of the operator's ROUTER socket, e.g. tcp://operator:7700."""
+    pool: str
+    """Name of the WorkerPool this worker belongs to (must match its key's pool)."""
+    worker_id: str
+    """Unique id within the pool; the pod name in Kubernetes."""
+    secret_key: bytes
+    """This worker's CURVE secret key (Z85); the public half is derived."""
+    server_public_key: bytes
+    """The operator's CURVE public key (Z85), pinned: no other server is trusted."""
+    capacity: int = 4
+    """Jobs accepted at once; the operator never sends more."""
+    max_batch: int = 8
+    """Largest batch the GPU executor forms from compatible jobs."""
+    max_batch_wait_ms: float = 5.0
+    """How long the executor waits for a batch to fill before running it."""
+    device: str = "auto"
+    """torch device: auto picks cuda when present, else cpu."""
+    max_input_bytes: int = 64 * 1024 * 1024
+    """Largest encoded input accepted."""
+    max_input_pixels: int = 64_000_000
+    """Largest decoded input (width x height) accepted; guards against decompression bombs."""
+    max_output_pixels: int = 268_000_000
+    """Largest output a pipeline may produce (16384 x 16384)."""
+    transfer_timeout_s: float = 60.0
+    """Connect and read timeout of each storage transfer."""
+    result_cache_size: int = 1024
+    """Recent results kept by job id, so a re-sent job is answered, not recomputed."""
+    health_port: int | None = 8081
+    """Port of /healthz and /metrics; None disables the HTTP server."""
+    torch_threads: int | None = None
+    """CPU threads for torch; None keeps torch's default."""
+    models: Mapping[str, ModelSpec] = field(default_factory=dict)
+    """Super-resolution models served, by name."""
+    gpu_name: str = ""
+    """Filled at start-up from the device (e.g. 'NVIDIA H100 80GB HBM3' or 'cpu')."""

@@ -1,0 +1,188 @@
+"""The worker's persistent, CURVE-encrypted link to the operator (a DEALER socket).
+
+Paranoid Pirate on the worker side: announce with READY, heartbeat every
+HEARTBEAT_INTERVAL_S, count the operator as gone after HEARTBEAT_LIVENESS silent
+intervals, then close the socket and dial again with exponential backoff. Answers
+produced while the link was down, or just before it went down, are sent again after
+the new READY; the operator accepts each job's result once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from gpuroute import protocol
+from gpuroute.ops_catalog import CATALOG
+from gpuroute.protocol import Kind, Message, ProtocolError
+from gpuroute_worker import metrics
+from gpuroute_worker.config import WorkerConfig
+from gpuroute_worker.runtime import JobRunner
+
+log = logging.getLogger(__name__)
+
+_LIVENESS_WINDOW_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
+
+
+def make_dealer(context: zmq.asyncio.Context, config: WorkerConfig) -> zmq.asyncio.Socket:
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.RECONNECT_IVL, int(protocol.RECONNECT_INITIAL_S * 1000))
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, int(protocol.RECONNECT_MAX_S * 1000))
+    socket.curve_secretkey = config.secret_key
+    socket.curve_publickey = zmq.curve_public(config.secret_key)
+    # Pinning: the handshake fails unless the server proves it holds this key.
+    socket.curve_serverkey = config.server_public_key
+    socket.setsockopt_string(zmq.ROUTING_ID, f"{config.pool}/{config.worker_id}")
+    socket.connect(config.operator_endpoint)
+    return socket
+
+
+class OperatorLink:
+    """Keeps one live connection to the operator and routes its messages to the runner."""
+
+    def __init__(self, config: WorkerConfig, context: zmq.asyncio.Context) -> None:
+        self.config = config
+        self.context = context
+        self.runner: JobRunner | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._stopping = asyncio.Event()
+        self._last_contact = 0.0
+        self._rtt_ms: float | None = None
+        self.connected = asyncio.Event()
+
+    def send(self, kind: Kind, header: Mapping[str, Any]) -> None:
+        """Queue a message to the operator; while disconnected it is re-sent after READY."""
+        if self._socket is None:
+            return
+        try:
+            self._socket.send_multipart(protocol.encode(kind, header), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # High-water mark reached: the operator is unreachable; answers are re-sent later.
+            log.warning("operator link full, %s deferred", kind.name)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _ready_header(self, resending: list[str]) -> dict[str, Any]:
+        running = self.runner.running_jobs() if self.runner else []
+        return {
+            "version": protocol.PROTOCOL_VERSION,
+            "pool": self.config.pool,
+            "worker": self.config.worker_id,
+            "capacity": self.config.capacity,
+            "maxBatch": self.config.max_batch,
+            "device": self.config.gpu_name,
+            "ops": sorted(CATALOG),
+            "models": sorted(self.config.models),
+            "inFlight": len(running),
+            # Jobs this worker still owns: the operator keeps them assigned instead of re-queueing.
+            "jobs": running + resending,
+        }
+
+    async def run(self) -> None:
+        backoff = protocol.RECONNECT_INITIAL_S
+        while not self._stopping.is_set():
+            lost_at = await self._session()
+            if self._stopping.is_set():
+                break
+            metrics.RECONNECTS.inc()
+            if lost_at == "disconnect":
+                continue  # the operator asked us to re-register: no reason to wait
+            log.warning("operator silent for %.1fs; reconnecting in %.2fs", _LIVENESS_WINDOW_S, backoff)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, protocol.RECONNECT_MAX_S)
+        await self._goodbye()
+
+    async def _goodbye(self) -> None:
+        if self._socket is not None:
+            self.send(Kind.DISCONNECT, {"worker": self.config.worker_id, "reason": "shutdown"})
+            # Give the final message a moment on the wire; linger is 0 by design.
+            await asyncio.sleep(0.05)
+            self._socket.close()
+            self._socket = None
+
+    async def _session(self) -> str:
+        """One socket's lifetime; returns why it ended: 'silent' or 'disconnect'."""
+        socket = make_dealer(self.context, self.config)
+        self._socket = socket
+        resend_since = self._last_contact - _LIVENESS_WINDOW_S if self._last_contact else 0.0
+        resend = self.runner.answers_since(resend_since) if self.runner is not None and resend_since else []
+        self.send(Kind.READY, self._ready_header([str(a.header["job"]) for a in resend]))
+        for answer in resend:
+            self.send(answer.kind, answer.header)
+        poller = zmq.asyncio.Poller()
+        poller.register(socket, zmq.POLLIN)
+        liveness = protocol.HEARTBEAT_LIVENESS
+        next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL_S
+        try:
+            while not self._stopping.is_set():
+                timeout_ms = max(0.0, (next_beat - time.monotonic()) * 1000.0)
+                events = dict(await poller.poll(timeout=timeout_ms))
+                if socket in events:
+                    frames = await socket.recv_multipart()
+                    liveness = protocol.HEARTBEAT_LIVENESS
+                    self._last_contact = time.monotonic()
+                    if not self.connected.is_set():
+                        self.connected.set()
+                        metrics.CONNECTED.set(1)
+                        log.info("connected to operator at %s", self.config.operator_endpoint)
+                    if self._dispatch(frames) == "disconnect":
+                        return "disconnect"
+                if time.monotonic() >= next_beat:
+                    if not events:
+                        liveness -= 1
+                        if liveness <= 0:
+                            return "silent"
+                    self.send(Kind.HEARTBEAT, {
+                        "worker": self.config.worker_id,
+                        "inFlight": self.runner.in_flight if self.runner else 0,
+                        "rttMs": self._rtt_ms,
+                    })
+                    next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL_S
+            return "stopping"
+        finally:
+            self.connected.clear()
+            metrics.CONNECTED.set(0)
+            if self._stopping.is_set():
+                self._socket = socket  # _goodbye closes it after saying DISCONNECT
+            else:
+                socket.close()
+                self._socket = None
+
+    def _dispatch(self, frames: list[bytes]) -> str | None:
+        try:
+            message: Message = protocol.decode(frames)
+        except ProtocolError as exc:
+            metrics.REJECTED_MESSAGES.labels("malformed").inc()
+            log.warning("dropped a malformed message from the operator: %s", exc)
+            return None
+        if message.kind is Kind.HEARTBEAT:
+            ping = message.header.get("ping")
+            if isinstance(ping, (int, float)):
+                self.send(Kind.HEARTBEAT, {"worker": self.config.worker_id, "pong": ping,
+                                           "inFlight": self.runner.in_flight if self.runner else 0})
+            rtt = message.header.get("rttMs")
+            if isinstance(rtt, (int, float)):
+                self._rtt_ms = float(rtt)
+        elif message.kind is Kind.JOB and self.runner is not None:
+            self.runner.handle_job(message)
+        elif message.kind is Kind.CANCEL and self.runner is not None:
+            self.runner.cancel(str(message.header["job"]))
+        elif message.kind is Kind.DISCONNECT:
+            log.info("operator asked this worker to re-register")
+            return "disconnect"
+        else:
+            metrics.REJECTED_MESSAGES.labels("unexpected_kind").inc()
+            log.warning("dropped unexpected %s from the operator", message.kind.name)
+        return None

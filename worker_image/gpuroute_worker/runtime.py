@@ -1,0 +1,214 @@
+"""The life of one job on a worker: download, decode, compute, encode, upload.
+
+Every JOB gets exactly one answer, RESULT or ERROR. Answers are kept by job id for a
+while, so a job the operator sends again (after its own restart, or a network cut) is
+answered from memory instead of being computed twice, and a job that is still running
+is joined rather than started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpuroute.ops_catalog import StepError, normalize_steps
+from gpuroute.protocol import ErrorCode, Kind, Message
+from gpuroute_worker import metrics
+from gpuroute_worker.codec import CONTENT_TYPES, DecodeError, decode_image, encode_image
+from gpuroute_worker.config import WorkerConfig
+from gpuroute_worker.executor import BatchExecutor
+from gpuroute_worker.ops import OpError, OutOfMemory, output_shape
+from gpuroute_worker.transfer import TransferError, download, upload
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[Kind, Mapping[str, Any]], None]
+
+
+class JobFailed(Exception):
+    """A job ends with an ERROR answer carrying `code`."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DeadlineExceeded(JobFailed):
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.TIMEOUT, "job ran past its timeout on the worker")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The message a finished job was answered with."""
+
+    kind: Kind
+    """RESULT or ERROR."""
+    header: Mapping[str, Any]
+    """The header sent."""
+    finished_at: float
+    """time.monotonic() when the answer was produced."""
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+class JobRunner:
+    """Runs jobs concurrently on the event loop; compute goes to the BatchExecutor."""
+
+    def __init__(self, config: WorkerConfig, executor: BatchExecutor, send: Send) -> None:
+        self.config = config
+        self.executor = executor
+        self.send = send
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._answers: OrderedDict[str, Answer] = OrderedDict()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def handle_job(self, message: Message) -> None:
+        job = str(message.header["job"])
+        if job in self._answers:
+            answer = self._answers[job]
+            self.send(answer.kind, {**answer.header, "cached": True})
+            return
+        if job in self._tasks:
+            # Already running: the answer will follow when it finishes.
+            self.send(Kind.ACCEPTED, {"job": job, "worker": self.config.worker_id})
+            return
+        if len(self._tasks) >= self.config.capacity:
+            self.send(Kind.ERROR, {"job": job, "code": ErrorCode.UNAVAILABLE.value,
+                                   "message": f"worker is at capacity ({self.config.capacity})"})
+            return
+        self.send(Kind.ACCEPTED, {"job": job, "worker": self.config.worker_id})
+        task = asyncio.get_running_loop().create_task(self._run(job, message), name=f"job {job}")
+        self._tasks[job] = task
+        metrics.IN_FLIGHT.set(len(self._tasks))
+
+    def running_jobs(self) -> list[str]:
+        return list(self._tasks)
+
+    def cancel(self, job: str) -> None:
+        task = self._tasks.get(job)
+        if task is not None:
+            task.cancel()
+
+    def answers_since(self, since: float) -> list[Answer]:
+        """Answers produced at or after `since` (monotonic), to re-send after a reconnect."""
+        return [a for a in self._answers.values() if a.finished_at >= since]
+
+    async def drain(self, timeout_s: float) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=timeout_s)
+
+    def _remember(self, job: str, kind: Kind, header: Mapping[str, Any]) -> None:
+        self._answers[job] = Answer(kind, header, time.monotonic())
+        while len(self._answers) > self.config.result_cache_size:
+            self._answers.popitem(last=False)
+
+    async def _run(self, job: str, message: Message) -> None:
+        kind: Kind
+        header: Mapping[str, Any]
+        try:
+            timeout_s = float(message.header.get("timeoutS", 600))
+            async with asyncio.timeout(timeout_s):
+                header = await self._process(job, message, time.monotonic() + timeout_s)
+            kind = Kind.RESULT
+            metrics.JOBS.labels("completed").inc()
+        except asyncio.CancelledError:
+            kind, header = Kind.ERROR, {"job": job, "code": ErrorCode.CANCELLED.value, "message": "cancelled by the operator"}
+            metrics.JOBS.labels(ErrorCode.CANCELLED.value).inc()
+        except TimeoutError:
+            kind, header = Kind.ERROR, {"job": job, "code": ErrorCode.TIMEOUT.value, "message": "job ran past its timeout on the worker"}
+            metrics.JOBS.labels(ErrorCode.TIMEOUT.value).inc()
+        except JobFailed as exc:
+            kind, header = Kind.ERROR, {"job": job, "code": exc.code.value, "message": exc.message}
+            metrics.JOBS.labels(exc.code.value).inc()
+        finally:
+            self._tasks.pop(job, None)
+            metrics.IN_FLIGHT.set(len(self._tasks))
+        header = {**header, "worker": self.config.worker_id}
+        self._remember(job, kind, header)
+        self.send(kind, header)
+
+    async def _process(self, job: str, message: Message, deadline: float) -> dict[str, Any]:
+        started = time.perf_counter()
+        spec = message.header
+        timing: dict[str, float] = {}
+        try:
+            steps = normalize_steps(spec["steps"])
+            source = spec["input"]
+            output = spec["output"]
+            fmt = str(output.get("format", "png"))
+            quality = int(output.get("quality", 90))
+            if fmt not in CONTENT_TYPES:
+                raise JobFailed(ErrorCode.INVALID_INPUT, f"spec.output.format: unknown format {fmt!r}")
+
+            t = time.perf_counter()
+            if message.payload is not None:
+                data = message.payload
+            else:
+                data = await asyncio.to_thread(
+                    download, str(source["url"]), max_bytes=self.config.max_input_bytes,
+                    untrusted=bool(source.get("untrusted")), timeout_s=self.config.transfer_timeout_s)
+            timing["downloadMs"] = _ms(t)
+
+            t = time.perf_counter()
+            pixels = await asyncio.to_thread(
+                decode_image, data, max_bytes=self.config.max_input_bytes, max_pixels=self.config.max_input_pixels)
+            timing["decodeMs"] = _ms(t)
+            out_h, out_w = output_shape(int(pixels.shape[1]), int(pixels.shape[2]), steps, models=self.executor.models)
+            if out_h * out_w > self.config.max_output_pixels:
+                raise JobFailed(ErrorCode.INVALID_INPUT,
+                                f"spec.steps: output would be {out_w}x{out_h}, over the limit of {self.config.max_output_pixels} pixels")
+
+            def check_deadline() -> None:
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded()
+
+            t = time.perf_counter()
+            computed = await asyncio.wrap_future(self.executor.submit(steps, pixels, check_deadline))
+            timing["gpuMs"] = round(computed.compute_ms, 3)
+            timing["executorWaitMs"] = round(max(0.0, _ms(t) - computed.compute_ms), 3)
+
+            t = time.perf_counter()
+            encoded = await asyncio.to_thread(encode_image, computed.pixels, fmt=fmt, quality=quality)
+            timing["encodeMs"] = _ms(t)
+
+            t = time.perf_counter()
+            headers = {"Content-Type": CONTENT_TYPES[fmt], **dict(output.get("headers") or {})}
+            await asyncio.to_thread(upload, str(output["url"]), encoded.data, headers=headers,
+                                    timeout_s=self.config.transfer_timeout_s)
+            timing["uploadMs"] = _ms(t)
+        except (StepError, OpError, DecodeError) as exc:
+            raise JobFailed(ErrorCode.INVALID_INPUT, str(exc)) from exc
+        except TransferError as exc:
+            code = ErrorCode.INVALID_INPUT if exc.permanent else ErrorCode.UNAVAILABLE
+            raise JobFailed(code, str(exc)) from exc
+        except OutOfMemory as exc:
+            raise JobFailed(ErrorCode.OOM, f"out of device memory: {exc}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise JobFailed(ErrorCode.INVALID_INPUT, f"malformed job: {exc!r}") from exc
+        except RuntimeError as exc:
+            # torch raises RuntimeError for device faults; another worker may succeed.
+            log.exception("job %s failed on the device", job)
+            raise JobFailed(ErrorCode.UNAVAILABLE, f"device error: {exc}") from exc
+        for stage, value in timing.items():
+            metrics.STAGE_SECONDS.labels(stage.removesuffix("Ms")).observe(value / 1000.0)
+        timing["workerMs"] = _ms(started)
+        return {
+            "job": job,
+            "timing": timing,
+            "batchSize": computed.batch_size,
+            "device": self.config.gpu_name,
+            "output": {"bytes": len(encoded.data), "width": encoded.width, "height": encoded.height,
+                       "sha256": encoded.sha256, "format": encoded.format},
+        }
