@@ -1,0 +1,26 @@
+"""Errors raised while running a pipeline, split by whose fault they are.
+
+The runtime maps them to protocol error codes: OpError is the input's fault and is
+never retried (invalid_input); OutOfMemory is the device's and is retryable (oom).
+"""
+
+from __future__ import annotations
+
+
+class OpError(ValueError):
+    """A step cannot run on this input; `field` names the offending spec path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory even at batch 1 and the smallest tile."""
+
+
+def step_field(index: int, name: str | None = None) -> str:
+    """The spec path of step `index`, or of its parameter `name`."""
+    path = f"spec.steps[{index}]"
+    return f"{path}.{name}" if name else path

@@ -1,0 +1,1 @@
+"""Learned super-resolution: Real-ESRGAN's architectures, verified model loading, tiled inference."""
