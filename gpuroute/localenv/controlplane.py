@@ -391,6 +391,7 @@ class ControlPlane:
         log_file.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
         log_file.flush()
         offset = log_file.tell()
+        argv = [*_pdeathsig_prefix(), *argv]
         try:
             # Own session (and so process group): a Ctrl-C aimed at the test run does not
             # hit the children mid-shutdown, and stop() can signal the whole group.
@@ -622,6 +623,24 @@ class ControlPlane:
     def __repr__(self) -> str:
         where = self.server if self._port is not None and self._children else "stopped"
         return f"ControlPlane(name={self.config.name!r}, {where})"
+
+
+def _pdeathsig_prefix() -> list[str]:
+    """``setpriv --pdeathsig KILL`` when that is safe, else nothing.
+
+    atexit does not run when this process is SIGKILLed (a CI timeout, an OOM kill), so
+    the kernel is asked to kill the child when its parent dies. The signal follows the
+    thread that forked, not the process, so it is only used from the main thread: a
+    control plane started from a short-lived worker thread would otherwise die with it.
+    setpriv (util-linux) sets it and execs, avoiding preexec_fn, which is unsafe in a
+    process with threads.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or not sys.platform.startswith("linux"):
+        return []
+    return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
 def _terminate(popen: subprocess.Popen[bytes], timeout: float) -> None:

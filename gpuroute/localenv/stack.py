@@ -33,6 +33,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _scrape(url: str, name: str, labels: Mapping[str, str] | None) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
+
+
 @dataclass
 class ManagedProcess:
     """A child process in its own process group, logging to a file."""
@@ -108,6 +123,7 @@ class LocalStack:
         self.worker_keys: dict[tuple[str, str], KeyPair] = {}
         self.operator: ManagedProcess | None = None
         self.workers: dict[str, ManagedProcess] = {}
+        self.worker_health_ports: dict[str, int] = {}
         self._operator_runs = 0
         self._api = control_plane.api_client()
         self.ensure_namespace(namespace)
@@ -249,13 +265,21 @@ class LocalStack:
         write_key_file(key_file, pair.secret)
         # Workers get no storage credentials: they only ever see presigned URLs.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        health_port = self.worker_health_ports.setdefault(worker, free_port())
         process = self._spawn(f"worker-{pool}-{worker}", [
             "worker", "--operator", self.operator_endpoint, "--pool", pool, "--id", worker,
             "--key-file", str(key_file), "--server-public-key-file", str(self.workdir / "server.key"),
-            "--capacity", str(capacity), "--max-batch", str(max_batch), "--health-port", "0",
+            "--capacity", str(capacity), "--max-batch", str(max_batch), "--health-port", str(health_port),
             "--threads", str(self.worker_threads), *extra_args], env)
         self.workers[worker] = process
         return process
+
+    def worker_metric(self, worker: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+        """A sample from a worker's Prometheus /metrics (0 when absent)."""
+        return _scrape(f"http://127.0.0.1:{self.worker_health_ports[worker]}/metrics", name, labels)
+
+    def operator_metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
+        return _scrape(f"http://127.0.0.1:{self.operator_web_port}/metrics", name, labels)
 
     def stop(self) -> None:
         for process in [*self.workers.values(), *([self.operator] if self.operator else [])]:

@@ -47,6 +47,8 @@ KEYS_REFRESH_S = 30.0
 """How often pools' key Secrets are re-read (key rotation without a restart)."""
 POOL_STATUS_EVERY_S = 10.0
 """Pool status is re-written at least this often, so lastHeartbeat stays meaningful."""
+REJECT_PAUSE_S = 0.5
+"""A worker that refused a job for capacity gets no new job for this long."""
 FINISHED_MEMORY = 100_000
 """Terminal job uids remembered, so late events and duplicate results are ignored cheaply."""
 
@@ -168,11 +170,30 @@ class Engine:
         self.jobs[uid] = job
         metrics.JOBS_ADMITTED.labels(spec.priority).inc()
         job.move(Phase.QUEUED, reason="Admitted" if previous_phase is None else "Resumed")
+        if job.resend_current_attempt and self._attach_running(job):
+            return
         self._route(job, prefer=job.pool)
         if previous_phase is None:
             self._publish(job)
             self.writer.event(ref, "Queued", job.decision or job.message)
         self.pump()
+
+    def _attach_running(self, job: Job) -> bool:
+        """A resumed job that a connected worker reported running is followed, not re-sent."""
+        job_id = job.current_job_id
+        for pool in self.pools.values():
+            for conn in pool.workers.values():
+                if job_id in conn.foreign:
+                    conn.foreign.discard(job_id)
+                    conn.jobs[job_id] = job
+                    job.active[job_id] = conn.routing_id
+                    job.resend_current_attempt = False
+                    job.worker, job.gpu, job.pool = conn.worker, conn.device, conn.pool
+                    job.dispatched_at = job.dispatched_at or time.time()
+                    job.sent_monotonic = time.monotonic()
+                    job.move(Phase.PROCESSING, reason="Resumed", message=f"still running on {conn.pool}/{conn.worker}")
+                    return True
+        return False
 
     async def _check_access(self, spec: JobSpec, namespace: str) -> None:
         grants = await self._namespace_grants(namespace)
@@ -324,11 +345,11 @@ class Engine:
         self.writer.event(job.ref, "Requeued", f"{message}; {job.decision or job.message}", warning=True)
 
     def _finish(self, job: Job, phase: Phase, reason: str, message: str, *, keep: str | None = None) -> None:
+        job.move(phase, reason=reason, message=message)
         self._unqueue(job)
         self._cancel_attempts(job, keep=keep)
         job.completed_at = time.time()
         job.timing["totalMs"] = round((job.completed_at - job.queued_at) * 1000.0, 3)
-        job.move(phase, reason=reason, message=message)
         self.jobs.pop(job.uid, None)
         self._remember_finished(job.uid)
         self._publish(job, urgent=True)
@@ -423,7 +444,15 @@ class Engine:
                           frozenset(str(m) for m in header.get("models") or ()), jobs=carried)
         for job_id, job in carried.items():
             job.active[job_id] = routing_id
+        # Jobs it runs that we do not follow (we restarted): their slots are busy, and a
+        # resumed job with one of these ids is attached instead of sent again.
+        conn.foreign = {str(j) for j in header.get("jobs") or ()} - set(carried)
         pool.workers[routing_id] = conn
+        for job_id in list(conn.foreign):
+            job = self.jobs.get(job_id.rsplit("/", 1)[0])
+            if job is not None and job.resend_current_attempt and job.current_job_id == job_id:
+                self._unqueue(job)
+                self._attach_running(job)
         metrics.WORKERS.labels(pool_name).set(len(pool.workers))
         log.info("worker %s joined pool %s (%s, capacity %d)", conn.worker, pool_name, conn.device, capacity)
         self.server.send(routing_id, Kind.HEARTBEAT, {"ping": time.monotonic()})
@@ -453,6 +482,7 @@ class Engine:
     def _job_result(self, conn: WorkerConn, header: Mapping[str, Any]) -> None:
         job_id = str(header["job"])
         conn.jobs.pop(job_id, None)
+        conn.foreign.discard(job_id)
         job = self.jobs.get(job_id.rsplit("/", 1)[0])
         if job is None:
             metrics.REJECTED_MESSAGES.labels("duplicate_result").inc()
@@ -484,11 +514,20 @@ class Engine:
     def _job_error(self, conn: WorkerConn, header: Mapping[str, Any]) -> None:
         job_id = str(header["job"])
         conn.jobs.pop(job_id, None)
+        conn.foreign.discard(job_id)
         job = self.jobs.get(job_id.rsplit("/", 1)[0])
         code = ErrorCode(header["code"])
         if job is None:
             return
         job.active.pop(job_id, None)
+        if header.get("rejected") and job_id == job.current_job_id and not job.phase.terminal:
+            # Refused before it started (worker full): not an attempt. Pause that worker briefly
+            # so the job is not bounced straight back to it.
+            conn.paused_until = time.monotonic() + REJECT_PAUSE_S
+            job.resend_current_attempt = True
+            job.move(Phase.QUEUED, reason="WorkerBusy", message=f"{conn.pool}/{conn.worker} was full")
+            self._route(job, front=True)
+            return
         if code is ErrorCode.CANCELLED or job_id != job.current_job_id or job.active:
             return  # an attempt we gave up on, or another attempt is still running
         text = f"{conn.pool}/{conn.worker}: {header['message']}"

@@ -5,6 +5,10 @@
       │  └──────────┴──────────────┴──────► Failed | Cancelled
       └─── re-queued after a lost worker or a retryable error
 
+Queued ──► Completed is allowed too: a re-queued job may still receive the result
+of its earlier attempt (a worker cut off, or an operator restart), and that result
+is accepted once instead of computing the image again.
+
 Terminal phases never change again; that is what makes "every job reaches a terminal
 phase exactly once" checkable.
 """
@@ -32,7 +36,7 @@ class Phase(str, enum.Enum):
 TERMINAL = frozenset({Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED})
 
 _ALLOWED: Mapping[Phase, frozenset[Phase]] = {
-    Phase.QUEUED: frozenset({Phase.QUEUED, Phase.DISPATCHED, Phase.FAILED, Phase.CANCELLED}),
+    Phase.QUEUED: frozenset({Phase.QUEUED, Phase.DISPATCHED, Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED}),
     Phase.DISPATCHED: frozenset({Phase.QUEUED, Phase.PROCESSING, Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED}),
     Phase.PROCESSING: frozenset({Phase.QUEUED, Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED}),
     Phase.COMPLETED: frozenset(),

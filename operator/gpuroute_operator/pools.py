@@ -102,10 +102,16 @@ class WorkerConn:
     rtt_ms: float | None = None
     draining: bool = False
     jobs: dict[str, Job] = field(default_factory=dict)
+    foreign: set[str] = field(default_factory=set)
+    """Job ids the worker reported running that this operator has not attached (yet)."""
+    paused_until: float = 0.0
+    """After the worker refused a job for capacity, no dispatch to it before this time."""
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else max(0, self.capacity - len(self.jobs))
+        if self.draining or time.monotonic() < self.paused_until:
+            return 0
+        return max(0, self.capacity - len(self.jobs) - len(self.foreign))
 
     def silent_for(self, now: float) -> float:
         return now - self.last_seen

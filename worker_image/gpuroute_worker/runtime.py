@@ -85,7 +85,8 @@ class JobRunner:
             self.send(Kind.ACCEPTED, {"job": job, "worker": self.config.worker_id})
             return
         if len(self._tasks) >= self.config.capacity:
-            self.send(Kind.ERROR, {"job": job, "code": ErrorCode.UNAVAILABLE.value,
+            # `rejected`: never started, so the operator does not count it as an attempt.
+            self.send(Kind.ERROR, {"job": job, "code": ErrorCode.UNAVAILABLE.value, "rejected": True,
                                    "message": f"worker is at capacity ({self.config.capacity})"})
             return
         self.send(Kind.ACCEPTED, {"job": job, "worker": self.config.worker_id})
