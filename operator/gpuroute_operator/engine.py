@@ -497,7 +497,9 @@ class Engine:
         job.pool = conn.pool
         job.started_at = job.started_at or job.dispatched_at
         job.timing = {
-            "queueMs": round(((job.dispatched_at or now) - job.queued_at) * 1000.0, 3),
+            # Queueing happens twice: in the operator, and on the worker waiting for its device.
+            "queueMs": round(((job.dispatched_at or now) - job.queued_at) * 1000.0
+                             + float(worker_timing.get("executorWaitMs") or 0.0), 3),
             "networkMs": round(max(0.0, round_trip_ms - worker_ms), 3),
             **{k: float(worker_timing.get(k) or 0.0) for k in ("downloadMs", "decodeMs", "gpuMs", "encodeMs", "uploadMs")},
         }

@@ -29,6 +29,9 @@ async def serve(config: WorkerConfig) -> None:
     device = pick_device(config.device)
     config = dataclasses.replace(config, gpu_name=device_name(device))
     models = ModelRegistry({name: ModelSource(m.uri, m.sha256) for name, m in config.models.items()})
+    # Verify checksums and read architectures once, before joining: a bad weights file
+    # stops the worker at start-up, not at its first job, and no job hashes files on the loop.
+    await asyncio.to_thread(models.prepare)
     executor = BatchExecutor(device, models, max_batch=config.max_batch, max_wait_ms=config.max_batch_wait_ms)
     context = zmq.asyncio.Context()
     link = OperatorLink(config, context)
