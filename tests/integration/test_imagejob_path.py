@@ -261,3 +261,17 @@ def test_malformed_frames_are_dropped_and_counted(stack: LocalStack) -> None:
     assert stack.operator.alive
     stack.create_job(NS, "after-garbage", _spec("after-garbage", [{"op": "invert"}]))
     assert stack.wait_for_jobs(NS, ["after-garbage"])["after-garbage"]["status"]["phase"] == "Completed"
+
+
+def test_cancel_annotation_ends_cancelled_and_stops_the_worker(stack: LocalStack) -> None:
+    stack.create_job(NS, "cancel-me", _spec("cancel-me", SLOW_STEPS, src="in/large.png"))
+    worker = _wait_for_worker_assignment(stack, "cancel-me")["worker"]
+    before = stack.worker_metric(worker, "gpuroute_worker_jobs_total", {"outcome": "cancelled"})
+    stack.custom.patch_namespaced_custom_object("gpuroute.io", "v1alpha1", NS, "imagejobs", "cancel-me",
+                                                {"metadata": {"annotations": {"gpuroute.io/cancel": "true"}}})
+    status = stack.wait_for_jobs(NS, ["cancel-me"], timeout=30)["cancel-me"]["status"]
+    assert (status["phase"], status["reason"]) == ("Cancelled", "CancelRequested")
+    deadline = time.monotonic() + 30
+    while stack.worker_metric(worker, "gpuroute_worker_jobs_total", {"outcome": "cancelled"}) <= before:
+        assert time.monotonic() < deadline, "the worker never saw the cancellation"
+        time.sleep(0.2)
