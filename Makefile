@@ -4,7 +4,8 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv assets test demo bench clean
+.PHONY: venv assets browser test demo bench clean
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 # torch==2.13.0 first: it is the CPU build these machines carry; an unpinned torch
 # would pull a multi-GB CUDA build. The worker extra's `torch>=2.2` is then satisfied.
@@ -21,7 +22,12 @@ venv: $(STAMP)
 assets:
 	bash gpuroute/localenv/kube-assets.sh >/dev/null
 
-test: venv assets
+# Headless Chromium for the status-page test (Debian's package; no browser download).
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: venv assets browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv assets

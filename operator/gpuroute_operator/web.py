@@ -1,7 +1,8 @@
-"""The operator's HTTP endpoint: Prometheus /metrics, /healthz and a JSON status API."""
+"""The operator's HTTP endpoint: the status page (/), /api/status, Prometheus /metrics and /healthz."""
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -31,8 +32,14 @@ async def start_web(engine: Engine, port: int, host: str = "0.0.0.0") -> web.App
     async def api_status(_: web.Request) -> web.Response:
         return web.json_response(status_snapshot(engine))
 
+    page = resources.files("gpuroute_operator").joinpath("static/status.html").read_text()
+
+    async def status_page(_: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
     app = web.Application()
-    app.add_routes([web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/api/status", api_status)])
+    app.add_routes([web.get("/", status_page), web.get("/metrics", metrics), web.get("/healthz", healthz),
+                    web.get("/api/status", api_status)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

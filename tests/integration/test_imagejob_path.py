@@ -4,6 +4,7 @@ processes and a moto S3 server: the guarantees issue #2 lists, one test each."""
 from __future__ import annotations
 
 import base64
+import json
 import hashlib
 import io
 import time
@@ -275,3 +276,34 @@ def test_cancel_annotation_ends_cancelled_and_stops_the_worker(stack: LocalStack
     while stack.worker_metric(worker, "gpuroute_worker_jobs_total", {"outcome": "cancelled"}) <= before:
         assert time.monotonic() < deadline, "the worker never saw the cancellation"
         time.sleep(0.2)
+
+
+def test_status_page_shows_waterfall_and_updates(stack: LocalStack) -> None:
+    from cdp import Browser, chromium_path
+
+    binary = chromium_path()
+    assert binary, "chromium is not installed: `make test` installs it (Debian package chromium)"
+    stack.create_job(NS, "page-one", _spec("page-one", [{"op": "blur", "radius": 1}]))
+    stack.wait_for_jobs(NS, ["page-one"])
+    url = f"http://127.0.0.1:{stack.operator_web_port}/"
+    rows = ("JSON.stringify([...document.querySelectorAll('tr.job')].map(r => ({job: r.dataset.job, "
+            "phase: r.dataset.phase, stages: [...r.querySelectorAll('.seg')].map(s => s.dataset.stage)})))")
+    pools = "JSON.stringify([...document.querySelectorAll('#pools tr[data-pool]')].map(r => r.innerText))"
+    browser = Browser(binary)
+    try:
+        def has(name: str):  # noqa: ANN202
+            return lambda value: value and any(r["job"] == f"{NS}/{name}" for r in json.loads(value))
+
+        first = json.loads(browser.evaluate_over_time(url, rows, until=has("page-one")))
+        row = next(r for r in first if r["job"] == f"{NS}/page-one")
+        assert row["phase"] == "Completed"
+        assert {"gpu", "download", "upload"} <= set(row["stages"]), row
+        pool_rows = json.loads(browser.evaluate_over_time(url, pools, until=lambda v: bool(v and json.loads(v))))
+        assert any(POOL in r and "Available" in r for r in pool_rows), pool_rows
+
+        # The same page picks up a job that completes after it was loaded.
+        stack.create_job(NS, "page-two", _spec("page-two", [{"op": "invert"}]))
+        browser.evaluate_over_time(url, rows, until=lambda v: v and any(
+            r["job"] == f"{NS}/page-two" and r["phase"] == "Completed" for r in json.loads(v)), timeout=60)
+    finally:
+        browser.close()
