@@ -1,0 +1,148 @@
+"""Cross-cloud routing with several real pools: placement filters, price-aware choice,
+failover when a pool dies, a pool coming back, and a network cut with results in hand."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gpuroute.localenv.stack import LocalStack, PoolConfig
+
+BUCKET = "gpuroute-routing"
+NS = "team-r"
+CHEAP, FAST = "aws-spot", "azure-ondemand"
+SLOW_STEPS = [{"op": "upscale", "width": 3072, "method": "lanczos"}, {"op": "sharpen", "radius": 3}]
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack(control_plane: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    s3_server.create_bucket(BUCKET)
+    s3_server.client().put_object(Bucket=BUCKET, Key="in/small.png", Body=_png(96, 64))
+    s3_server.client().put_object(Bucket=BUCKET, Key="in/large.png", Body=_png(768, 512))
+    stack = LocalStack(tmp_path_factory.mktemp("routing"), control_plane, s3_server)
+    stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
+    stack.ensure_namespace("team-other", read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
+    stack.add_pool(PoolConfig(CHEAP, cloud="aws", region="us-east-1", price_per_gpu_hour=0.9, spot=True, workers=("c1",)))
+    stack.add_pool(PoolConfig(FAST, cloud="azure", region="westeurope", price_per_gpu_hour=3.4, workers=("f1",),
+                              allowed_namespaces=(NS,)))
+    stack.start_operator()
+    stack.start_worker(CHEAP, "c1")
+    stack.start_worker(FAST, "f1")
+    stack.wait_for_pool(CHEAP, workers=1)
+    stack.wait_for_pool(FAST, workers=1)
+    yield stack
+    stack.stop()
+
+
+def _spec(name: str, *, steps: list[dict[str, Any]] | None = None, src: str = "in/small.png", **extra: Any) -> dict[str, Any]:
+    return {"input": {"uri": f"s3://{BUCKET}/{src}"}, "output": {"uri": f"s3://{BUCKET}/out/{name}.png"},
+            "steps": steps or [{"op": "invert"}], **extra}
+
+
+def _ensure_workers(stack: LocalStack) -> None:
+    for pool, worker in ((CHEAP, "c1"), (FAST, "f1")):
+        if not stack.workers[worker].alive:
+            stack.start_worker(pool, worker)
+        stack.wait_for_pool(pool, workers=1)
+
+
+def test_placement_is_a_hard_filter(stack: LocalStack) -> None:
+    stack.create_job(NS, "eu-only", _spec("eu-only", placement={"regions": ["westeurope"], "strategy": "cheapest"}))
+    stack.create_job(NS, "aws-only", _spec("aws-only", placement={"clouds": ["aws"], "strategy": "fastest"}))
+    jobs = stack.wait_for_jobs(NS, ["eu-only", "aws-only"])
+    assert jobs["eu-only"]["status"]["pool"] == FAST
+    assert jobs["aws-only"]["status"]["pool"] == CHEAP
+
+
+def test_pool_namespace_allowlist(stack: LocalStack) -> None:
+    stack.create_job("team-other", "not-allowed", _spec("not-allowed", placement={"pools": [FAST]}, timeoutSeconds=3))
+    queued = stack.wait_for_jobs("team-other", ["not-allowed"], phases=frozenset({"Queued"}))["not-allowed"]["status"]
+    assert queued["reason"] == "NoEligiblePool"
+    assert f"{FAST}: namespace team-other not allowed" in queued["message"]
+    assert stack.wait_for_jobs("team-other", ["not-allowed"])["not-allowed"]["status"]["reason"] == "Timeout"
+
+
+def test_cheapest_prefers_the_cheap_pool_and_records_why(stack: LocalStack) -> None:
+    stack.create_job(NS, "frugal", _spec("frugal", placement={"strategy": "cheapest"}))
+    status = stack.wait_for_jobs(NS, ["frugal"])["frugal"]["status"]
+    assert status["pool"] == CHEAP
+    assert status["decision"].startswith(f"pool {CHEAP}: est.") and "(cheapest, 2 eligible)" in status["decision"]
+    routed = [e for e in stack.core.list_namespaced_event(NS, field_selector="involvedObject.name=frugal").items
+              if e.reason == "Queued"]
+    assert routed and routed[0].message == status["decision"]
+
+
+def test_dead_pool_is_marked_unavailable_and_its_jobs_complete_elsewhere(stack: LocalStack) -> None:
+    names = [f"failover-{i}" for i in range(3)]
+    for name in names:
+        stack.create_job(NS, name, _spec(name, steps=SLOW_STEPS, src="in/large.png",
+                                         placement={"pools": [CHEAP, FAST], "strategy": "cheapest"}))
+    deadline = time.monotonic() + 30
+    while not any((stack.get_job(NS, n).get("status") or {}).get("pool") == CHEAP
+                  and stack.get_job(NS, n)["status"].get("phase") in ("Dispatched", "Processing") for n in names):
+        assert time.monotonic() < deadline, "no job reached the cheap pool"
+        time.sleep(0.05)
+    killed_at = time.monotonic()
+    stack.workers["c1"].kill()
+    try:
+        while (stack.worker_pool(CHEAP).get("status") or {}).get("phase") != "Unavailable":
+            assert time.monotonic() - killed_at < 10, "pool not marked Unavailable within 10 s"
+            time.sleep(0.1)
+        condition = stack.worker_pool(CHEAP)["status"]["conditions"][0]
+        assert (condition["type"], condition["status"], condition["reason"]) == ("Available", "False", "NoWorkers")
+        jobs = stack.wait_for_jobs(NS, names, timeout=240)
+        for name, body in jobs.items():
+            status = body["status"]
+            assert status["phase"] == "Completed", (name, status)
+            assert status["pool"] == FAST, (name, status)
+        moved = [n for n, b in jobs.items() if b["status"]["attempts"] > 1]
+        assert moved, "at least the in-flight job was re-dispatched"
+    finally:
+        _ensure_workers(stack)
+
+
+def test_a_pool_that_comes_back_is_used_again(stack: LocalStack) -> None:
+    stack.workers["c1"].kill()
+    stack.wait_for_pool(CHEAP, workers=0)
+    stack.create_job(NS, "pinned", _spec("pinned", placement={"pools": [CHEAP]}))
+    queued = stack.wait_for_jobs(NS, ["pinned"], phases=frozenset({"Queued"}))["pinned"]["status"]
+    assert queued["reason"] == "NoEligiblePool"
+    stack.start_worker(CHEAP, "c1")
+    status = stack.wait_for_jobs(NS, ["pinned"], timeout=60)["pinned"]["status"]
+    assert (status["phase"], status["pool"]) == ("Completed", CHEAP)
+
+
+def test_network_cut_results_in_hand_are_delivered_once(stack: LocalStack, s3_server: Any) -> None:
+    # Freezing the operator cuts the link from both sides: the worker sees silence and
+    # re-dials, the operator (when it wakes) sees a silent worker. The worker keeps
+    # computing meanwhile and must hand its result over after reconnecting.
+    stack.create_job(NS, "cut", _spec("cut", steps=SLOW_STEPS, src="in/large.png", placement={"pools": [FAST]}))
+    deadline = time.monotonic() + 30
+    while (stack.get_job(NS, "cut").get("status") or {}).get("phase") not in ("Dispatched", "Processing"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stack.operator.signal(signal.SIGSTOP)
+    try:
+        time.sleep(8.0)
+    finally:
+        stack.operator.signal(signal.SIGCONT)
+    status = stack.wait_for_jobs(NS, ["cut"], timeout=120)["cut"]["status"]
+    assert status["phase"] == "Completed", status
+    stored = s3_server.client().get_object(Bucket=BUCKET, Key="out/cut.png")["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == status["output"]["sha256"]
+    events = stack.core.list_namespaced_event(NS, field_selector="involvedObject.name=cut").items
+    assert [e.reason for e in events].count("Completed") == 1
