@@ -660,8 +660,12 @@ class Engine:
 
     def _publish_pools(self) -> None:
         now = time.monotonic()
-        unrouted = len(self.unrouted)
-        metrics.UNROUTED.set(unrouted)
+        metrics.UNROUTED.set(len(self.unrouted))
+        by_phase = {phase: 0 for phase in (Phase.QUEUED, Phase.DISPATCHED, Phase.PROCESSING)}
+        for job in self.jobs.values():
+            by_phase[job.phase] = by_phase.get(job.phase, 0) + 1
+        for phase, count in by_phase.items():
+            metrics.JOBS_ACTIVE.labels(phase.value).set(count)
         for name, pool in self.pools.items():
             status = self.pool_status(pool)
             for priority in ("realtime", "batch"):

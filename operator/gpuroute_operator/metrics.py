@@ -7,6 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 JOBS_FINISHED = Counter("gpuroute_jobs_finished_total", "ImageJobs that reached a terminal phase.", ["phase", "reason"])
+JOBS_ACTIVE = Gauge("gpuroute_jobs_active", "Non-terminal ImageJobs the operator follows, by phase.", ["phase"])
 JOBS_ADMITTED = Counter("gpuroute_jobs_admitted_total", "ImageJobs admitted into the scheduler.", ["priority"])
 JOBS_REQUEUED = Counter("gpuroute_jobs_requeued_total", "Attempts re-queued after a lost worker or a retryable error.", ["reason"])
 QUEUE_DEPTH = Gauge("gpuroute_queue_depth", "Jobs waiting in a pool's queue.", ["pool", "priority"])

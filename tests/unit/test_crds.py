@@ -666,3 +666,16 @@ def test_dockerignore_keeps_the_venv_out() -> None:
     assert {".venv", ".git"} <= entries
     for needed in ("gpuroute", "operator", "worker_image", "pyproject.toml", "README.md"):
         assert needed not in entries
+
+
+def test_alert_rules_use_exported_metrics() -> None:
+    operator_metrics = pytest.importorskip("gpuroute_operator.metrics")
+    worker_metrics = pytest.importorskip("gpuroute_worker.metrics")
+    exported = _metric_names(operator_metrics) | _metric_names(worker_metrics)
+    rule = yaml.safe_load((MANIFESTS / "management" / "components" / "monitoring" / "prometheusrule.yaml").read_text())
+    rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    alerts = {r["alert"] for r in rules}
+    assert {"GpuroutePoolHasNoWorkers", "GpurouteGpuErrors", "GpurouteSocketDisconnectStorm",
+            "GpurouteHighP95Latency", "GpurouteJobsStuckQueued"} <= alerts
+    used = {name for r in rules for name in re.findall(r"\bgpuroute_[a-z0-9_]+", r["expr"])}
+    assert used and not used - exported, f"alerts query series nobody exports: {sorted(used - exported)}"

@@ -52,6 +52,10 @@ class _Request:
     key: tuple[str, int, int] = ("", 0, 0)
 
 
+def _observe_step(op: str, seconds: float) -> None:
+    metrics.OP_SECONDS.labels(op).observe(seconds)
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,7 +170,8 @@ class BatchExecutor:
             with torch.inference_mode():
                 stacked = torch.stack([r.pixels for r in batch]).to(self.device, non_blocking=True)
                 images = stacked.to(torch.float32).div_(255.0)
-                out = run_pipeline(images, steps, models=self.models, check_deadline=check_all)
+                out = run_pipeline(images, steps, models=self.models, check_deadline=check_all,
+                                   on_step=_observe_step)
                 quantized = out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

@@ -13,6 +13,10 @@ COMPUTE_SECONDS = Histogram(
     "gpuroute_worker_batch_compute_seconds", "Wall time of one executed batch on the device.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+OP_SECONDS = Histogram(
+    "gpuroute_worker_op_seconds", "Compute time of one pipeline step for a whole batch, by op.", ["op"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 BATCH_SIZE = Histogram("gpuroute_worker_batch_size", "Requests per executed batch.", buckets=(1, 2, 4, 8, 16, 32, 64))
 IN_FLIGHT = Gauge("gpuroute_worker_in_flight", "Jobs accepted and not yet answered.")
 GPU_MEMORY_BYTES = Gauge("gpuroute_worker_gpu_memory_bytes", "GPU memory allocated by torch after the last batch.")

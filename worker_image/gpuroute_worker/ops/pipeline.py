@@ -14,6 +14,8 @@ retryable error.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -222,25 +224,36 @@ _OPS: dict[str, Callable[[Tensor, Step, _Ctx], Tensor]] = {
 }
 
 
-def _run_steps(x: Tensor, steps: Sequence[Step], models: ModelRegistry | None, check: Deadline) -> Tensor:
+StepTimer = Callable[[str, float], None] | None
+
+
+def _run_steps(x: Tensor, steps: Sequence[Step], models: ModelRegistry | None, check: Deadline,
+               on_step: StepTimer = None) -> Tensor:
     for index, step in enumerate(steps):
         if check is not None:
             check()
+        started = time.perf_counter()
         x = _OPS[step["op"]](x, step, _Ctx(index, models, check))
+        if on_step is not None:
+            # CUDA runs asynchronously: wait for the step so its time is its own.
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            on_step(step["op"], time.perf_counter() - started)
     return x.clamp(0.0, 1.0)
 
 
-def _run_splitting(x: Tensor, steps: Sequence[Step], models: ModelRegistry | None, check: Deadline) -> Tensor:
+def _run_splitting(x: Tensor, steps: Sequence[Step], models: ModelRegistry | None, check: Deadline,
+                   on_step: StepTimer = None) -> Tensor:
     try:
-        return _run_steps(x, steps, models, check)
+        return _run_steps(x, steps, models, check, on_step)
     except torch.cuda.OutOfMemoryError as exc:
         if x.shape[0] == 1:
             raise OutOfMemory(f"pipeline does not fit in device memory at batch 1: {exc}") from exc.with_traceback(None)
     # Released outside the handler, for the same reason as in _tiled_with_shrinking.
     _release(x.device)
     half = (x.shape[0] + 1) // 2
-    first = _run_splitting(x[:half], steps, models, check)
-    second = _run_splitting(x[half:], steps, models, check)
+    first = _run_splitting(x[:half], steps, models, check, on_step)
+    second = _run_splitting(x[half:], steps, models, check, on_step)
     return torch.cat((first, second))
 
 
@@ -250,13 +263,15 @@ def run_pipeline(
     *,
     models: ModelRegistry | None = None,
     check_deadline: Callable[[], None] | None = None,
+    on_step: StepTimer = None,
 ) -> Tensor:
     """Apply normalized `steps` to a (N, 3, H, W) float batch in [0, 1]; returns (N, 3, H', W') in [0, 1].
 
     `check_deadline` is called between steps and between tiles and may raise to abort.
+    `on_step(op, seconds)`, when given, receives each step's wall time (for metrics).
     """
     if batch.dim() != 4 or batch.shape[1] != 3:
         raise ValueError(f"expected a (N, 3, H, W) batch, got shape {tuple(batch.shape)}")
     output_shape(batch.shape[-2], batch.shape[-1], steps, models=models)
     with torch.no_grad():
-        return _run_splitting(batch.to(torch.float32), steps, models, check_deadline)
+        return _run_splitting(batch.to(torch.float32), steps, models, check_deadline, on_step)
