@@ -142,6 +142,10 @@ def _check_parse_only(obj: dict[str, Any]) -> None:
         assert obj["apiVersion"] == "monitoring.coreos.com/v1"
         assert obj["spec"]["selector"]["matchLabels"]
         assert obj["spec"]["podMetricsEndpoints"] and all(e.get("port") for e in obj["spec"]["podMetricsEndpoints"])
+    elif obj["kind"] == "PrometheusRule":
+        assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+        rules = [r for group in obj["spec"]["groups"] for r in group["rules"]]
+        assert rules and all(r.get("alert") and r.get("expr") for r in rules)
     elif obj["kind"] == "Application":
         assert obj["apiVersion"] == "argoproj.io/v1alpha1"
         source = obj["spec"]["source"]
