@@ -42,6 +42,10 @@ MAX_HEADER_BYTES = 1024 * 1024
 """A header larger than this is malformed: headers are small metadata maps."""
 
 
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+"""Output formats a JOB may ask for, with the Content-Type the upload carries."""
+
+
 class Kind(bytes, enum.Enum):
     READY = b"READY"
     HEARTBEAT = b"HEARTBEAT"

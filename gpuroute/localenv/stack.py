@@ -237,7 +237,7 @@ class LocalStack:
 
     # ---- processes -------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> ManagedProcess:
+    def spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> ManagedProcess:
         log_path = self.workdir / f"{name}.log"
         log = log_path.open("ab")
         popen = subprocess.Popen([sys.executable, "-m", "gpuroute.cli", *args], stdout=log, stderr=subprocess.STDOUT,
@@ -252,7 +252,7 @@ class LocalStack:
     def start_operator(self) -> ManagedProcess:
         self._operator_runs += 1
         env = self.control_plane.env(self.s3.env(os.environ))
-        self.operator = self._spawn(f"operator-{self._operator_runs}", [
+        self.operator = self.spawn(f"operator-{self._operator_runs}", [
             "operator", "--bind", self.operator_endpoint, "--server-key-file", str(self.workdir / "server.key_secret"),
             "--namespace", self.namespace, "--kubeconfig", self.control_plane.kubeconfig,
             "--web-port", str(self.operator_web_port), "--liveness-port", "0"], env)
@@ -266,7 +266,7 @@ class LocalStack:
         # Workers get no storage credentials: they only ever see presigned URLs.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         health_port = self.worker_health_ports.setdefault(worker, free_port())
-        process = self._spawn(f"worker-{pool}-{worker}", [
+        process = self.spawn(f"worker-{pool}-{worker}", [
             "worker", "--operator", self.operator_endpoint, "--pool", pool, "--id", worker,
             "--key-file", str(key_file), "--server-public-key-file", str(self.workdir / "server.key"),
             "--capacity", str(capacity), "--max-batch", str(max_batch), "--health-port", str(health_port),

@@ -459,8 +459,8 @@ class Engine:
         self._reroute_unrouted()
         self.pump()
 
-    def _worker_lost(self, conn: WorkerConn, why: str) -> None:
-        pool = self.pools.get(conn.pool)
+    def _worker_lost(self, conn: WorkerConn, why: str, *, pool: PoolState | None = None) -> None:
+        pool = pool or self.pools.get(conn.pool)
         if pool is None or pool.workers.get(conn.routing_id) is not conn:
             return
         del pool.workers[conn.routing_id]
@@ -582,10 +582,8 @@ class Engine:
         self.zap.remove_pool(name)
         for conn in list(pool.workers.values()):
             self.server.send(conn.routing_id, Kind.DISCONNECT, {"reason": "pool deleted"})
-            self.pools[name] = pool  # _worker_lost looks the pool up
-            self._worker_lost(conn, "pool deleted")
-            self.pools.pop(name, None)
-        for job in list(pool.queue):
+            self._worker_lost(conn, "pool deleted", pool=pool)
+        for job in list(pool.queue):  # whatever losing the workers did not already move
             pool.queue.remove(job.uid)
             self._route(job)
         self.pump()

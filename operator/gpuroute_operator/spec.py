@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuroute.ops_catalog import StepError, normalize_steps
+from gpuroute.protocol import CONTENT_TYPES
 
 MAX_INLINE_BYTES = 256 * 1024
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
+OUTPUT_FORMATS = tuple(CONTENT_TYPES)
 PRIORITIES = ("realtime", "batch")
 STRATEGIES = ("fastest", "cheapest", "balanced")
 DEFAULT_TIMEOUT_S = 600

@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpuroute.protocol import CONTENT_TYPES
 from gpuroute_operator.spec import JobSpec, SpecError, StorageURI
 
 READ_ANNOTATION = "gpuroute.io/storage-read"
 WRITE_ANNOTATION = "gpuroute.io/storage-write"
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)

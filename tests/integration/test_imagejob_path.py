@@ -166,7 +166,7 @@ def test_unknown_worker_key_is_refused(stack: LocalStack) -> None:
     intruder = KeyPair.generate()
     write_key_file(stack.workdir / "intruder.key_secret", intruder.secret)
     refused_before = stack.operator_metric("gpuroute_socket_rejected_connections_total", {"reason": "unknown key"})
-    process = stack._spawn("worker-intruder", [
+    process = stack.spawn("worker-intruder", [
         "worker", "--operator", stack.operator_endpoint, "--pool", POOL, "--id", "intruder",
         "--key-file", str(stack.workdir / "intruder.key_secret"),
         "--server-public-key-file", str(stack.workdir / "server.key"), "--health-port", "0", "--threads", "1"], {})

@@ -146,3 +146,19 @@ def test_network_cut_results_in_hand_are_delivered_once(stack: LocalStack, s3_se
     assert hashlib.sha256(stored).hexdigest() == status["output"]["sha256"]
     events = stack.core.list_namespaced_event(NS, field_selector="involvedObject.name=cut").items
     assert [e.reason for e in events].count("Completed") == 1
+
+
+def test_deleted_pool_turns_its_workers_away_without_a_reconnect_storm(stack: LocalStack) -> None:
+    stack.add_pool(PoolConfig("temp-pool", cloud="gcp", region="europe-west4", workers=("t1",)))
+    stack.start_worker("temp-pool", "t1")
+    stack.wait_for_pool("temp-pool", workers=1)
+    stack.custom.delete_cluster_custom_object("gpuroute.io", "v1alpha1", "workerpools", "temp-pool")
+    time.sleep(2.0)  # the worker is told DISCONNECT, then refused on every READY
+    before = stack.worker_metric("t1", "gpuroute_worker_reconnects_total")
+    time.sleep(6.0)
+    retries = stack.worker_metric("t1", "gpuroute_worker_reconnects_total") - before
+    assert retries <= 4, f"{retries} reconnects in 6 s: the refused worker is not backing off"
+    stack.create_job(NS, "to-deleted", _spec("to-deleted", placement={"pools": ["temp-pool"]}, timeoutSeconds=4))
+    queued = stack.wait_for_jobs(NS, ["to-deleted"], phases=frozenset({"Queued"}))["to-deleted"]["status"]
+    assert queued["reason"] == "NoEligiblePool"
+    stack.workers["t1"].stop()

@@ -56,6 +56,7 @@ class OperatorLink:
         self._stopping = asyncio.Event()
         self._last_contact = 0.0
         self._rtt_ms: float | None = None
+        self._registered = False
         self.connected = asyncio.Event()
 
     def send(self, kind: Kind, header: Mapping[str, Any]) -> None:
@@ -90,13 +91,18 @@ class OperatorLink:
     async def run(self) -> None:
         backoff = protocol.RECONNECT_INITIAL_S
         while not self._stopping.is_set():
-            lost_at = await self._session()
+            ended, registered = await self._session()
             if self._stopping.is_set():
                 break
             metrics.RECONNECTS.inc()
-            if lost_at == "disconnect":
-                continue  # the operator asked us to re-register: no reason to wait
-            log.warning("operator silent for %.1fs; reconnecting in %.2fs", _LIVENESS_WINDOW_S, backoff)
+            if registered:
+                backoff = protocol.RECONNECT_INITIAL_S
+                if ended == "disconnect":
+                    continue  # a known operator asked us to re-register (it restarted): no reason to wait
+            if ended == "disconnect":
+                log.warning("operator refused this worker; trying again in %.2fs", backoff)
+            else:
+                log.warning("operator silent for %.1fs; reconnecting in %.2fs", _LIVENESS_WINDOW_S, backoff)
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
             except TimeoutError:
@@ -112,8 +118,9 @@ class OperatorLink:
             self._socket.close()
             self._socket = None
 
-    async def _session(self) -> str:
-        """One socket's lifetime; returns why it ended: 'silent' or 'disconnect'."""
+    async def _session(self) -> tuple[str, bool]:
+        """One socket's lifetime: why it ended ('silent', 'disconnect' or 'stopping'), and
+        whether the operator accepted this worker (heartbeated it) during it."""
         socket = make_dealer(self.context, self.config)
         self._socket = socket
         resend_since = self._last_contact - _LIVENESS_WINDOW_S if self._last_contact else 0.0
@@ -125,6 +132,7 @@ class OperatorLink:
         poller.register(socket, zmq.POLLIN)
         liveness = protocol.HEARTBEAT_LIVENESS
         next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL_S
+        self._registered = False
         try:
             while not self._stopping.is_set():
                 timeout_ms = max(0.0, (next_beat - time.monotonic()) * 1000.0)
@@ -138,19 +146,19 @@ class OperatorLink:
                         metrics.CONNECTED.set(1)
                         log.info("connected to operator at %s", self.config.operator_endpoint)
                     if self._dispatch(frames) == "disconnect":
-                        return "disconnect"
+                        return "disconnect", self._registered
                 if time.monotonic() >= next_beat:
                     if not events:
                         liveness -= 1
                         if liveness <= 0:
-                            return "silent"
+                            return "silent", self._registered
                     self.send(Kind.HEARTBEAT, {
                         "worker": self.config.worker_id,
                         "inFlight": self.runner.in_flight if self.runner else 0,
                         "rttMs": self._rtt_ms,
                     })
                     next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL_S
-            return "stopping"
+            return "stopping", self._registered
         finally:
             self.connected.clear()
             metrics.CONNECTED.set(0)
@@ -168,6 +176,7 @@ class OperatorLink:
             log.warning("dropped a malformed message from the operator: %s", exc)
             return None
         if message.kind is Kind.HEARTBEAT:
+            self._registered = True  # the operator only heartbeats workers it accepted
             ping = message.header.get("ping")
             if isinstance(ping, (int, float)):
                 self.send(Kind.HEARTBEAT, {"worker": self.config.worker_id, "pong": ping,

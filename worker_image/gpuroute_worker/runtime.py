@@ -19,7 +19,8 @@ from typing import Any
 from gpuroute.ops_catalog import StepError, normalize_steps
 from gpuroute.protocol import ErrorCode, Kind, Message
 from gpuroute_worker import metrics
-from gpuroute_worker.codec import CONTENT_TYPES, DecodeError, decode_image, encode_image
+from gpuroute.protocol import CONTENT_TYPES
+from gpuroute_worker.codec import DecodeError, decode_image, encode_image
 from gpuroute_worker.config import WorkerConfig
 from gpuroute_worker.executor import BatchExecutor
 from gpuroute_worker.ops import OpError, OutOfMemory, output_shape
