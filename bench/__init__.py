@@ -1,0 +1,1 @@
+"""gpuroute benchmarks: each prints its figure next to a baseline measured in the same run."""
