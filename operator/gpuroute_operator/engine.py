@@ -13,6 +13,7 @@ answers from its result cache instead of computing it again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -27,11 +28,12 @@ from gpuroute.netguard import UnsafeURL, check_public_https_url
 from gpuroute.ops_catalog import models_used
 from gpuroute.protocol import ErrorCode, Kind, Message
 from gpuroute_operator import metrics
+from gpuroute_operator.autoscaler import Autoscaler
 from gpuroute_operator.jobs import Job, failed_status, parse_rfc3339
 from gpuroute_operator.kube import Kube, now_rfc3339
 from gpuroute_operator.phases import Phase
 from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn, ewma
-from gpuroute_operator.router import Decision, JobNeeds, choose
+from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
 from gpuroute_operator.server import WorkerServer
 from gpuroute_operator.spec import JobSpec, SpecError, parse_job_spec
 from gpuroute_operator.status import ObjectRef, StatusWriter
@@ -47,6 +49,8 @@ KEYS_REFRESH_S = 30.0
 """How often pools' key Secrets are re-read (key rotation without a restart)."""
 POOL_STATUS_EVERY_S = 10.0
 """Pool status is re-written at least this often, so lastHeartbeat stays meaningful."""
+AUTOSCALE_PERIOD_S = 2.0
+"""How often pools with spec.scaling are looked at (the autoscaler rate-limits each to 5 s)."""
 REJECT_PAUSE_S = 0.5
 """A worker that refused a job for capacity gets no new job for this long."""
 FINISHED_MEMORY = 100_000
@@ -94,6 +98,9 @@ class Engine:
         self._pool_status_sent: dict[str, tuple[dict[str, Any], float, str]] = {}
         self._keys_read_at: dict[str, float] = {}
         self._tick_task: asyncio.Task[None] | None = None
+        self._autoscale_task: asyncio.Task[None] | None = None
+        self.autoscaler = Autoscaler(self.kube.read_secret_data)
+        self._scale_failures: dict[str, str] = {}
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -104,14 +111,19 @@ class Engine:
         self.server.start()
         self.writer.start()
         self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop(), name="engine-tick")
+        # Its own loop: a slow GPU-cluster API must never delay heartbeats or dispatch.
+        self._autoscale_task = asyncio.get_running_loop().create_task(self._autoscale_loop(), name="autoscaler")
 
     async def stop(self) -> None:
-        if self._tick_task is not None:
-            self._tick_task.cancel()
+        for task in (self._tick_task, self._autoscale_task):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._tick_task
+                await task
             except asyncio.CancelledError:
                 pass
+        self.autoscaler.close()
         await self.writer.stop()
         await self.server.stop()
         await self.zap.stop()
@@ -577,6 +589,7 @@ class Engine:
 
     def remove_pool(self, name: str) -> None:
         pool = self.pools.pop(name, None)
+        self.autoscaler.forget(name)
         if pool is None:
             return
         self.zap.remove_pool(name)
@@ -612,6 +625,35 @@ class Engine:
                 await self._refresh_keys()
             except Exception:  # housekeeping must survive any single failure
                 log.exception("engine tick failed")
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(AUTOSCALE_PERIOD_S)
+            now = time.monotonic()
+            for name, pool in list(self.pools.items()):
+                if pool.spec.scaling is None:
+                    continue
+                queued = len(pool.queue) + self._waiting_for(pool)
+                decision = await self.autoscaler.reconcile(name, pool.spec.scaling, queued=queued,
+                                                           in_flight=pool.busy, now=now)
+                if decision is None:
+                    continue
+                ref = ObjectRef("WorkerPool", name)
+                if decision.applied:
+                    metrics.DESIRED_REPLICAS.labels(name).set(decision.desired or 0)
+                    self.writer.event(ref, "Scaled", f"{decision.current} -> {decision.desired} replicas: {decision.reason}")
+                if decision.desired is None:
+                    # One Event per distinct failure, not one every few seconds while it lasts.
+                    if self._scale_failures.get(name) != decision.reason:
+                        self._scale_failures[name] = decision.reason
+                        self.writer.event(ref, "ScaleFailed", decision.reason, warning=True)
+                else:
+                    self._scale_failures.pop(name, None)
+
+    def _waiting_for(self, pool: PoolState) -> int:
+        """Unrouted jobs this pool could take if it had workers: demand that scales it up from zero."""
+        view = dataclasses.replace(pool.view(), workers=1, slots=1)
+        return sum(1 for job in self.unrouted.values() if rejection(self._needs(job), view) is None)
 
     def _heartbeat(self, now: float) -> None:
         for pool in list(self.pools.values()):

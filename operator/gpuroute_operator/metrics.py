@@ -13,6 +13,7 @@ JOBS_REQUEUED = Counter("gpuroute_jobs_requeued_total", "Attempts re-queued afte
 QUEUE_DEPTH = Gauge("gpuroute_queue_depth", "Jobs waiting in a pool's queue.", ["pool", "priority"])
 UNROUTED = Gauge("gpuroute_unrouted_jobs", "Jobs with no eligible pool right now.")
 IN_FLIGHT = Gauge("gpuroute_pool_in_flight", "Jobs dispatched to a pool and not yet answered.", ["pool"])
+DESIRED_REPLICAS = Gauge("gpuroute_pool_desired_replicas", "Worker replicas the autoscaler last asked the GPU cluster for.", ["pool"])
 WORKERS = Gauge("gpuroute_pool_connected_workers", "Workers connected per pool.", ["pool"])
 RTT_SECONDS = Gauge("gpuroute_pool_rtt_seconds", "Moving average of heartbeat round trips per pool.", ["pool"])
 DISPATCH_SECONDS = Histogram("gpuroute_dispatch_latency_seconds", "Admission to first dispatch of a job.", buckets=_LATENCY_BUCKETS)

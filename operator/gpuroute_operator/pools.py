@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpuroute import protocol
+from gpuroute_operator.autoscaler import ScalingSpec, parse_scaling
 from gpuroute_operator.router import PoolView
 from gpuroute_operator.scheduler import FairQueue
 from gpuroute_operator.zap import parse_cidrs
@@ -50,6 +51,8 @@ class PoolSpec:
     """Model names the pool declares (workers also announce theirs)."""
     generation: int
     """metadata.generation of the spec parsed."""
+    scaling: ScalingSpec | None = None
+    """Remote autoscaling of the pool's worker Deployment, when set."""
 
 
 def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: int, default_namespace: str) -> PoolSpec:
@@ -66,6 +69,7 @@ def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: in
         raise PoolSpecError("spec.pricePerGpuHour must be >= 0 and spec.maxInFlightPerWorker >= 1")
     try:
         cidrs = parse_cidrs(spec.get("allowedSourceCIDRs") or (), "spec.allowedSourceCIDRs")
+        scaling = parse_scaling(spec.get("scaling"), default_namespace=default_namespace)
     except ValueError as exc:
         raise PoolSpecError(str(exc)) from exc
     return PoolSpec(
@@ -80,6 +84,7 @@ def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: in
         allowed_namespaces=tuple(spec.get("allowedNamespaces") or ()),
         models=frozenset(m["name"] for m in spec.get("models") or () if isinstance(m, Mapping) and m.get("name")),
         generation=generation,
+        scaling=scaling,
     )
 
 

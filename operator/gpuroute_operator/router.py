@@ -99,7 +99,8 @@ class Decision:
     estimate: Estimate | None = None
 
 
-def _filter_reason(job: JobNeeds, pool: PoolView) -> str | None:
+def rejection(job: JobNeeds, pool: PoolView) -> str | None:
+    """Why `pool` cannot take `job`, or None if it can."""
     if job.pools and pool.name not in job.pools:
         return "not in placement.pools"
     if job.clouds and pool.cloud not in job.clouds:
@@ -129,7 +130,7 @@ def choose(job: JobNeeds, pools: Sequence[PoolView]) -> Decision:
     rejected: list[str] = []
     candidates: list[tuple[PoolView, Estimate]] = []
     for pool in pools:
-        why = _filter_reason(job, pool)
+        why = rejection(job, pool)
         if why:
             rejected.append(f"{pool.name}: {why}")
         else:
