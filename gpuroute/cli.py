@@ -33,8 +33,17 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         secret = KeyPair.generate().secret
     else:
         secret = _env_key(args.server_key_file, "GPUROUTE_SERVER_SECRET_KEY", "the operator's CURVE secret key")
+    from gpuroute_operator.storage import AzureAccount
+
+    accounts = []
+    for value in args.azure_account:
+        name, _, endpoint = value.partition("=")
+        if not name:
+            raise SystemExit(f"gpuroute operator: --azure-account expects NAME or NAME=ENDPOINT, got {value!r}")
+        # Account keys come from the environment (a Secret in the Deployment), never from flags.
+        accounts.append(AzureAccount(name, endpoint, os.environ.get(f"GPUROUTE_AZURE_KEY_{name.upper()}")))
     config = EngineConfig(bind=args.bind, secret_key=secret, namespace=args.namespace, kubeconfig=args.kubeconfig,
-                          plaintext=args.dev_plaintext)
+                          plaintext=args.dev_plaintext, azure_accounts=tuple(accounts))
     run_operator(config, web_port=args.web_port or None, liveness_port=args.liveness_port or None, verbose=args.verbose)
     return 0
 
@@ -112,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster or $KUBECONFIG)")
     op.add_argument("--web-port", type=int, default=9090, help="/metrics, /healthz and status API; 0 disables")
     op.add_argument("--liveness-port", type=int, default=8080, help="kopf liveness probe; 0 disables")
+    op.add_argument("--azure-account", action="append", default=[], metavar="NAME[=ENDPOINT]",
+                    help="Azure storage account to sign for (key from $GPUROUTE_AZURE_KEY_<NAME>, "
+                         "else a user delegation key via azure-identity); repeatable")
     op.add_argument("--dev-plaintext", action="store_true", help="DEV ONLY: no CURVE on the worker socket")
     op.set_defaults(func=_cmd_operator)
 

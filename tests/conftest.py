@@ -127,3 +127,12 @@ def s3_server() -> Iterator[S3Server]:
 
     with S3Server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def azurite_server() -> Iterator[object]:
+    """Azurite's Blob service (installed from npm on first use) for the whole session."""
+    from gpuroute.localenv.azurite import AzuriteServer
+
+    with AzuriteServer() as server:
+        yield server

@@ -125,6 +125,8 @@ class LocalStack:
         self.workers: dict[str, ManagedProcess] = {}
         self.worker_health_ports: dict[str, int] = {}
         self._operator_runs = 0
+        # Remembered so a restarted operator gets the same storage configuration.
+        self._operator_extra: tuple[tuple[str, ...], dict[str, str]] = ((), {})
         self._api = control_plane.api_client()
         self.ensure_namespace(namespace)
 
@@ -249,13 +251,14 @@ class LocalStack:
     def operator_endpoint(self) -> str:
         return f"tcp://127.0.0.1:{self.operator_port}"
 
-    def start_operator(self) -> ManagedProcess:
+    def start_operator(self, *, extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None) -> ManagedProcess:
         self._operator_runs += 1
-        env = self.control_plane.env(self.s3.env(os.environ))
+        self._operator_extra = (tuple(extra_args), dict(extra_env or {})) if extra_args or extra_env else self._operator_extra
+        env = {**self.control_plane.env(self.s3.env(os.environ)), **self._operator_extra[1]}
         self.operator = self.spawn(f"operator-{self._operator_runs}", [
             "operator", "--bind", self.operator_endpoint, "--server-key-file", str(self.workdir / "server.key_secret"),
             "--namespace", self.namespace, "--kubeconfig", self.control_plane.kubeconfig,
-            "--web-port", str(self.operator_web_port), "--liveness-port", "0"], env)
+            "--web-port", str(self.operator_web_port), "--liveness-port", "0", *self._operator_extra[0]], env)
         return self.operator
 
     def start_worker(self, pool: str, worker: str, *, capacity: int = 4, max_batch: int = 8,

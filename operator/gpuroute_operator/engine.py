@@ -37,7 +37,7 @@ from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
 from gpuroute_operator.server import WorkerServer
 from gpuroute_operator.spec import JobSpec, SpecError, parse_job_spec
 from gpuroute_operator.status import ObjectRef, StatusWriter
-from gpuroute_operator.storage import Presigner, StorageGrants
+from gpuroute_operator.storage import AzureAccount, Presigner, StorageGrants
 from gpuroute_operator.zap import ZapHandler
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class EngineConfig:
     """Period of the housekeeping loop (liveness, timeouts, re-routing)."""
     plaintext: bool = False
     """Dev only: no CURVE on the socket. Never used by the demo or tests' main path."""
+    azure_accounts: tuple[AzureAccount, ...] = ()
+    """Azure storage accounts the operator signs SAS URLs for."""
 
 
 class Engine:
@@ -84,7 +86,7 @@ class Engine:
         self.config = config
         self.kube = Kube(config.kubeconfig)
         self.writer = StatusWriter(self.kube, coalesce_s=config.coalesce_s)
-        self.presigner = presigner or Presigner()
+        self.presigner = presigner or Presigner(azure_accounts=config.azure_accounts)
         self.context = zmq.asyncio.Context()
         self.zap = ZapHandler(self.context)
         self.server = WorkerServer(self.context, bind=config.bind, secret_key=config.secret_key, handler=self,
@@ -671,6 +673,12 @@ class Engine:
 
     async def _refresh_keys(self) -> None:
         now = time.monotonic()
+        if now - self._keys_read_at.get("", 0.0) >= KEYS_REFRESH_S:
+            self._keys_read_at[""] = now
+            try:
+                await asyncio.to_thread(self.presigner.refresh)  # Azure user delegation keys near expiry
+            except Exception as exc:  # Azure AD or storage unreachable: keep the key we hold, try again later
+                log.warning("renewing Azure user delegation keys failed: %s", exc)
         for pool in list(self.pools.values()):
             if now - self._keys_read_at.get(pool.spec.name, 0.0) >= KEYS_REFRESH_S:
                 await self._load_keys(pool)
