@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import os
 import socket
 import sys
@@ -53,7 +54,7 @@ def _parse_model(value: str):  # noqa: ANN202 (ModelSpec is imported lazily)
 
     name, sep, rest = value.partition("=")
     uri, hash_sep, digest = rest.rpartition("#")
-    if not sep or not hash_sep or not name or len(digest) != 64:
+    if not sep or not hash_sep or not name or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
         raise argparse.ArgumentTypeError(f"--model expects NAME=URI#SHA256, got {value!r}")
     return ModelSpec(name, uri, digest.lower())
 

@@ -54,7 +54,8 @@ def parse_key(raw: bytes | str, *, source: str) -> bytes:
     """Validate Z85 key text (surrounding whitespace allowed) and return it as bytes."""
     data = raw.encode() if isinstance(raw, str) else raw
     # zmq's own certificate files (ZPL) are accepted too: take the key value out of them.
-    match = re.search(rb'(?:secret|public)-key\s*=\s*"([^"]{40})"', data)
+    # A zmq secret certificate lists the public key first: the secret one wins when present.
+    match = re.search(rb'secret-key\s*=\s*"([^"]{40})"', data) or re.search(rb'public-key\s*=\s*"([^"]{40})"', data)
     key = match.group(1) if match else data.strip()
     if not _Z85_KEY.match(key):
         raise KeyError_(f"{source}: not a Z85 CURVE key (expected 40 Z85 characters)")

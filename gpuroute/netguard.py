@@ -20,8 +20,9 @@ def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-                or ip.is_reserved or ip.is_unspecified)
+    # is_global also excludes shared address space (100.64.0.0/10, where some clouds put
+    # their metadata services), which is neither private nor reserved to the ipaddress module.
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved)
 
 
 def check_public_https_url(url: str) -> None:

@@ -381,12 +381,12 @@ class RemoteCluster:
         with self._token_lock:
             self._token = None
 
-    def get_replicas(self, namespace: str, name: str) -> int:
+    def get_scale(self, namespace: str, name: str) -> int:
         """spec.replicas of the Deployment, read through its scale subresource."""
         scale = self._apps.read_namespaced_deployment_scale(name, namespace, _request_timeout=REQUEST_TIMEOUT)
         return int(scale.spec.replicas or 0) if scale.spec is not None else 0
 
-    def set_replicas(self, namespace: str, name: str, replicas: int) -> int:
+    def patch_scale(self, namespace: str, name: str, replicas: int) -> int:
         """Patch the Deployment's scale subresource; returns spec.replicas as written."""
         scale = self._apps.patch_namespaced_deployment_scale(
             name, namespace, {"spec": {"replicas": replicas}}, _request_timeout=REQUEST_TIMEOUT
@@ -463,15 +463,15 @@ class Autoscaler:
         return state.cluster if state is not None else None
 
     async def reconcile(
-        self, pool: str, scaling: ScalingSpec, *, queued: int, in_flight: int, now: float
+        self, pool_name: str, scaling: ScalingSpec, *, queued: int, in_flight: int, now: float
     ) -> ScaleDecision | None:
-        """One autoscaling step for ``pool``; None when rate-limited (nothing was read).
+        """One autoscaling step for ``pool_name``; None when rate-limited (nothing was read).
 
         ``now`` is a monotonic clock reading (the engine's tick time); idleness and the
         rate limit are measured on it. Never raises for remote or credential problems:
         those come back as ``applied=False`` with the reason.
         """
-        state = self._pools.setdefault(pool, _PoolState())
+        state = self._pools.setdefault(pool_name, _PoolState())
         # Idleness is tracked on every call, also rate-limited ones, so the idle clock
         # starts when demand really reached zero.
         if queued + in_flight > 0:
@@ -480,13 +480,13 @@ class Autoscaler:
             state.idle_since = now
         if state.last_attempt is not None and now - state.last_attempt < self.min_interval_s:
             return None
-        lock = self._locks.setdefault(pool, asyncio.Lock())
+        lock = self._locks.setdefault(pool_name, asyncio.Lock())
         if lock.locked():
             # A previous step is still talking to the GPU cluster (slow apiserver).
             return None
         async with lock:
             state.last_attempt = now
-            return await self._step(pool, state, scaling, queued=queued, in_flight=in_flight, now=now)
+            return await self._step(pool_name, state, scaling, queued=queued, in_flight=in_flight, now=now)
 
     async def _step(
         self, pool: str, state: _PoolState, scaling: ScalingSpec, *, queued: int, in_flight: int, now: float
@@ -498,13 +498,13 @@ class Autoscaler:
         desired: int | None = None
         try:
             cluster = await self._cluster(state, scaling)
-            current = await asyncio.to_thread(cluster.get_replicas, namespace, name)
+            current = await asyncio.to_thread(cluster.get_scale, namespace, name)
             desired, reason = desired_replicas(
                 scaling, queued=queued, in_flight=in_flight, current=current, idle_since=state.idle_since, now=now
             )
             if desired == current:
                 return ScaleDecision(pool, current, desired, reason, applied=False)
-            written = await asyncio.to_thread(cluster.set_replicas, namespace, name, desired)
+            written = await asyncio.to_thread(cluster.patch_scale, namespace, name, desired)
         except Exception as exc:
             # The boundary this module promises: remote API down, bad kubeconfig,
             # missing Secret (whatever read_secret raises), RBAC refusal, Azure AD

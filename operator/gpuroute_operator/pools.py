@@ -62,7 +62,7 @@ def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: in
         raise PoolSpecError("spec.workerKeysSecretRef.name is required")
     try:
         price = float(spec.get("pricePerGpuHour") or 0.0)
-        max_in_flight = int(spec.get("maxInFlightPerWorker") or 4)
+        max_in_flight = int(spec["maxInFlightPerWorker"]) if spec.get("maxInFlightPerWorker") is not None else 4
     except (TypeError, ValueError) as exc:
         raise PoolSpecError(f"spec.pricePerGpuHour / spec.maxInFlightPerWorker: {exc}") from exc
     if price < 0 or max_in_flight < 1:

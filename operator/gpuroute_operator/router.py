@@ -122,7 +122,9 @@ def estimate(pool: PoolView) -> Estimate:
     ahead = max(0, pool.queued + pool.busy - pool.slots + 1)
     wait = ahead * service / max(1, pool.slots)
     expected = wait + (pool.rtt_ms or 0.0) + service
-    cost = pool.price_per_gpu_hour * service / 3_600_000.0
+    # A worker's slots share its GPU: one job holds 1/slots-per-worker of it for `service`.
+    slots_per_gpu = pool.slots / pool.workers if pool.workers else 1.0
+    cost = pool.price_per_gpu_hour * service / 3_600_000.0 / max(1.0, slots_per_gpu)
     return Estimate(pool.name, expected, cost)
 
 

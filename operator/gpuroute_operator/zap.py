@@ -122,7 +122,7 @@ class ZapHandler:
                 code, text, user = self.decide(address.decode(errors="replace"), mechanism, credentials)
             except Exception:  # a bug here must refuse one peer, not stop authentication
                 log.exception("ZAP decision failed")
-                code, text, user = b"500", b"internal error", 
+                code, text, user = b"500", b"internal error", ""
             if code != b"200":
                 key = z85.encode(credentials[0]).decode() if len(credentials) == 1 and len(credentials[0]) == 32 else "?"
                 metrics.REJECTED_CONNECTIONS.labels(text.decode()).inc()

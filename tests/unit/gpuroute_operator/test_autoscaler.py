@@ -217,3 +217,39 @@ def test_reconcile_reports_secret_errors_and_rate_limits() -> None:
     asyncio.run(run())
     assert calls == [(NS, "missing"), (NS, "k")]
     scaler.close()
+
+
+def test_azure_ad_scope_override_from_the_secret() -> None:
+    """The Secret's ``azure-ad-scope`` key reaches the credential; the Azure AD service
+    cannot run here, so a stand-in credential records the scope it is asked for."""
+    import socket
+    import time
+
+    from azure.core.credentials import AccessToken
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    kubeconfig = _kubeconfig({})
+    kubeconfig["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{dead_port}"
+    data = {
+        "kubeconfig": base64.b64encode(yaml.safe_dump(kubeconfig).encode()).decode(),
+        "azure-ad": base64.b64encode(b"true").decode(),
+        "azure-ad-scope": base64.b64encode(b"api://custom-server/.default\n").decode(),
+    }
+    scopes: list[tuple[str, ...]] = []
+
+    class Credential:
+        def get_token(self, *wanted: str, **_: Any) -> AccessToken:
+            scopes.append(wanted)
+            return AccessToken("t", int(time.time() + 3600))
+
+    scaler = Autoscaler(lambda ns, name: data, min_interval_s=0.0, credential_factory=Credential)
+    try:
+        decision = asyncio.run(scaler.reconcile("p", _spec(), queued=3, in_flight=0, now=0.0))
+        assert decision is not None and not decision.applied and "unreachable" in decision.reason, decision
+        remote = scaler.remote("p")
+        assert remote is not None and remote.azure_ad and remote.scope == "api://custom-server/.default"
+        assert scopes and set(scopes) == {("api://custom-server/.default",)}
+    finally:
+        scaler.close()

@@ -1,4 +1,4 @@
-"""ImageJob spec validation: every refusal names its field."""
+"""ImageJob spec validation: every refusal names its field and its reason."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from gpuroute_operator.spec import MAX_INLINE_BYTES, SpecError, parse_job_spec
+from gpuroute_operator.spec import (DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S, MAX_INLINE_BYTES, JobSpec, Placement,
+                                    SpecError, StorageURI, parse_job_spec, parse_storage_uri)
 
 
 def spec(**overrides: Any) -> dict[str, Any]:
@@ -17,43 +18,171 @@ def spec(**overrides: Any) -> dict[str, Any]:
     return base
 
 
-def test_full_spec_with_defaults() -> None:
+def refusal(value: Any) -> SpecError:
+    with pytest.raises(SpecError) as caught:
+        parse_job_spec(value)
+    return caught.value
+
+
+def test_defaults() -> None:
     parsed = parse_job_spec(spec())
-    assert parsed.input_uri is not None and parsed.input_uri.uri == "s3://bucket-a/in/x.png"
+    assert parsed.input_uri == StorageURI("s3", "bucket-a", "in/x.png")
+    assert parsed.input_url is None and parsed.inline is None
+    assert parsed.output == StorageURI("s3", "bucket-a", "out/x.png")
     assert (parsed.output_format, parsed.quality, parsed.priority) == ("png", 90, "batch")
-    assert (parsed.timeout_s, parsed.max_attempts, parsed.placement.strategy) == (600, 3, "balanced")
+    assert (parsed.timeout_s, parsed.max_attempts) == (DEFAULT_TIMEOUT_S, DEFAULT_MAX_ATTEMPTS) == (600, 3)
+    assert parsed.placement == Placement((), (), (), "balanced")
     assert parsed.steps == ({"op": "blur", "radius": 2.0},)
 
 
-def test_azure_https_and_inline_inputs() -> None:
-    azure = parse_job_spec(spec(input={"uri": "azure://acct1/photos/a/b.png"}))
-    assert azure.input_uri is not None and (azure.input_uri.scheme, azure.input_uri.container) == ("azure", "acct1/photos")
-    assert parse_job_spec(spec(input={"uri": "https://img.example.com/a.png"})).input_url == "https://img.example.com/a.png"
-    inline = parse_job_spec(spec(input={"inline": base64.b64encode(b"\x89PNG data").decode()}))
-    assert inline.inline == b"\x89PNG data"
+def test_full_spec() -> None:
+    parsed = parse_job_spec({
+        "input": {"uri": "azure://acct1/photos/a/b.png"},
+        "output": {"uri": "s3://results.example/team-a/out.webp", "format": "webp", "quality": 75},
+        "steps": [{"op": "upscale", "method": "model", "model": "x4"}, {"op": "sharpen", "percent": 80}],
+        "priority": "realtime",
+        "timeoutSeconds": 30,
+        "maxAttempts": 5,
+        "placement": {"pools": ["gpu-a", "gpu-b"], "clouds": ["aws"], "regions": ["eu-west-1"],
+                      "strategy": "fastest"},
+    })
+    assert parsed == JobSpec(
+        input_uri=StorageURI("azure", "acct1/photos", "a/b.png"),
+        input_url=None,
+        inline=None,
+        output=StorageURI("s3", "results.example", "team-a/out.webp"),
+        output_format="webp",
+        quality=75,
+        steps=({"op": "upscale", "scale": None, "width": None, "height": None, "method": "model", "model": "x4"},
+               {"op": "sharpen", "radius": 2.0, "percent": 80, "threshold": 3}),
+        priority="realtime",
+        timeout_s=30,
+        max_attempts=5,
+        placement=Placement(("gpu-a", "gpu-b"), ("aws",), ("eu-west-1",), "fastest"),
+    )
+    assert parsed.input_uri is not None and parsed.input_uri.uri == "azure://acct1/photos/a/b.png"
 
 
-@pytest.mark.parametrize(("overrides", "field", "reason"), [
-    ({"input": None}, "spec.input", "InvalidSpec"),
-    ({"input": {"uri": "s3://bucket-a/x", "inline": "AAAA"}}, "spec.input", "InvalidSpec"),
-    ({"input": {"inline": "not base64!"}}, "spec.input.inline", "InvalidSpec"),
-    ({"input": {"inline": base64.b64encode(b"x" * (MAX_INLINE_BYTES + 1)).decode()}}, "spec.input.inline", "InputTooLarge"),
-    ({"input": {"uri": "gs://bucket/x"}}, "spec.input.uri", "InvalidSpec"),
-    ({"output": {"uri": "s3://Bad_Bucket/x"}}, "spec.output.uri", "InvalidSpec"),
-    ({"output": {"uri": "s3://bucket-a/x", "format": "gif"}}, "spec.output.format", "InvalidSpec"),
-    ({"output": {"uri": "s3://bucket-a/x", "quality": 0}}, "spec.output.quality", "InvalidSpec"),
-    ({"priority": "urgent"}, "spec.priority", "InvalidSpec"),
-    ({"timeoutSeconds": 0}, "spec.timeoutSeconds", "InvalidSpec"),
-    ({"maxAttempts": 11}, "spec.maxAttempts", "InvalidSpec"),
-    ({"placement": {"regions": "eu"}}, "spec.placement.regions", "InvalidSpec"),
-    ({"placement": {"strategy": "random"}}, "spec.placement.strategy", "InvalidSpec"),
-    ({"steps": []}, "spec.steps", "InvalidSpec"),
-    ({"steps": [{"op": "blur", "radius": 99}]}, "spec.steps[0].radius", "InvalidSpec"),
-    ({"steps": [{"op": "blur"}, {"op": "warp"}]}, "spec.steps[1].op", "InvalidSpec"),
+def test_https_input_is_kept_as_input_url() -> None:
+    parsed = parse_job_spec(spec(input={"uri": "https://img.example.com/a.png?x=1"}))
+    assert parsed.input_url == "https://img.example.com/a.png?x=1"
+    assert parsed.input_uri is None and parsed.inline is None
+
+
+def test_inline_input() -> None:
+    data = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+    parsed = parse_job_spec(spec(input={"inline": base64.b64encode(data).decode()}))
+    assert parsed.inline == data
+    assert parsed.input_uri is None and parsed.input_url is None
+
+
+def test_inline_at_the_limit_is_accepted() -> None:
+    data = b"\x01" * MAX_INLINE_BYTES
+    assert MAX_INLINE_BYTES == 256 * 1024
+    assert parse_job_spec(spec(input={"inline": base64.b64encode(data).decode()})).inline == data
+
+
+def test_inline_over_the_limit_is_input_too_large() -> None:
+    err = refusal(spec(input={"inline": base64.b64encode(b"x" * (MAX_INLINE_BYTES + 1)).decode()}))
+    assert (err.field, err.reason) == ("spec.input.inline", "InputTooLarge")
+    assert err.message == f"decodes to {MAX_INLINE_BYTES + 1} bytes, limit is {MAX_INLINE_BYTES}"
+
+
+@pytest.mark.parametrize("value", [None, [], "spec"])
+def test_spec_itself_required(value: Any) -> None:
+    err = refusal(value)
+    assert (err.field, err.message, err.reason) == ("spec", "is required", "InvalidSpec")
+
+
+@pytest.mark.parametrize(("overrides", "field", "fragment"), [
+    ({"input": None}, "spec.input", "is required: set `uri` or `inline`"),
+    ({"input": "s3://bucket-a/x"}, "spec.input", "is required"),
+    ({"input": {}}, "spec.input", "set exactly one of `uri` and `inline`"),
+    ({"input": {"uri": "s3://bucket-a/x", "inline": "AAAA"}}, "spec.input", "set exactly one of `uri` and `inline`"),
+    ({"input": {"inline": "not base64!"}}, "spec.input.inline", "is not valid base64"),
+    ({"input": {"inline": "AAA"}}, "spec.input.inline", "is not valid base64"),
+    ({"input": {"inline": 1234}}, "spec.input.inline", "must be a base64 string"),
+    ({"input": {"inline": ""}}, "spec.input.inline", "is empty"),
+    ({"input": {"uri": 5}}, "spec.input.uri", "must be a string"),
+    ({"input": {"uri": "gs://bucket/x"}}, "spec.input.uri", "'gs://bucket/x' is not s3://bucket/key"),
+    ({"input": {"uri": "http://img.example.com/a.png"}}, "spec.input.uri", "is not s3://bucket/key"),
+    ({"input": {"uri": "s3://bucket-a"}}, "spec.input.uri", "is not s3://"),
+    ({"input": {"uri": "s3://bucket-a/"}}, "spec.input.uri", "is not s3://"),
+    ({"input": {"uri": "s3://ab/x"}}, "spec.input.uri", "is not s3://"),             # bucket too short
+    ({"input": {"uri": "s3://" + "b" * 64 + "/x"}}, "spec.input.uri", "is not s3://"),  # bucket too long
+    ({"input": {"uri": "s3://-bucket/x"}}, "spec.input.uri", "is not s3://"),
+    ({"input": {"uri": "azure://acct1/photos"}}, "spec.input.uri", "is not s3://"),   # no blob
+    ({"input": {"uri": "azure://ACCT1/photos/x"}}, "spec.input.uri", "is not s3://"),  # upper-case account
+    ({"input": {"uri": "azure://ab/photos/x"}}, "spec.input.uri", "is not s3://"),     # account too short
+    ({"input": {"uri": "azure://acct1/ph_otos/x"}}, "spec.input.uri", "is not s3://"),
+    ({"output": None}, "spec.output.uri", "is required"),
+    ({"output": {}}, "spec.output.uri", "is required"),
+    ({"output": {"uri": 3}}, "spec.output.uri", "is required"),
+    ({"output": {"uri": "s3://Bad_Bucket/x"}}, "spec.output.uri", "is not s3://bucket/key"),
+    ({"output": {"uri": "https://example.com/out.png"}}, "spec.output.uri", "is not s3://bucket/key"),
+    ({"output": {"uri": "s3://bucket-a/x", "format": "gif"}}, "spec.output.format",
+     "must be one of png, jpeg, webp; got 'gif'"),
+    ({"output": {"uri": "s3://bucket-a/x", "format": "PNG"}}, "spec.output.format", "must be one of"),
+    ({"output": {"uri": "s3://bucket-a/x", "quality": 0}}, "spec.output.quality",
+     "must be an integer from 1 to 100, got 0"),
+    ({"output": {"uri": "s3://bucket-a/x", "quality": 101}}, "spec.output.quality", "from 1 to 100, got 101"),
+    ({"output": {"uri": "s3://bucket-a/x", "quality": 90.0}}, "spec.output.quality", "got 90.0"),
+    ({"output": {"uri": "s3://bucket-a/x", "quality": True}}, "spec.output.quality", "got True"),
+    ({"output": {"uri": "s3://bucket-a/x", "quality": "90"}}, "spec.output.quality", "got '90'"),
+    ({"priority": "urgent"}, "spec.priority", "must be one of realtime, batch; got 'urgent'"),
+    ({"timeoutSeconds": 0}, "spec.timeoutSeconds", "must be an integer from 1 to 86400, got 0"),
+    ({"timeoutSeconds": 86401}, "spec.timeoutSeconds", "from 1 to 86400"),
+    ({"timeoutSeconds": "60"}, "spec.timeoutSeconds", "got '60'"),
+    ({"maxAttempts": 0}, "spec.maxAttempts", "must be an integer from 1 to 10, got 0"),
+    ({"maxAttempts": 11}, "spec.maxAttempts", "from 1 to 10, got 11"),
+    ({"maxAttempts": False}, "spec.maxAttempts", "got False"),
+    ({"placement": "fast"}, "spec.placement", "must be an object"),
+    ({"placement": {"regions": "eu"}}, "spec.placement.regions", "must be a list of non-empty strings"),
+    ({"placement": {"pools": ["a", ""]}}, "spec.placement.pools", "must be a list of non-empty strings"),
+    ({"placement": {"clouds": ["aws", 1]}}, "spec.placement.clouds", "must be a list of non-empty strings"),
+    ({"placement": {"strategy": "random"}}, "spec.placement.strategy",
+     "must be one of fastest, cheapest, balanced; got 'random'"),
+    ({"steps": None}, "spec.steps", "must be a list of steps"),
+    ({"steps": []}, "spec.steps", "must hold 1 to 16 steps, got 0"),
+    ({"steps": [{"op": "blur", "radius": 99}]}, "spec.steps[0].radius", "must be at most 50, got 99"),
+    ({"steps": [{"op": "blur"}, {"op": "warp"}]}, "spec.steps[1].op", "unknown op 'warp'"),
+    ({"steps": [{"op": "blur"}, {"op": "denoise", "size": 4}]}, "spec.steps[1].size", "must be odd, got 4"),
 ])
-def test_refusals_name_the_field(overrides: dict[str, Any], field: str, reason: str) -> None:
+def test_refusals_name_the_field(overrides: dict[str, Any], field: str, fragment: str) -> None:
+    err = refusal(spec(**overrides))
+    assert err.field == field
+    assert err.reason == "InvalidSpec"
+    assert fragment in err.message
+    assert str(err) == f"{field}: {err.message}"
+
+
+def test_first_bad_field_wins() -> None:
+    # input is checked before output, output before steps.
+    err = refusal({"input": {}, "output": {}, "steps": []})
+    assert err.field == "spec.input"
+    err = refusal(spec(output={}, steps=[]))
+    assert err.field == "spec.output.uri"
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("s3://bucket-a/k", StorageURI("s3", "bucket-a", "k")),
+    ("s3://my.bucket.1/a/b/c.png", StorageURI("s3", "my.bucket.1", "a/b/c.png")),
+    ("azure://account1/container-2/dir/blob.jpg", StorageURI("azure", "account1/container-2", "dir/blob.jpg")),
+])
+def test_parse_storage_uri(uri: str, expected: StorageURI) -> None:
+    parsed = parse_storage_uri(uri, "f")
+    assert parsed == expected
+    assert parsed.uri == uri
+
+
+def test_parse_storage_uri_error_names_the_given_field() -> None:
     with pytest.raises(SpecError) as caught:
-        parse_job_spec(spec(**overrides))
-    assert caught.value.field == field
-    assert caught.value.reason == reason
-    assert str(caught.value).startswith(f"{field}: ")
+        parse_storage_uri("nope", "spec.some.field")
+    assert caught.value.field == "spec.some.field"
+    assert caught.value.reason == "InvalidSpec"
+
+
+def test_spec_error_is_a_value_error_with_custom_reason() -> None:
+    err = SpecError("spec.x", "bad", "Custom")
+    assert isinstance(err, ValueError)
+    assert (err.field, err.message, err.reason, str(err)) == ("spec.x", "bad", "Custom", "spec.x: bad")

@@ -1,0 +1,123 @@
+"""The SSRF guard: only https URLs whose host resolves to public addresses pass.
+
+There is no internet here, so nothing relies on a public name resolving: public
+addresses are exercised as literals, which getaddrinfo returns without DNS.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuroute.netguard import UnsafeURL, _is_public, check_public_https_url
+
+
+@pytest.mark.parametrize("url", [
+    "http://8.8.8.8/a.png",
+    "ftp://8.8.8.8/a.png",
+    "file:///etc/passwd",
+    "gopher://8.8.8.8/",
+    "//8.8.8.8/a.png",
+    "8.8.8.8/a.png",
+])
+def test_non_https_is_refused(url: str) -> None:
+    with pytest.raises(UnsafeURL, match="only https:// URLs may be fetched"):
+        check_public_https_url(url)
+
+
+def test_scheme_names_itself() -> None:
+    with pytest.raises(UnsafeURL) as caught:
+        check_public_https_url("http://example.com/x")
+    assert str(caught.value) == "only https:// URLs may be fetched, got http scheme"
+    with pytest.raises(UnsafeURL) as caught:
+        check_public_https_url("/relative/path")
+    assert str(caught.value) == "only https:// URLs may be fetched, got no scheme"
+
+
+@pytest.mark.parametrize("url", ["https:///a.png", "https://", "https://:443/a.png"])
+def test_url_without_host_is_refused(url: str) -> None:
+    with pytest.raises(UnsafeURL, match="URL has no host"):
+        check_public_https_url(url)
+
+
+@pytest.mark.parametrize(("url", "address"), [
+    ("https://127.0.0.1/a.png", "127.0.0.1"),
+    ("https://127.0.0.1:8443/a.png", "127.0.0.1"),
+    ("https://user:pw@127.0.0.1/a.png", "127.0.0.1"),
+    ("https://[::1]/a.png", "::1"),
+    ("https://10.0.0.5/a.png", "10.0.0.5"),
+    ("https://10.255.255.254/a.png", "10.255.255.254"),
+    ("https://172.16.3.4/a.png", "172.16.3.4"),
+    ("https://192.168.1.1/a.png", "192.168.1.1"),
+    ("https://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+    ("https://[fd00:ec2::254]/latest/meta-data/", "fd00:ec2::254"),
+    ("https://[fe80::1]/", "fe80::1"),
+    ("https://[::ffff:127.0.0.1]/", "::ffff:127.0.0.1"),
+    ("https://[::ffff:169.254.169.254]/", "::ffff:169.254.169.254"),
+    ("https://0.0.0.0/", "0.0.0.0"),
+    ("https://224.0.0.1/", "224.0.0.1"),
+    # Alternative spellings of 127.0.0.1 are caught because the check runs on resolved addresses.
+    ("https://0x7f000001/", "127.0.0.1"),
+    ("https://2130706433/", "127.0.0.1"),
+    ("https://127.1/", "127.0.0.1"),
+])
+def test_internal_addresses_are_refused(url: str, address: str) -> None:
+    with pytest.raises(UnsafeURL) as caught:
+        check_public_https_url(url)
+    assert "resolves to non-public address" in str(caught.value)
+    assert str(caught.value).endswith(f" {address}")
+
+
+def test_localhost_is_refused() -> None:
+    with pytest.raises(UnsafeURL) as caught:
+        check_public_https_url("https://localhost/a.png")
+    message = str(caught.value)
+    assert message.startswith("host 'localhost' resolves to non-public address ")
+    assert message.rsplit(" ", 1)[1] in ("127.0.0.1", "::1")
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "x.test.invalid"])
+def test_host_that_does_not_resolve_is_refused(host: str) -> None:
+    with pytest.raises(UnsafeURL) as caught:
+        check_public_https_url(f"https://{host}/a.png")
+    assert str(caught.value).startswith(f"host {host!r} does not resolve: ")
+
+
+@pytest.mark.parametrize("url", [
+    "https://8.8.8.8/a.png",
+    "https://1.1.1.1:8443/path?q=1#frag",
+    "https://[2001:4860:4860::8888]/a.png",
+])
+def test_public_literals_pass(url: str) -> None:
+    assert check_public_https_url(url) is None
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2001:4860:4860::8888",
+                                     "::ffff:8.8.8.8"])
+def test_is_public_true(address: str) -> None:
+    assert _is_public(address) is True
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "127.255.0.1", "::1",                      # loopback
+    "10.1.2.3", "172.31.0.1", "192.168.0.10", "fd12::1",    # private
+    "169.254.169.254", "fe80::1", "fe80::1%eth0",           # link-local (metadata), with a scope id
+    "224.0.0.251", "ff02::1",                               # multicast
+    "0.0.0.0", "::",                                        # unspecified
+    "240.0.0.1", "255.255.255.255",                         # reserved / broadcast
+    "::ffff:10.0.0.1", "::ffff:127.0.0.1",                  # IPv4-mapped internal
+    "192.0.2.10", "198.51.100.7", "203.0.113.9", "2001:db8::1",  # documentation ranges
+])
+def test_is_public_false(address: str) -> None:
+    assert _is_public(address) is False
+
+
+@pytest.mark.parametrize("address", [
+    "100.64.0.1",        # RFC 6598 shared address space (carrier-grade NAT), not routable on the internet
+    "100.100.100.200",   # Alibaba Cloud's instance metadata endpoint lives here
+])
+def test_shared_address_space_is_not_public(address: str) -> None:
+    assert _is_public(address) is False
+
+
+def test_unsafe_url_is_a_value_error() -> None:
+    assert issubclass(UnsafeURL, ValueError)

@@ -1,0 +1,225 @@
+"""WorkerPool spec parsing, live pool state, and worker liveness."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from gpuroute import protocol
+from gpuroute_operator.pools import (EWMA_ALPHA, PoolSpec, PoolSpecError, PoolState, WorkerConn, ewma,
+                                     parse_pool_spec)
+from gpuroute_operator.router import PoolView
+
+
+def parse(spec: dict[str, Any] | None, name: str = "gpu-a") -> PoolSpec:
+    return parse_pool_spec(name, spec, generation=7, default_namespace="gpuroute-system")
+
+
+def refusal(spec: dict[str, Any]) -> str:
+    with pytest.raises(PoolSpecError) as caught:
+        parse(spec)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("spec", [None, {}])
+def test_defaults(spec: dict[str, Any] | None) -> None:
+    assert parse(spec) == PoolSpec(name="gpu-a", cloud="", region="", price_per_gpu_hour=0.0, spot=False,
+                                   keys_secret=None, cidrs=(), max_in_flight_per_worker=4, allowed_namespaces=(),
+                                   models=frozenset(), generation=7, scaling=None)
+
+
+def test_full_spec() -> None:
+    parsed = parse({
+        "cloud": "azure", "region": "westeurope", "pricePerGpuHour": 2.5, "spot": True,
+        "workerKeysSecretRef": {"name": "gpu-a-keys", "namespace": "keys-ns"},
+        "allowedSourceCIDRs": ["10.0.0.0/8", "2001:db8::/32"],
+        "maxInFlightPerWorker": 16,
+        "allowedNamespaces": ["team-a", "team-b"],
+        "models": [{"name": "x4", "uri": "s3://m/x4.pth"}, {"name": "x2"}, {"uri": "nameless"}, "junk"],
+    })
+    assert (parsed.name, parsed.cloud, parsed.region) == ("gpu-a", "azure", "westeurope")
+    assert (parsed.price_per_gpu_hour, parsed.spot, parsed.max_in_flight_per_worker) == (2.5, True, 16)
+    assert parsed.keys_secret == ("keys-ns", "gpu-a-keys")
+    assert parsed.cidrs == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+    assert parsed.allowed_namespaces == ("team-a", "team-b")
+    assert parsed.models == frozenset({"x4", "x2"})
+    assert parsed.generation == 7 and parsed.scaling is None
+
+
+def test_keys_secret_defaults_to_the_operator_namespace() -> None:
+    assert parse({"workerKeysSecretRef": {"name": "k"}}).keys_secret == ("gpuroute-system", "k")
+
+
+def test_numeric_strings_and_integral_values_are_coerced() -> None:
+    parsed = parse({"pricePerGpuHour": "1.25", "maxInFlightPerWorker": "8"})
+    assert (parsed.price_per_gpu_hour, parsed.max_in_flight_per_worker) == (1.25, 8)
+    assert type(parsed.price_per_gpu_hour) is float and type(parsed.max_in_flight_per_worker) is int
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ({"workerKeysSecretRef": {"namespace": "x"}}, "spec.workerKeysSecretRef.name is required"),
+    ({"workerKeysSecretRef": {"name": ""}}, "spec.workerKeysSecretRef.name is required"),
+    ({"pricePerGpuHour": "cheap"}, "spec.pricePerGpuHour / spec.maxInFlightPerWorker: "),
+    ({"pricePerGpuHour": [1]}, "spec.pricePerGpuHour / spec.maxInFlightPerWorker: "),
+    ({"maxInFlightPerWorker": "four"}, "spec.pricePerGpuHour / spec.maxInFlightPerWorker: "),
+    ({"pricePerGpuHour": -0.01}, "spec.pricePerGpuHour must be >= 0"),
+    ({"maxInFlightPerWorker": -1}, "spec.maxInFlightPerWorker >= 1"),
+    ({"allowedSourceCIDRs": ["10.0.0.0/8", "not-a-cidr"]}, "spec.allowedSourceCIDRs: 'not-a-cidr' is not a CIDR"),
+    ({"scaling": "yes"}, "spec.scaling must be an object"),
+    ({"scaling": {"deployment": {"name": "d"}, "maxReplicas": 2, "minReplicas": 3,
+                  "kubeconfigSecretRef": {"name": "kc"}}}, "spec.scaling.minReplicas (3) must not exceed"),
+])
+def test_errors_name_the_field(spec: dict[str, Any], fragment: str) -> None:
+    message = refusal(spec)
+    assert fragment in message
+    assert isinstance(PoolSpecError(message), ValueError)
+
+
+def test_zero_in_flight_is_refused_not_defaulted() -> None:
+    # 0 is below the documented minimum of 1; it must not silently become the default 4.
+    assert "spec.maxInFlightPerWorker >= 1" in refusal({"maxInFlightPerWorker": 0})
+
+
+def test_scaling_is_parsed() -> None:
+    parsed = parse({"scaling": {"deployment": {"name": "workers"}, "maxReplicas": 5,
+                                "kubeconfigSecretRef": {"name": "gpu-kubeconfig"}}})
+    assert parsed.scaling is not None
+    assert parsed.scaling.max_replicas == 5 and parsed.scaling.min_replicas == 0
+    assert parsed.scaling.deployment_name == "workers"
+    assert parsed.scaling.kubeconfig_secret == ("gpuroute-system", "gpu-kubeconfig")
+
+
+# --- live state --------------------------------------------------------------------------------
+
+def worker(name: str, *, capacity: int = 4, jobs: int = 0, models: frozenset[str] = frozenset(),
+           rtt_ms: float | None = None, draining: bool = False, pool: str = "gpu-a") -> WorkerConn:
+    conn = WorkerConn(routing_id=name.encode(), pool=pool, worker=name, capacity=capacity, device="cuda:0",
+                      models=models, rtt_ms=rtt_ms, draining=draining)
+    conn.jobs = {f"{name}-job{i}/1": object() for i in range(jobs)}  # type: ignore[misc]
+    return conn
+
+
+def state(*workers: WorkerConn, **spec: Any) -> PoolState:
+    pool = PoolState(parse({"cloud": "aws", "region": "us-east-1", "pricePerGpuHour": 3.0, "spot": True,
+                            "allowedNamespaces": ["team-a"], **spec}))
+    pool.workers = {w.routing_id: w for w in workers}
+    return pool
+
+
+@dataclass(frozen=True)
+class QJ:
+    uid: str
+    namespace: str = "team-a"
+    priority: str = "batch"
+
+
+def test_view_of_an_empty_pool() -> None:
+    assert state().view() == PoolView(name="gpu-a", cloud="aws", region="us-east-1", price_per_gpu_hour=3.0,
+                                      spot=True, allowed_namespaces=("team-a",), models=frozenset(), workers=0,
+                                      slots=0, busy=0, queued=0, rtt_ms=None, service_ms=None)
+
+
+def test_view_counts_live_workers_only() -> None:
+    pool = state(
+        worker("w1", capacity=4, jobs=1, models=frozenset({"x4"}), rtt_ms=10.0),
+        worker("w2", capacity=2, jobs=2, models=frozenset({"x2"}), rtt_ms=20.0),
+        worker("w3", capacity=8, jobs=3, models=frozenset({"x8"}), rtt_ms=60.0, draining=True),
+    )
+    pool.queue.push(QJ("q1"))  # type: ignore[arg-type]
+    pool.queue.push(QJ("q2", namespace="team-b"))  # type: ignore[arg-type]
+    pool.service_ms = 123.0
+    view = pool.view()
+    assert view.workers == 2
+    assert view.slots == 6
+    assert view.models == frozenset({"x4", "x2"})   # a draining worker's models do not count
+    assert view.busy == 6                           # ...but its jobs are still in flight
+    assert view.queued == 2
+    assert view.rtt_ms == pytest.approx(30.0)       # mean over workers with a measurement
+    assert view.service_ms == 123.0
+    assert pool.busy == 6
+
+
+def test_rtt_ignores_unmeasured_workers() -> None:
+    pool = state(worker("w1", rtt_ms=None), worker("w2", rtt_ms=8.0))
+    assert pool.rtt_ms == 8.0
+    assert state(worker("w1")).rtt_ms is None
+
+
+def test_ewma() -> None:
+    assert EWMA_ALPHA == 0.2
+    assert ewma(None, 100.0) == 100.0
+    assert ewma(100.0, 200.0) == pytest.approx(120.0)
+
+
+def test_record_result() -> None:
+    pool = state()
+    pool.record_result(100.0, 4_000_000)          # 4 Mpix in 0.1 s = 40 Mpix/s
+    assert pool.service_ms == 100.0
+    assert pool.mpix_per_s == pytest.approx(40.0)
+    pool.record_result(200.0, 4_000_000)          # 20 Mpix/s
+    assert pool.service_ms == pytest.approx(0.8 * 100.0 + 0.2 * 200.0)
+    assert pool.mpix_per_s == pytest.approx(0.8 * 40.0 + 0.2 * 20.0)
+    pool.record_result(0.0, 1_000)                # zero time: service updated, throughput untouched
+    assert pool.service_ms == pytest.approx(0.8 * 120.0)
+    assert pool.mpix_per_s == pytest.approx(36.0)
+    assert pool.view().service_ms == pool.service_ms
+
+
+def test_worker_free_slots() -> None:
+    conn = worker("w", capacity=4, jobs=1)
+    assert conn.free == 3
+    conn.foreign = {"other/1"}
+    assert conn.free == 2
+    conn.jobs.update({f"x{i}": object() for i in range(5)})  # type: ignore[misc]
+    assert conn.free == 0                                    # never negative
+    assert worker("d", draining=True).free == 0
+    paused = worker("p")
+    paused.paused_until = time.monotonic() + 60
+    assert paused.free == 0
+    paused.paused_until = time.monotonic() - 1
+    assert paused.free == 4
+
+
+def test_free_worker_prefers_the_named_worker_if_it_has_room() -> None:
+    w1, w2 = worker("w1", capacity=4, jobs=3), worker("w2", capacity=4, jobs=0)
+    pool = state(w1, w2)
+    assert pool.free_worker("w1") is w1
+    assert pool.free_worker(None) is w2        # most free slots
+    assert pool.free_worker("gone") is w2
+    w1.jobs["another"] = object()  # type: ignore[assignment]
+    assert pool.free_worker("w1") is w2        # preferred is full
+
+
+def test_free_worker_tie_breaks_on_fewer_jobs() -> None:
+    big, small = worker("big", capacity=8, jobs=4), worker("small", capacity=4, jobs=0)
+    assert big.free == small.free == 4
+    assert state(big, small).free_worker(None) is small
+
+
+def test_free_worker_none_when_all_full_or_draining() -> None:
+    assert state().free_worker(None) is None
+    assert state(worker("w1", capacity=2, jobs=2), worker("w2", draining=True)).free_worker("w2") is None
+
+
+def test_worker_expiry_follows_heartbeat_constants() -> None:
+    limit = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
+    conn = worker("w")
+    now = conn.last_seen
+    assert conn.silent_for(now + 1.25) == pytest.approx(1.25)
+    assert not conn.expired(now)
+    assert not conn.expired(now + limit)          # exactly at the limit: still alive
+    assert conn.expired(now + limit + 0.001)
+    conn.last_seen = now + 10
+    assert not conn.expired(now + 10 + limit - 0.5)
+
+
+def test_fresh_worker_is_not_expired() -> None:
+    conn = worker("w")
+    assert abs(conn.last_seen - time.monotonic()) < 5
+    assert not conn.expired(time.monotonic())
+    assert dataclasses.replace(conn, last_seen=time.monotonic() - 10).expired(time.monotonic())
