@@ -634,6 +634,7 @@ class Engine:
             now = time.monotonic()
             for name, pool in list(self.pools.items()):
                 if pool.spec.scaling is None:
+                    self.autoscaler.forget(name)  # scaling removed from the spec: close its client
                     continue
                 queued = len(pool.queue) + self._waiting_for(pool)
                 decision = await self.autoscaler.reconcile(name, pool.spec.scaling, queued=queued,
