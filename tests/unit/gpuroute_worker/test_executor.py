@@ -1,0 +1,69 @@
+"""The GPU executor's dynamic batching, on the CPU: compatible requests share a batch,
+others do not, and every request gets exactly one answer."""
+
+from __future__ import annotations
+
+from concurrent.futures import wait
+
+import pytest
+import torch
+
+from gpuroute.ops_catalog import normalize_steps
+from gpuroute_worker.executor import BatchExecutor
+
+INVERT = normalize_steps([{"op": "invert"}])
+FLIP = normalize_steps([{"op": "flip"}])
+
+
+def _image(h: int = 16, w: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def executor() -> BatchExecutor:
+    ex = BatchExecutor(torch.device("cpu"), None, max_batch=4, max_wait_ms=200.0)
+    yield ex
+    ex.close()
+
+
+def test_compatible_requests_share_a_batch_and_get_their_own_result(executor: BatchExecutor) -> None:
+    images = [_image(seed=i) for i in range(4)]
+    futures = [executor.submit(INVERT, img) for img in images]
+    wait(futures, timeout=30)
+    for image, future in zip(images, futures):
+        result = future.result()
+        assert result.batch_size == 4
+        assert torch.equal(result.pixels, 255 - image)
+
+
+def test_different_pipelines_or_shapes_are_not_batched_together(executor: BatchExecutor) -> None:
+    futures = [executor.submit(INVERT, _image()), executor.submit(FLIP, _image()),
+               executor.submit(INVERT, _image(20, 24)), executor.submit(INVERT, _image(seed=5))]
+    wait(futures, timeout=30)
+    sizes = [f.result().batch_size for f in futures]
+    assert sizes[1] == 1 and sizes[2] == 1  # alone: different pipeline, different shape
+    assert sizes[0] == sizes[3] == 2        # the two compatible inverts ran together
+    assert torch.equal(futures[1].result().pixels, _image().flip(-1))
+
+
+def test_a_request_past_its_deadline_fails_alone(executor: BatchExecutor) -> None:
+    class Late(Exception):
+        pass
+
+    def expired() -> None:
+        raise Late("past deadline")
+
+    ok = executor.submit(INVERT, _image())
+    late = executor.submit(INVERT, _image(), check_deadline=expired)
+    wait([ok, late], timeout=30)
+    assert torch.equal(ok.result().pixels, 255 - _image())
+    with pytest.raises(Late):
+        late.result()
+
+
+def test_a_failing_batch_answers_every_member(executor: BatchExecutor) -> None:
+    crop = normalize_steps([{"op": "crop", "x": 100, "y": 0, "width": 4, "height": 4}])  # outside a 24-wide image
+    futures = [executor.submit(crop, _image(seed=i)) for i in range(3)]
+    wait(futures, timeout=30)
+    assert all(isinstance(f.exception(), ValueError) for f in futures)
+    assert torch.equal(executor.submit(INVERT, _image()).result(timeout=30).pixels, 255 - _image())
