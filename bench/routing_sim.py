@@ -1,31 +1,78 @@
-"""Routing simulation: the real router and fair queue against a synthetic trace.
+"""Routing simulation (issue #3): the real router and fair queue against a synthetic trace.
 
-`python -m bench.routing_sim [JOBS]` replays one trace under several policies:
+`python -m bench.routing_sim [JOBS] [SEED]` replays one trace under every policy below and
+prints Markdown tables. Everything gpuroute decides here is decided by the operator's own
+code: `gpuroute_operator.router.choose` on `PoolView`s built by the real
+`gpuroute_operator.pools.PoolState.view()` (live queue length, busy slots, heartbeat RTT
+and the EWMA of worker-reported service time, updated through `PoolState.record_result`
+and `pools.ewma` exactly as the engine does), and jobs wait in the real `FairQueue`.
+The simulation replaces only the clock, the network and the GPUs.
 
-- gpuroute with every job forced to `fastest`, `cheapest` or `balanced`, and with the
-  trace's own per-job mix (realtime jobs ask for fastest, batch for cheapest/balanced).
-  These call `gpuroute_operator.router.choose` and queue in `FairQueue`, with pool
-  measurements kept as the engine keeps them (EWMA of service times, live queue/busy).
-- round-robin: pools in turn, skipping dead ones (a plain load balancer).
-- first-to-admit: MultiKueue-style: offered to every cluster in a fixed order, the
-  first with free capacity takes it, otherwise it waits in the first cluster's queue.
+The trace (`make_trace`): Poisson arrivals with short bursts (rate x5 for 3 s, every
+~25 s on average) from four namespaces mixing realtime and batch work, plus one namespace
+(`bulk-reprocess`) submitting 5,000 batch jobs within 15 s. Work per job is lognormal in
+megapixels; every job has its own timeout and strategy; some jobs must stay in the EU
+(placement.regions). Pools (`POOLS`) differ in price, speed, capacity (workers x slots)
+and RTT; one is a spot pool, and it FAILS at `FAIL_AT_S` (every worker gone at once).
 
-Pool failure: at FAIL_AT the spot pool loses every worker and comes back at RECOVER_AT.
-- gpuroute: what the engine does: jobs in flight or queued there are re-routed at once
-  (front of the new queue, one more attempt).
-- round-robin: given the same instant failover, so the comparison isolates routing.
-- first-to-admit: Kueue's MultiKueue re-admits workloads of an unreachable worker
-  cluster only after `workerLostTimeout` (15 minutes by default); jobs caught there are
-  re-offered after that, by when their deadlines (5 s realtime, 120 s batch) have passed.
+Policies, all over the same trace and the same per-job service-time noise:
 
-Cost is busy GPU time times the pool's price (what a job costs at the margin; idle
-capacity is the autoscaler's business). A job that does not finish within its timeout
-counts as past deadline (the operator fails it with Timeout); `lost` counts jobs that
-never reach an outcome before the simulation ends.
+- gpuroute (per-job strategies, or every job forced to fastest / cheapest / balanced),
+  with the engine's failover: a worker silent for HEARTBEAT_LIVENESS heartbeats is lost,
+  its in-flight jobs are re-routed at the front of a queue (one more attempt at their
+  next dispatch), and once the pool has no workers its queued jobs are re-routed too.
+  During the ~3.7 s before detection the router still sees the dead pool's workers and
+  keeps routing (and the engine dispatching) to it, as the real operator would.
+- round-robin: a plain load balancer over the pools, in turn, skipping pools its health
+  check (the same 3 missed 1 s beats) has marked down, and pools the job's placement
+  excludes. Jobs wait in each pool's own FIFO (no priorities, no namespace fairness).
+  ASSUMPTION (a stateless dispatcher has no failover of accepted work): jobs queued in or
+  running on a pool that fails stay there until the pool returns; then the pool's job
+  controller restarts them (front of its queue) and fails those past their deadline.
+  If the pool never returns they are lost.
+- round-robin + failover: the same, but given gpuroute's failover (jobs moved on
+  detection). Not a real system: it isolates what the router adds over the failover.
+- MultiKueue first-to-admit (as the issue specifies it): the job is offered to every
+  eligible cluster in a fixed order (POOLS order: fastest first, the spot pool last, as an
+  operator wary of preemption would list them) and goes to the first with free quota;
+  if none has any it waits in the first eligible cluster's queue (Kueue orders queues by
+  priority, so realtime first, then FIFO). Price and speed play no part.
+  ASSUMPTION on failure (Kueue's documented behaviour): a dead worker cluster admits
+  nothing; workloads it had admitted keep their reservation for `workerLostTimeout`
+  (15 minutes by default: kueue config API, MultiKueue.WorkerLostTimeout, added in
+  kubernetes-sigs/kueue#1681) and are only then evicted and re-dispatched. If the cluster
+  returns first, its Jobs recreate their pods there (we restart them at the front of
+  that cluster's queue at once, which is generous: no pod-eviction delay).
+- MultiKueue all-at-once: closer to Kueue's real AllAtOnce dispatcher (KEP-693: a copy of
+  a pending workload sits in every worker cluster and the first to admit it wins), i.e.
+  one global priority-FIFO queue served by whichever cluster frees quota first. Same
+  failure behaviour. Shown because the issue's variant above is harsher than Kueue.
+  Neither MultiKueue variant pays Kueue's own admission latency (generous).
+
+Two scenarios over the same trace: the failed pool returns at RECOVER_AT_S, or never does.
+A third section checks the router's own numbers (estimated vs actual cost and completion
+time) and runs two counterfactuals that change only what the views show the router, to
+size problems found in it without touching router.py.
+
+Outcomes, the same rule for every policy. A job is `completed` if its result arrives by
+its deadline (arrival + timeout); `past_deadline` if the system ends it at its deadline
+(the operator's Timeout; a Kubernetes Job's activeDeadlineSeconds for the baselines);
+`failed` if it ran out of attempts; and `lost` if it never reaches any of these before
+the run ends, which happens only to jobs a failed cluster holds out of the dispatcher's
+sight (nobody can time them out, re-run them, or report them). The run ends one second
+after the last deadline in the trace: nothing after that could finish on time.
+Latency percentiles are over completed jobs (arrival to result at the dispatcher).
+
+Cost: GPU-seconds used times the pool's price per GPU-hour. A worker is one GPU shared
+by its slots (maxInFlightPerWorker jobs at once), so a job holding a slot for t seconds
+uses t / slots GPU-seconds. Work cut short (a timeout cancelling it, a pool failing
+under it) is charged up to that moment; work sent to an already dead pool costs nothing.
+Cost per 1,000 images is all GPU spend over the images delivered on time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -34,53 +81,96 @@ import statistics
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuroute_operator.pools import ewma
-from gpuroute_operator.router import JobNeeds, PoolView, choose
+from gpuroute import protocol
+from gpuroute_operator.pools import PoolState, WorkerConn, ewma, parse_pool_spec
+from gpuroute_operator.router import JobNeeds, PoolView, choose, estimate
 from gpuroute_operator.scheduler import FairQueue
+from gpuroute_operator.spec import DEFAULT_MAX_ATTEMPTS
 
-FAIL_AT = 30.0
-"""Seconds into the trace when the spot pool loses all its workers."""
-RECOVER_AT = 70.0
-"""Seconds into the trace when it comes back."""
+# ---- scenario ----------------------------------------------------------------------------
+
+FAILING = "aws-spot-t4"
+"""The pool whose workers all vanish (the spot pool: the one most likely to)."""
+FAIL_AT_S = 40.3
+"""Just after the bulk burst, when queues are deepest; off the 1 s heartbeat grid."""
+RECOVER_AT_S = 70.3
+"""When the failed pool's workers come back, while traffic still arrives (None: never)."""
 MULTIKUEUE_WORKER_LOST_TIMEOUT_S = 900.0
-"""Kueue's default workerLostTimeout for MultiKueue."""
-HORIZON_S = 3600.0
-"""The simulation ends here; anything unfinished by then is lost."""
+"""Kueue's default MultiKueue workerLostTimeout (15 minutes)."""
+DETECT_AFTER_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
+"""Silence after which a worker (or, for the load balancer, a pool) counts as gone."""
+BULK_JOBS = 5_000
+"""Batch jobs the bursting namespace submits (capped at half the trace for small runs)."""
+BACKGROUND_SPAN_S = 80.0
+"""The background traffic lasts about this long (about 44 jobs/s outside bursts at 10,000 jobs)."""
+BULK_WINDOW_S = (20.0, 35.0)
+"""When the bulk namespace submits them."""
+EU_REGIONS = ("westeurope", "eu-west-1", "europe-west4")
+"""placement.regions of jobs whose data must stay in the EU."""
 
 
 @dataclass(frozen=True)
 class PoolModel:
-    """A simulated WorkerPool."""
+    """A simulated WorkerPool: what the operator is told (price, spot) and what it is not (speed)."""
 
     name: str
     cloud: str
     region: str
-    price: float
+    price_per_gpu_hour: float
     """USD per GPU-hour."""
     spot: bool
-    gpus: int
-    """Workers of one GPU, each running one job at a time."""
+    workers: int
+    """Workers, one GPU each."""
+    slots_per_worker: int
+    """maxInFlightPerWorker: jobs a worker runs at once, sharing its GPU."""
     overhead_ms: float
-    """Fixed time per job (transfers, decode, encode)."""
+    """Per-job time not proportional to pixels (download, decode, encode, upload)."""
     ms_per_mpix: float
-    """Compute time per megapixel."""
+    """Slot time per megapixel with the worker's slots busy (GPU shared by `slots_per_worker`)."""
     rtt_ms: float
-    """Round trip between the operator and the pool."""
+    """Round trip between the operator (AWS eu-west-1) and the pool."""
+
+    @property
+    def slots(self) -> int:
+        return self.workers * self.slots_per_worker
+
+    def service_ms(self, mpix: float, noise: float) -> float:
+        return (self.overhead_ms + self.ms_per_mpix * mpix) * noise
+
+    def usd(self, slot_ms: float) -> float:
+        return self.price_per_gpu_hour / self.slots_per_worker * slot_ms / 3_600_000.0
 
 
-POOLS = (
-    PoolModel("azure-a100", "azure", "westeurope", 3.70, False, 8, 20.0, 25.0, 15.0),
-    PoolModel("aws-spot-t4", "aws", "us-east-1", 0.55, True, 8, 40.0, 70.0, 70.0),
-    PoolModel("gcp-l4", "gcp", "europe-west4", 0.80, False, 6, 45.0, 55.0, 35.0),
+# On-demand list prices per GPU-hour (A100 80GB, A10G, L4) and a typical T4 spot price.
+POOLS: tuple[PoolModel, ...] = (
+    PoolModel("azure-a100", "azure", "westeurope", 3.67, False, 3, 4, 25.0, 48.0, 20.0),
+    PoolModel("aws-a10g", "aws", "eu-west-1", 1.01, False, 4, 2, 30.0, 60.0, 2.0),
+    PoolModel("gcp-l4", "gcp", "europe-west4", 0.71, False, 5, 2, 40.0, 80.0, 22.0),
+    PoolModel(FAILING, "aws", "us-east-1", 0.21, True, 10, 1, 45.0, 90.0, 70.0),
 )
-FAILING = "aws-spot-t4"
 
 
-@dataclass
-class SimJob:
+@dataclass(frozen=True)
+class Scenario:
+    pools: tuple[PoolModel, ...] = POOLS
+    failing: str = FAILING
+    fail_at_s: float = FAIL_AT_S
+    recover_at_s: float | None = RECOVER_AT_S
+
+
+# ---- trace -------------------------------------------------------------------------------
+
+PENDING, COMPLETED, PAST_DEADLINE, FAILED = "pending", "completed", "past_deadline", "failed"
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    """One ImageJob of the trace, identical for every policy."""
+
     uid: str
     namespace: str
     priority: str
@@ -88,258 +178,840 @@ class SimJob:
     arrival: float
     timeout_s: float
     mpix: float
-    clouds: tuple[str, ...] = ()
-    attempts: int = 0
-    finished: float | None = None
-    expired: bool = False
-    cost: float = 0.0
+    noise: float
+    """Service-time factor of this job, the same on every pool and policy (common random numbers)."""
+    regions: tuple[str, ...] = ()
 
     @property
     def deadline(self) -> float:
         return self.arrival + self.timeout_s
 
 
-def make_trace(jobs: int, seed: int) -> list[SimJob]:
-    """Poisson arrivals at 70 jobs/s, plus one namespace bursting half the jobs in 10 s."""
+# namespace: (share of background jobs, share of them realtime)
+NAMESPACES = {"web": (0.35, 0.7), "mobile": (0.25, 0.5), "analytics": (0.25, 0.0), "ml-data": (0.15, 0.0)}
+
+
+def make_trace(jobs: int, seed: int) -> list[TraceJob]:
+    """Background Poisson traffic with bursts, plus one namespace's burst of batch jobs."""
     rng = random.Random(seed)
-    burst = jobs // 2
-    out: list[SimJob] = []
+    bulk = min(BULK_JOBS, jobs // 2)
+    out: list[TraceJob] = []
+    names, weights = list(NAMESPACES), [w for w, _ in NAMESPACES.values()]
+    # A Markov-modulated Poisson process: a base rate, x5 within burst windows (3 s, every ~25 s).
+    # The base rate spreads the background over ~BACKGROUND_SPAN_S whatever the job count, so the
+    # pool failure hits live traffic in small runs too.
+    burst_len, burst_gap, burst_factor = 3.0, 25.0, 5.0
+    mean_factor = 1.0 + (burst_factor - 1.0) * burst_len / (burst_len + burst_gap)
+    base_rate = max(1.0, (jobs - bulk) / BACKGROUND_SPAN_S / mean_factor)
+    burst_rate = base_rate * burst_factor
+    t_burst = rng.expovariate(1.0 / burst_gap)
     t = 0.0
-    for i in range(jobs - burst):
-        t += rng.expovariate(70.0)
-        realtime = rng.random() < 0.35
-        out.append(SimJob(
-            uid=f"j{i}", namespace=rng.choice(("web", "mobile", "analytics")),
-            priority="realtime" if realtime else "batch",
-            strategy="fastest" if realtime else rng.choice(("cheapest", "balanced")),
-            arrival=t, timeout_s=5.0 if realtime else 120.0, mpix=min(24.0, rng.lognormvariate(0.4, 0.7)),
-            # Some data may not leave the EU/Azure+GCP footprint.
-            clouds=("azure", "gcp") if rng.random() < 0.15 else ()))
-    start = 15.0
-    for i in range(burst):
-        out.append(SimJob(uid=f"b{i}", namespace="bulk-reprocess", priority="batch", strategy="cheapest",
-                          arrival=start + rng.uniform(0.0, 10.0), timeout_s=120.0,
-                          mpix=min(24.0, rng.lognormvariate(0.2, 0.5))))
-    out.sort(key=lambda j: j.arrival)
+    for i in range(jobs - bulk):
+        while t_burst + burst_len < t:
+            t_burst += burst_len + rng.expovariate(1.0 / burst_gap)
+        rate = burst_rate if t_burst <= t <= t_burst + burst_len else base_rate
+        t += rng.expovariate(rate)
+        namespace = rng.choices(names, weights)[0]
+        realtime = rng.random() < NAMESPACES[namespace][1]
+        if realtime:
+            strategy = rng.choices(("fastest", "balanced"), (0.7, 0.3))[0]
+            timeout, mpix = rng.choice((5.0, 10.0, 15.0)), rng.lognormvariate(0.0, 0.5)
+        else:
+            strategy = rng.choices(("cheapest", "balanced", "fastest"), (0.5, 0.35, 0.15))[0]
+            timeout, mpix = rng.choice((120.0, 300.0, 600.0)), rng.lognormvariate(0.8, 0.7)
+        eu_only = namespace in ("web", "mobile") and rng.random() < 0.15
+        out.append(TraceJob(f"{namespace}-{i}", namespace, "realtime" if realtime else "batch", strategy, t, timeout,
+                            min(32.0, max(0.05, mpix)), rng.lognormvariate(0.0, 0.15), EU_REGIONS if eu_only else ()))
+    lo, hi = BULK_WINDOW_S
+    for i in range(bulk):
+        out.append(TraceJob(f"bulk-{i}", "bulk-reprocess", "batch", "cheapest", rng.uniform(lo, hi), 300.0,
+                            min(32.0, rng.lognormvariate(0.5, 0.4)), rng.lognormvariate(0.0, 0.15)))
+    out.sort(key=lambda j: (j.arrival, j.uid))
     return out
 
 
-@dataclass
-class PoolState:
-    model: PoolModel
-    alive: bool = True
-    busy: dict[int, SimJob] = field(default_factory=dict)
-    queue: FairQueue[SimJob] = field(default_factory=FairQueue)
-    fifo: deque[SimJob] = field(default_factory=deque)
-    service_ms: float | None = None
-    gpu_seconds: float = 0.0
+# ---- simulation state shared by every policy ----------------------------------------------
 
-    def free_gpus(self) -> list[int]:
-        return [g for g in range(self.model.gpus) if g not in self.busy] if self.alive else []
 
-    def view(self) -> PoolView:
-        m = self.model
-        return PoolView(name=m.name, cloud=m.cloud, region=m.region, price_per_gpu_hour=m.price, spot=m.spot,
-                        allowed_namespaces=(), models=frozenset(), workers=m.gpus if self.alive else 0,
-                        slots=m.gpus if self.alive else 0, busy=len(self.busy), queued=len(self.queue) + len(self.fifo),
-                        rtt_ms=m.rtt_ms, service_ms=self.service_ms)
+@dataclass(eq=False)  # identity equality: FairQueue.remove and deque.remove compare jobs
+class SimJob:
+    """A job's state during one policy's run."""
+
+    t: TraceJob
+    uid: str
+    namespace: str
+    priority: str
+    outcome: str = PENDING
+    finished_at: float | None = None
+    pool: str | None = None
+    """Pool the job is queued at, running on, or completed on."""
+    attempts: int = 0
+    rerouted: bool = False
+    ticket: int = 0
+    """Bumped whenever the job leaves a baseline queue: stale queue entries are skipped."""
+    routed_at: float = 0.0
+    expected_ms: float | None = None
+    """The router's expected completion at the job's last routing decision."""
+    expected_usd: float | None = None
+    """The router's expected cost at that decision."""
+    usd: float = 0.0
+    """GPU cost of its last attempt."""
+
+
+@dataclass(eq=False)
+class Attempt:
+    job: SimJob
+    pool: str
+    job_id: str
+    started: float
+    service_ms: float
+    rtt_ms: float
+    conn: WorkerConn | None = None
+    dead: bool = False
+    """Its pool failed under it (or it was sent to a dead pool): no result will come."""
+    charged: bool = False
 
 
 class Simulation:
-    def __init__(self, trace: list[SimJob], policy: str, seed: int) -> None:
-        self.policy = policy
-        self.jobs = [SimJob(**{k: v for k, v in j.__dict__.items()}) for j in trace]
-        self.pools = {m.name: PoolState(m) for m in POOLS}
-        self.rng = random.Random(seed + 1)
-        self.events: list[tuple[float, int, str, Any]] = []
+    """Event loop, outcomes and cost accounting; subclasses route and queue."""
+
+    label = ""
+
+    def __init__(self, trace: Sequence[TraceJob], scenario: Scenario, seed: int) -> None:
+        self.scenario = scenario
+        self.models = {m.name: m for m in scenario.pools}
+        self.alive = {m.name: True for m in scenario.pools}
+        self.jobs = [SimJob(t, t.uid, t.namespace, t.priority) for t in trace]
+        self.rng = random.Random(seed * 7919 + 17)  # heartbeat RTT jitter: same stream for every policy
+        self.events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self.seq = itertools.count()
         self.now = 0.0
-        self.rr = itertools.cycle([m.name for m in POOLS])
-        self.unrouted: dict[str, SimJob] = {}
-        self.rerouted = 0
+        self.horizon = max((t.deadline for t in trace), default=0.0) + 1.0
+        self.gpu_usd = 0.0
+        self.pool_usd = {m.name: 0.0 for m in scenario.pools}
+        self.pool_done = {m.name: 0 for m in scenario.pools}
+        self.last_heard = {m.name: 0.0 for m in scenario.pools}
+        self.idle_slot_s = 0.0
+        self.idle_since = 0.0
+        self.idle_now = 0
+        self.dirty: set[str] = set()
+        """Pools whose queue or free slots changed since the last pump."""
+        self.down: set[str] = set()
+        """Pools the heartbeat / health check has declared gone (baselines; gpuroute uses WorkerConn.expired)."""
 
-    def at(self, t: float, kind: str, data: Any = None) -> None:
-        heapq.heappush(self.events, (t, next(self.seq), kind, data))
+    # ---- event loop -------------------------------------------------------------------
 
-    # ---- policies -----------------------------------------------------------------
-
-    def _eligible(self, job: SimJob) -> list[PoolState]:
-        return [p for p in self.pools.values() if p.alive and (not job.clouds or p.model.cloud in job.clouds)]
-
-    def route(self, job: SimJob, *, front: bool = False) -> None:
-        if self.policy.startswith("gpuroute"):
-            strategy = job.strategy if self.policy == "gpuroute-mix" else self.policy.split("-", 1)[1]
-            needs = JobNeeds(namespace=job.namespace, priority=job.priority, strategy=strategy,
-                             timeout_s=max(0.0, job.deadline - self.now), clouds=job.clouds)
-            decision = choose(needs, [p.view() for p in self.pools.values()])
-            if decision.pool is None:
-                self.unrouted[job.uid] = job
-                return
-            self.pools[decision.pool].queue.push(job, front=front)
-            self.dispatch(self.pools[decision.pool])
-        elif self.policy == "round-robin":
-            candidates = self._eligible(job)
-            if not candidates:
-                self.unrouted[job.uid] = job
-                return
-            names = {p.model.name for p in candidates}
-            name = next(n for n in self.rr if n in names)
-            pool = self.pools[name]
-            (pool.fifo.appendleft if front else pool.fifo.append)(job)
-            self.dispatch(pool)
-        else:  # first-to-admit
-            order = [p for p in self.pools.values() if not job.clouds or p.model.cloud in job.clouds]
-            for pool in order:
-                if pool.alive and pool.free_gpus() and not pool.fifo:
-                    pool.fifo.append(job)
-                    self.dispatch(pool)
-                    return
-            order[0].fifo.append(job)  # waits where it was first offered, alive or not
-            self.dispatch(order[0])
-
-    def _next(self, pool: PoolState) -> SimJob | None:
-        return pool.queue.pop() if self.policy.startswith("gpuroute") else (pool.fifo.popleft() if pool.fifo else None)
-
-    def dispatch(self, pool: PoolState) -> None:
-        for gpu in pool.free_gpus():
-            while True:
-                job = self._next(pool)
-                if job is None:
-                    return
-                if self.now >= job.deadline:
-                    job.expired = True  # the operator fails it with Timeout
-                    continue
-                break
-            m = pool.model
-            job.attempts += 1
-            service = (m.overhead_ms + m.ms_per_mpix * job.mpix) * self.rng.lognormvariate(0.0, 0.12)
-            pool.busy[gpu] = job
-            self.at(self.now + (m.rtt_ms + service) / 1000.0, "finish", (pool.model.name, gpu, job, service))
-
-    # ---- events -------------------------------------------------------------------
+    def at(self, when: float, handler: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self.events, (when, next(self.seq), handler, args))
 
     def run(self) -> dict[str, Any]:
         for job in self.jobs:
-            self.at(job.arrival, "arrive", job)
-        self.at(FAIL_AT, "fail", FAILING)
-        self.at(RECOVER_AT, "recover", FAILING)
+            self.at(job.t.arrival, self.arrive, job)
+            self.at(job.t.deadline, self.deadline, job)
+        self.at(self.scenario.fail_at_s, self.fail)
+        if self.scenario.recover_at_s is not None:
+            self.at(self.scenario.recover_at_s, self.recover)
+        self.at(0.0, self.tick)
         while self.events:
-            self.now, _, kind, data = heapq.heappop(self.events)
-            if self.now > HORIZON_S:
+            when, _, handler, args = heapq.heappop(self.events)
+            if when > self.horizon:
                 break
-            getattr(self, f"_on_{kind}")(data)
+            self.now = when
+            self.account_idle(when)
+            handler(*args)
+            self.pump()
+            self.idle_now = self.idle_slots()
         return self.summary()
 
-    def _on_arrive(self, job: SimJob) -> None:
-        self.route(job)
+    def account_idle(self, until: float) -> None:
+        self.idle_slot_s += (until - self.idle_since) * self.idle_now
+        self.idle_since = until
 
-    def _on_finish(self, data: tuple[str, int, SimJob, float]) -> None:
-        name, gpu, job, service = data
-        pool = self.pools[name]
-        if pool.busy.get(gpu) is not job:
-            return  # the pool died under this job; it was re-routed or stranded
-        del pool.busy[gpu]
-        pool.service_ms = ewma(pool.service_ms, service)
-        pool.gpu_seconds += service / 1000.0
-        job.cost += pool.model.price * service / 3_600_000.0
-        if self.now <= job.deadline:
-            job.finished = self.now
+    def idle_slots(self) -> int:
+        """Free slots on live pools while jobs wait in another pool's queue (0 where not tracked)."""
+        return 0
+
+    def tick(self) -> None:
+        """Once per heartbeat interval: what each side learns from heartbeats (or their absence)."""
+        for name, alive in self.alive.items():
+            if alive:
+                self.last_heard[name] = self.now
+            elif self.now - self.last_heard[name] > DETECT_AFTER_S:
+                self.down.add(name)  # a health check's verdict, on the same rule as WorkerConn.expired
+        self.on_tick()
+        if self.now + protocol.HEARTBEAT_INTERVAL_S <= self.horizon:
+            self.at(self.now + protocol.HEARTBEAT_INTERVAL_S, self.tick)
+
+    # ---- attempts, outcomes and cost --------------------------------------------------
+
+    def start_attempt(self, job: SimJob, pool: str) -> Attempt:
+        model = self.models[pool]
+        job.attempts += 1
+        job.pool = pool
+        att = Attempt(job, pool, f"{job.uid}/{job.attempts}", self.now, model.service_ms(job.t.mpix, job.t.noise),
+                      model.rtt_ms * (0.9 + 0.2 * (job.t.noise * 1000.0 % 1.0)))
+        if self.alive[pool]:
+            self.at(self.now + (att.rtt_ms + att.service_ms) / 1000.0, self.result, att)
         else:
-            job.expired = True
-        self.dispatch(pool)
-        self._retry_unrouted()
+            att.dead = att.charged = True  # sent into a dead pool: never runs, costs nothing
+        return att
 
-    def _on_fail(self, name: str) -> None:
-        pool = self.pools[name]
-        pool.alive = False
-        stranded = list(pool.busy.values())
-        pool.busy.clear()
-        queued = list(pool.queue) + list(pool.fifo)
-        for job in queued:
-            pool.queue.remove(job.uid)
-        pool.fifo.clear()
-        if self.policy == "first-to-admit":
-            for job in stranded + queued:
-                self.at(self.now + MULTIKUEUE_WORKER_LOST_TIMEOUT_S, "readmit", job)
+    def charge(self, att: Attempt, until: float) -> None:
+        """GPU time of an attempt: all of it on a result, up to `until` when cut short."""
+        if att.charged:
             return
-        for job in stranded + queued:
-            self.rerouted += 1
-            self.route(job, front=True)
+        att.charged = True
+        used = min(att.service_ms, max(0.0, (until - att.started) * 1000.0 - att.rtt_ms / 2.0))
+        usd = self.models[att.pool].usd(used)
+        att.job.usd = usd
+        self.gpu_usd += usd
+        self.pool_usd[att.pool] += usd
 
-    def _on_readmit(self, job: SimJob) -> None:
-        if job.finished is None and not job.expired:
-            self.route(job)
+    def complete(self, att: Attempt) -> None:
+        self.charge(att, self.now)
+        job = att.job
+        self.settle(job, COMPLETED)
+        job.pool = att.pool
+        self.pool_done[att.pool] += 1
 
-    def _on_recover(self, name: str) -> None:
-        self.pools[name].alive = True
-        self._retry_unrouted()
-        self.dispatch(self.pools[name])
+    def settle(self, job: SimJob, outcome: str) -> None:
+        """Give a job its one outcome; a second one would be a bug in the simulation (or the engine)."""
+        if job.outcome != PENDING:
+            raise RuntimeError(f"{self.label}: {job.uid} already {job.outcome}, now {outcome}")
+        job.outcome, job.finished_at = outcome, self.now
 
-    def _retry_unrouted(self) -> None:
-        for job in list(self.unrouted.values()):
-            del self.unrouted[job.uid]
-            if self.now >= job.deadline:
-                job.expired = True
-            else:
-                self.route(job)
+    def fail_pool_attempts(self, running: Sequence[Attempt]) -> None:
+        for att in running:
+            self.charge(att, self.now)  # a preempted spot VM is billed until it goes
+            att.dead = True
+
+    # ---- subclass hooks -----------------------------------------------------------------
+
+    def arrive(self, job: SimJob) -> None:
+        raise NotImplementedError
+
+    def result(self, att: Attempt) -> None:
+        raise NotImplementedError
+
+    def deadline(self, job: SimJob) -> None:
+        raise NotImplementedError
+
+    def fail(self) -> None:
+        raise NotImplementedError
+
+    def recover(self) -> None:
+        raise NotImplementedError
+
+    def on_tick(self) -> None:
+        pass
+
+    def next_dirty(self) -> str:
+        """The first pool (in POOLS order) with something to dispatch: set order would vary with hash seeds."""
+        name = next(n for n in self.models if n in self.dirty)
+        self.dirty.discard(name)
+        return name
+
+    def pump(self) -> None:
+        pass
+
+    # ---- results ------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        done = [j for j in self.jobs if j.finished is not None]
-        latencies = sorted(j.finished - j.arrival for j in done)  # type: ignore[operator]
-        late = sum(1 for j in self.jobs if j.expired and j.finished is None)
-        lost = len(self.jobs) - len(done) - late
-        cost = sum(j.cost for j in self.jobs)
+        done = [j for j in self.jobs if j.outcome == COMPLETED]
+        latency = [j.finished_at - j.t.arrival for j in done]  # type: ignore[operator]
+        realtime = [j.finished_at - j.t.arrival for j in done if j.priority == "realtime"]  # type: ignore[operator]
+        batch = [j.finished_at - j.t.arrival for j in done if j.priority == "batch"]  # type: ignore[operator]
+        counts = {k: sum(1 for j in self.jobs if j.outcome == k) for k in (COMPLETED, PAST_DEADLINE, FAILED)}
         return {
-            "policy": self.policy,
+            "policy": self.label,
             "jobs": len(self.jobs),
-            "completed": len(done),
-            "past_deadline": late,
-            "lost": lost,
-            "rerouted": self.rerouted,
-            "cost_per_1000_usd": 1000.0 * cost / max(1, len(done)),
-            "p50_s": statistics.median(latencies) if latencies else math.nan,
-            "p95_s": latencies[int(0.95 * (len(latencies) - 1))] if latencies else math.nan,
-            "realtime_p95_s": _p95([j.finished - j.arrival for j in done if j.priority == "realtime"]),  # type: ignore[operator]
+            "completed": counts[COMPLETED],
+            "past_deadline": counts[PAST_DEADLINE],
+            "failed": counts[FAILED],
+            "lost": sum(1 for j in self.jobs if j.outcome == PENDING),
+            "realtime_past_deadline": sum(1 for j in self.jobs
+                                          if j.priority == "realtime" and j.outcome == PAST_DEADLINE),
+            "rerouted": sum(1 for j in self.jobs if j.rerouted),
+            "idle_slot_s_while_queued_elsewhere": round(self.idle_slot_s, 1),
+            "gpu_usd": self.gpu_usd,
+            "cost_per_1000_usd": 1000.0 * self.gpu_usd / counts[COMPLETED] if counts[COMPLETED] else math.nan,
+            "p50_s": percentile(latency, 0.50),
+            "p95_s": percentile(latency, 0.95),
+            "realtime_p95_s": percentile(realtime, 0.95),
+            "batch_p95_s": percentile(batch, 0.95),
+            "completed_per_pool": dict(self.pool_done),
+            "usd_per_pool": {k: round(v, 6) for k, v in self.pool_usd.items()},
         }
 
 
-def _p95(values: list[float]) -> float:
-    values = sorted(values)
-    return values[int(0.95 * (len(values) - 1))] if values else math.nan
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-POLICIES = ("gpuroute-mix", "gpuroute-fastest", "gpuroute-cheapest", "gpuroute-balanced", "round-robin",
-            "first-to-admit")
+# ---- gpuroute: the real router, fair queue and pool state ------------------------------------
+
+
+class GpurouteSim(Simulation):
+    """The engine's routing, dispatch, failover and timeouts over the real PoolState/FairQueue."""
+
+    def __init__(self, trace: Sequence[TraceJob], scenario: Scenario, seed: int, *, strategy: str | None,
+                 counterfactual: str | None = None) -> None:
+        super().__init__(trace, scenario, seed)
+        self.strategy = strategy
+        self.label = f"gpuroute, all {strategy}" if strategy else "gpuroute, per-job strategies"
+        # Counterfactuals for the report only (router.py untouched): change what the views show.
+        # "realtime-queue": a realtime job sees only the realtime part of each queue (what FairQueue
+        # serves before it). "same-job-service": every pool's service_ms is its true mean for the
+        # same average job, instead of the EWMA over whichever jobs the pool happened to run.
+        self.counterfactual = counterfactual
+        if counterfactual:
+            self.label += f" [{counterfactual}]"
+        mean_mpix = statistics.fmean(t.mpix for t in trace) if trace else 1.0
+        self.true_service = {m.name: m.service_ms(mean_mpix, 1.0) for m in scenario.pools}
+        self.pools: dict[str, PoolState] = {}
+        for m in scenario.pools:
+            body = {"cloud": m.cloud, "region": m.region, "pricePerGpuHour": m.price_per_gpu_hour, "spot": m.spot,
+                    "maxInFlightPerWorker": m.slots_per_worker}
+            spec = parse_pool_spec(m.name, body, generation=1, default_namespace="gpuroute-system")
+            self.pools[m.name] = PoolState(spec)
+            self._connect_workers(m, generation=0)
+        self.unrouted: dict[str, SimJob] = {}
+        self.active: dict[str, Attempt] = {}
+        """Current attempt of each dispatched job, by uid."""
+
+    def _connect_workers(self, model: PoolModel, *, generation: int) -> None:
+        pool = self.pools[model.name]
+        for i in range(model.workers):
+            rid = f"{model.name}/w{i}/{generation}".encode()
+            pool.workers[rid] = WorkerConn(routing_id=rid, pool=model.name, worker=f"w{i}",
+                                           capacity=model.slots_per_worker, device="gpu", models=frozenset(),
+                                           last_seen=self.now, last_heartbeat_wall=self.now)
+        self.dirty.add(model.name)
+
+    # ---- routing (engine._route) ----------------------------------------------------------
+
+    def route(self, job: SimJob, *, front: bool = False) -> None:
+        needs = JobNeeds(namespace=job.namespace, priority=job.priority, strategy=self.strategy or job.t.strategy,
+                         timeout_s=max(0.0, job.t.deadline - self.now), regions=job.t.regions)
+        views = [p.view() for p in self.pools.values()]
+        if self.counterfactual == "realtime-queue" and job.priority == "realtime":
+            views = [dataclasses.replace(v, queued=self.pools[v.name].queue.count("realtime")) for v in views]
+        elif self.counterfactual == "same-job-service":
+            views = [dataclasses.replace(v, service_ms=self.true_service[v.name]) for v in views]
+        decision = choose(needs, views)
+        if decision.pool is None:
+            job.pool = None
+            self.unrouted[job.uid] = job
+            return
+        self.unrouted.pop(job.uid, None)
+        job.pool, job.routed_at = decision.pool, self.now
+        job.expected_ms = decision.estimate.expected_ms if decision.estimate else None
+        job.expected_usd = decision.estimate.cost_usd if decision.estimate else None
+        self.pools[decision.pool].queue.push(job, front=front)
+        self.dirty.add(decision.pool)
+
+    def arrive(self, job: SimJob) -> None:
+        self.route(job)
+
+    def pump(self) -> None:
+        """engine.pump: dispatch queued jobs to free workers, for the pools that changed."""
+        while self.dirty:
+            pool = self.pools[self.next_dirty()]
+            while len(pool.queue):
+                conn = pool.free_worker(None)
+                if conn is None:
+                    break
+                job = pool.queue.pop()
+                if job is None:
+                    break
+                self.dispatch(job, conn)
+
+    def dispatch(self, job: SimJob, conn: WorkerConn) -> None:
+        if job.attempts >= DEFAULT_MAX_ATTEMPTS:
+            self.settle(job, FAILED)  # MaxAttemptsExceeded
+            return
+        att = self.start_attempt(job, conn.pool)
+        att.conn = conn
+        conn.jobs[att.job_id] = job  # type: ignore[assignment]  # the engine stores its Job here
+        self.active[job.uid] = att
+
+    # ---- results, timeouts (engine._job_result, engine._expire_deadlines) -------------------
+
+    def result(self, att: Attempt) -> None:
+        if att.dead or att.conn is None or att.conn.jobs.pop(att.job_id, None) is None:
+            return  # cancelled, or its worker was declared lost: the engine drops it
+        self.active.pop(att.job.uid, None)
+        pool = self.pools[att.pool]
+        pool.record_result(att.service_ms, int(att.job.t.mpix * 1e6))
+        self.complete(att)
+        self.dirty.add(att.pool)
+
+    def deadline(self, job: SimJob) -> None:
+        if job.outcome != PENDING:
+            return
+        att = self.active.pop(job.uid, None)
+        if att is not None and att.conn is not None and att.conn.jobs.pop(att.job_id, None) is not None:
+            self.charge(att, self.now)  # CANCEL sent: the worker stops it
+            self.dirty.add(att.pool)
+        self.unrouted.pop(job.uid, None)
+        for pool in self.pools.values():
+            pool.queue.remove(job.uid)
+        self.settle(job, PAST_DEADLINE)
+
+    # ---- failure and failover (engine._heartbeat, engine._worker_lost) ---------------------
+
+    def fail(self) -> None:
+        # The workers vanish; the operator learns only from missing heartbeats.
+        self.alive[self.scenario.failing] = False
+        self.fail_pool_attempts([a for a in self.active.values() if a.pool == self.scenario.failing])
+
+    def recover(self) -> None:
+        name = self.scenario.failing
+        self.alive[name] = True
+        self._connect_workers(self.models[name], generation=1)  # fresh READY from each worker
+        self._reroute_unrouted()
+
+    def on_tick(self) -> None:
+        for name, pool in self.pools.items():
+            model = self.models[name]
+            for conn in list(pool.workers.values()):
+                if self.alive[name]:
+                    conn.last_seen = self.now
+                    conn.rtt_ms = ewma(conn.rtt_ms, model.rtt_ms * self.rng.lognormvariate(0.0, 0.1))
+                elif conn.expired(self.now):
+                    self._worker_lost(pool, conn)
+        self._reroute_unrouted()
+
+    def _worker_lost(self, pool: PoolState, conn: WorkerConn) -> None:
+        """engine._worker_lost, step by step: the order decides where the jobs go."""
+        del pool.workers[conn.routing_id]
+        for job in list(conn.jobs.values()):
+            sim_job: SimJob = job  # type: ignore[assignment]
+            self.active.pop(sim_job.uid, None)
+            if sim_job.outcome == PENDING:
+                sim_job.rerouted = True
+                self.route(sim_job, front=True)  # _requeue: front of whichever queue the router picks
+        conn.jobs.clear()
+        if not pool.workers:
+            for sim_job in list(pool.queue):
+                pool.queue.remove(sim_job.uid)
+                sim_job.rerouted = True
+                self.route(sim_job)
+        self.dirty.add(pool.spec.name)
+
+    def _reroute_unrouted(self) -> None:
+        for job in list(self.unrouted.values()):
+            self.route(job)
+
+    def idle_slots(self) -> int:
+        # A job stays in the queue it was routed to; this counts capacity that could have taken one
+        # of them (ignoring placement, so a slight overcount where EU-only jobs wait).
+        free = {n: self.models[n].slots - p.busy for n, p in self.pools.items() if self.alive[n] and p.workers}
+        waiting = [n for n, p in self.pools.items() if len(p.queue)]
+        if not waiting:
+            return 0
+        return sum(f for n, f in free.items() if f > 0 and any(w != n for w in waiting))
+
+
+# ---- baselines -----------------------------------------------------------------------------
+
+
+class LaneQueue:
+    """FIFO (optionally realtime-first) with lazy removal: entries whose ticket changed are skipped."""
+
+    def __init__(self, *, by_priority: bool) -> None:
+        self.by_priority = by_priority
+        self.lanes: dict[str, deque[tuple[int, SimJob]]] = {"realtime": deque(), "batch": deque()}
+
+    def _lane(self, job: SimJob) -> deque[tuple[int, SimJob]]:
+        return self.lanes[job.priority if self.by_priority else "batch"]
+
+    def push(self, job: SimJob, *, front: bool = False) -> None:
+        job.ticket += 1
+        lane = self._lane(job)
+        lane.appendleft((job.ticket, job)) if front else lane.append((job.ticket, job))
+
+    def entries(self) -> Iterator[SimJob]:
+        for lane in self.lanes.values():
+            for ticket, job in lane:
+                if ticket == job.ticket and job.outcome == PENDING:
+                    yield job
+
+    def take(self, eligible: Callable[[SimJob], bool] | None = None) -> SimJob | None:
+        """Remove and return the first valid job (that `eligible` accepts)."""
+        for lane in self.lanes.values():
+            while lane and (lane[0][0] != lane[0][1].ticket or lane[0][1].outcome != PENDING):
+                lane.popleft()
+            for ticket, job in lane:
+                if ticket == job.ticket and job.outcome == PENDING and (eligible is None or eligible(job)):
+                    job.ticket += 1  # leaves the queue (lazily)
+                    return job
+        return None
+
+    def empty(self) -> bool:
+        return next(self.entries(), None) is None
+
+
+@dataclass(eq=False)
+class Cluster:
+    """A pool as a baseline sees it: slots, its own queue, and work stranded by a failure."""
+
+    model: PoolModel
+    queue: LaneQueue
+    running: dict[str, Attempt] = field(default_factory=dict)
+    stranded: list[SimJob] = field(default_factory=list)
+    """Jobs whose attempt died with the cluster, held by it until it returns."""
+
+
+def eligible_for(job: SimJob, model: PoolModel) -> bool:
+    # Baselines respect data residency too: a fair comparison moves no job out of its region.
+    return not job.t.regions or model.region in job.t.regions
+
+
+class BaselineSim(Simulation):
+    """What the baselines share: clusters, per-job timeouts, restart on return."""
+
+    failover = False
+    """Whether the dispatcher itself tracks and moves jobs held by a failed cluster."""
+
+    def __init__(self, trace: Sequence[TraceJob], scenario: Scenario, seed: int, *, by_priority: bool) -> None:
+        super().__init__(trace, scenario, seed)
+        self.clusters = {m.name: Cluster(m, LaneQueue(by_priority=by_priority)) for m in scenario.pools}
+
+    def free(self, cluster: Cluster) -> int:
+        return cluster.model.slots - len(cluster.running) if self.alive[cluster.model.name] else 0
+
+    def start(self, job: SimJob, cluster: Cluster) -> None:
+        cluster.running[job.uid] = self.start_attempt(job, cluster.model.name)
+
+    def next_job(self, cluster: Cluster) -> SimJob | None:
+        return cluster.queue.take()
+
+    def pump(self) -> None:
+        while self.dirty:
+            cluster = self.clusters[self.next_dirty()]
+            while self.free(cluster) > 0:
+                job = self.next_job(cluster)
+                if job is None:
+                    break
+                self.start(job, cluster)
+
+    def result(self, att: Attempt) -> None:
+        cluster = self.clusters[att.pool]
+        if att.dead or cluster.running.get(att.job.uid) is not att:
+            return
+        del cluster.running[att.job.uid]
+        self.complete(att)
+        self.dirty.add(att.pool)
+
+    def in_limbo(self, job: SimJob) -> bool:
+        """Held by a failed cluster out of the dispatcher's sight: no one can time it out."""
+        return (not self.failover and job.pool is not None and not self.alive[job.pool]
+                and job.pool in self.clusters)
+
+    def deadline(self, job: SimJob) -> None:
+        if job.outcome != PENDING or self.in_limbo(job):
+            return  # in limbo: enforced when its cluster returns (recover)
+        self._expire(job)
+
+    def _expire(self, job: SimJob) -> None:
+        if job.pool is not None:
+            cluster = self.clusters[job.pool]
+            att = cluster.running.pop(job.uid, None)
+            if att is not None:
+                self.charge(att, self.now)
+                self.dirty.add(job.pool)
+            if job in cluster.stranded:
+                cluster.stranded.remove(job)
+        job.ticket += 1  # drops it from any queue
+        self.settle(job, PAST_DEADLINE)
+
+    def fail(self) -> None:
+        cluster = self.clusters[self.scenario.failing]
+        self.alive[self.scenario.failing] = False
+        running = list(cluster.running.values())
+        self.fail_pool_attempts(running)
+        cluster.stranded.extend(a.job for a in running)
+        cluster.running.clear()
+
+    def recover(self) -> None:
+        name = self.scenario.failing
+        cluster = self.clusters[name]
+        self.alive[name] = True
+        self.down.discard(name)
+        # The cluster's job controller enforces deadlines that passed while it was away...
+        for job in list(cluster.queue.entries()) + cluster.stranded:
+            if job.outcome == PENDING and self.now >= job.t.deadline:
+                self._expire(job)
+        # ...and restarts what it was running, ahead of its queue.
+        for job in reversed(cluster.stranded):
+            if job.outcome == PENDING:
+                cluster.queue.push(job, front=True)
+        cluster.stranded.clear()
+        self.dirty.add(name)
+
+
+class RoundRobinSim(BaselineSim):
+    """A load balancer: pools in turn, skipping those its health check marks down."""
+
+    def __init__(self, trace: Sequence[TraceJob], scenario: Scenario, seed: int, *, failover: bool) -> None:
+        super().__init__(trace, scenario, seed, by_priority=False)
+        self.failover = failover
+        self.label = "round-robin + failover" if failover else "round-robin"
+        self.order = [m.name for m in scenario.pools]
+        self.next_index = 0
+        self.waiting: list[SimJob] = []
+        """Jobs no live, eligible pool could take: retried every tick."""
+        self.moved = False
+
+    def pick(self, job: SimJob) -> Cluster | None:
+        for k in range(len(self.order)):
+            name = self.order[(self.next_index + k) % len(self.order)]
+            if name not in self.down and eligible_for(job, self.models[name]):
+                self.next_index = (self.next_index + k + 1) % len(self.order)
+                return self.clusters[name]
+        return None
+
+    def arrive(self, job: SimJob, *, front: bool = False) -> None:
+        cluster = self.pick(job)
+        if cluster is None:
+            job.pool = None
+            self.waiting.append(job)
+            return
+        job.pool = cluster.model.name
+        cluster.queue.push(job, front=front)
+        self.dirty.add(job.pool)
+
+    def on_tick(self) -> None:
+        name = self.scenario.failing
+        if self.failover and not self.moved and name in self.down:
+            # Given gpuroute's failover: in-flight work first (front), then the queue (back).
+            self.moved = True
+            cluster = self.clusters[name]
+            for job in cluster.stranded:
+                if job.outcome == PENDING:
+                    job.rerouted = True
+                    self.arrive(job, front=True)
+            cluster.stranded.clear()
+            for job in list(cluster.queue.entries()):
+                job.rerouted = True
+                self.arrive(job)
+        if self.alive[name]:
+            self.moved = False
+        waiting, self.waiting = self.waiting, []
+        for job in waiting:
+            if job.outcome == PENDING:
+                self.arrive(job)
+
+
+class MultiKueueSim(BaselineSim):
+    """First-to-admit over clusters in a fixed order; see the module docstring for the two variants."""
+
+    def __init__(self, trace: Sequence[TraceJob], scenario: Scenario, seed: int, *, all_at_once: bool) -> None:
+        super().__init__(trace, scenario, seed, by_priority=True)  # Kueue WorkloadPriorityClass
+        self.all_at_once = all_at_once
+        self.label = "MultiKueue all-at-once" if all_at_once else "MultiKueue first-to-admit"
+        self.order = [self.clusters[m.name] for m in scenario.pools]
+        self.pending = LaneQueue(by_priority=True)
+        """all-at-once: workloads pending in every cluster at once."""
+
+    def arrive(self, job: SimJob) -> None:
+        eligible = [c for c in self.order if eligible_for(job, c.model)]
+        for cluster in eligible:
+            # A cluster admits a new workload if it has free quota and nothing queued ahead of it.
+            if self.free(cluster) > 0 and (self.all_at_once or cluster.queue.empty()):
+                self.start(job, cluster)
+                return
+        if self.all_at_once:
+            job.pool = None
+            self.pending.push(job)
+        else:
+            job.pool = eligible[0].model.name
+            eligible[0].queue.push(job)
+        self.dirty.update(c.model.name for c in eligible)
+
+    def next_job(self, cluster: Cluster) -> SimJob | None:
+        job = cluster.queue.take()  # restarted (returned cluster) work first
+        if job is None and self.all_at_once:
+            job = self.pending.take(lambda j: eligible_for(j, cluster.model))
+        return job
+
+    def fail(self) -> None:
+        stranded_before = len(self.clusters[self.scenario.failing].stranded)
+        super().fail()
+        for job in self.clusters[self.scenario.failing].stranded[stranded_before:]:
+            self.at(self.now + MULTIKUEUE_WORKER_LOST_TIMEOUT_S, self.readmit, job)
+
+    def readmit(self, job: SimJob) -> None:
+        """workerLostTimeout passed with the cluster still gone: evict and dispatch again."""
+        cluster = self.clusters[self.scenario.failing]
+        if job.outcome == PENDING and job in cluster.stranded and not self.alive[cluster.model.name]:
+            cluster.stranded.remove(job)
+            job.pool = None
+            job.rerouted = True
+            if self.now >= job.t.deadline:
+                self._expire(job)
+            else:
+                self.arrive(job)
+
+
+# ---- running every policy -------------------------------------------------------------------
+
+Factory = Callable[[Sequence[TraceJob], Scenario, int], Simulation]
+
+POLICIES: tuple[tuple[str, Factory], ...] = (
+    ("gpuroute-mix", lambda t, s, seed: GpurouteSim(t, s, seed, strategy=None)),
+    ("gpuroute-fastest", lambda t, s, seed: GpurouteSim(t, s, seed, strategy="fastest")),
+    ("gpuroute-cheapest", lambda t, s, seed: GpurouteSim(t, s, seed, strategy="cheapest")),
+    ("gpuroute-balanced", lambda t, s, seed: GpurouteSim(t, s, seed, strategy="balanced")),
+    ("round-robin", lambda t, s, seed: RoundRobinSim(t, s, seed, failover=False)),
+    ("round-robin-failover", lambda t, s, seed: RoundRobinSim(t, s, seed, failover=True)),
+    ("multikueue", lambda t, s, seed: MultiKueueSim(t, s, seed, all_at_once=False)),
+    ("multikueue-all-at-once", lambda t, s, seed: MultiKueueSim(t, s, seed, all_at_once=True)),
+)
+REFERENCE = "round-robin"
+MOVES_JOBS = ("gpuroute-mix", "gpuroute-fastest", "gpuroute-cheapest", "gpuroute-balanced", "round-robin-failover")
+"""Policies whose re-routed count means something (the others never move a job)."""
+
+
+def run_scenario(trace: Sequence[TraceJob], scenario: Scenario, seed: int) -> list[dict[str, Any]]:
+    rows = []
+    for key, factory in POLICIES:
+        row = factory(trace, scenario, seed).run()
+        row["key"] = key
+        rows.append(row)
+    return rows
+
+
+def router_diagnostics(trace: Sequence[TraceJob], scenario: Scenario, seed: int) -> dict[str, Any]:
+    """Checks on the router's own numbers (estimates vs what happened), for the report."""
+    sim = GpurouteSim(trace, scenario, seed, strategy=None)
+    row = sim.run()
+    out: dict[str, Any] = {"estimated_vs_actual_per_pool": {}}
+    for name in sim.pools:
+        done = [j for j in sim.jobs if j.outcome == COMPLETED and j.pool == name and j.expected_usd is not None]
+        estimated, actual = sum(j.expected_usd for j in done), sum(j.usd for j in done)  # type: ignore[misc]
+        out["estimated_vs_actual_per_pool"][name] = {
+            "jobs": len(done), "router_usd_per_image": estimated / len(done) if done else math.nan,
+            "actual_usd_per_image": actual / len(done) if done else math.nan,
+            "ratio": estimated / actual if actual else math.nan}
+    for priority in ("realtime", "batch"):
+        ratios = [(j.finished_at - j.routed_at) * 1000.0 / j.expected_ms for j in sim.jobs  # type: ignore[operator]
+                  if j.outcome == COMPLETED and j.priority == priority and j.expected_ms]
+        out[f"{priority}_actual_over_expected_median"] = statistics.median(ratios) if ratios else math.nan
+    keys = ("cost_per_1000_usd", "p95_s", "realtime_p95_s", "past_deadline", "lost")
+    out["engine_views"] = {k: row[k] for k in keys}
+    for name in ("realtime-queue", "same-job-service"):
+        other = GpurouteSim(trace, scenario, seed, strategy=None, counterfactual=name).run()
+        out[name] = {k: other[k] for k in keys}
+    return out
+
+
+def pool_estimates(trace: Sequence[TraceJob], pools: Sequence[PoolModel]) -> dict[str, dict[str, float]]:
+    """The router's `estimate` for each idle pool given its true mean service time, next to the truth."""
+    mean_mpix = statistics.fmean(t.mpix for t in trace) if trace else 1.0
+    out = {}
+    for m in pools:
+        service = m.service_ms(mean_mpix, 1.0)
+        view = PoolView(name=m.name, cloud=m.cloud, region=m.region, price_per_gpu_hour=m.price_per_gpu_hour,
+                        spot=m.spot, allowed_namespaces=(), models=frozenset(), workers=m.workers, slots=m.slots,
+                        busy=0, queued=0, rtt_ms=m.rtt_ms, service_ms=service)
+        est = estimate(view)
+        out[m.name] = {"mean_mpix": mean_mpix, "expected_ms": est.expected_ms, "true_ms": m.rtt_ms + service,
+                       "router_usd_per_image": est.cost_usd, "true_usd_per_image": m.usd(service)}
+    return out
 
 
 def run(*, jobs: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    trace = make_trace(jobs, seed)
+    """Every policy over one trace, with the failed pool returning and never returning."""
     started = time.perf_counter()
-    results = [Simulation(trace, policy, seed).run() for policy in POLICIES]
-    return {"jobs": jobs, "seed": seed, "fail_at_s": FAIL_AT, "recover_at_s": RECOVER_AT,
-            "pools": [p.__dict__ for p in POOLS], "results": results,
-            "seconds": round(time.perf_counter() - started, 2)}
+    trace = make_trace(jobs, seed)
+    returns = Scenario()
+    never = dataclasses.replace(returns, recover_at_s=None)
+    out: dict[str, Any] = {
+        "jobs": jobs, "seed": seed, "failing": returns.failing, "fail_at_s": returns.fail_at_s,
+        "recover_at_s": returns.recover_at_s, "pools": [dataclasses.asdict(p) for p in returns.pools],
+        "results": run_scenario(trace, returns, seed),
+        "never_returns": run_scenario(trace, never, seed),
+        "diagnostics": router_diagnostics(trace, returns, seed),
+        "pool_estimates": pool_estimates(trace, returns.pools),
+    }
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    return out
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    base = next(r for r in rows if r["key"] == REFERENCE)
+    lines = ["| policy | $ / 1,000 images | cost vs RR | p50 s | p95 s | p95 vs RR | realtime p95 s "
+             "| past deadline (realtime) | lost | failed | re-routed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['cost_per_1000_usd']:.4f} "
+            f"| {r['cost_per_1000_usd'] / base['cost_per_1000_usd']:.2f}x "
+            f"| {r['p50_s']:.2f} | {r['p95_s']:.1f} | {r['p95_s'] / base['p95_s']:.2f}x | {r['realtime_p95_s']:.2f} "
+            f"| {r['past_deadline']} ({r['realtime_past_deadline']}) "
+            f"| {r['lost']} | {r['failed']} | {r['rerouted'] if r['key'] in MOVES_JOBS else '-'} |")
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
-    rows = results["results"]
-    base = next(r for r in rows if r["policy"] == "round-robin")
+    pools = results["pools"]
     lines = [
-        f"Routing simulation: {results['jobs']} jobs, pools {', '.join(p['name'] for p in results['pools'])}; "
-        f"{FAILING} fails at {results['fail_at_s']:.0f} s and returns at {results['recover_at_s']:.0f} s.",
+        f"Routing simulation: {results['jobs']:,} jobs (seed {results['seed']}), {len(pools)} pools; "
+        f"{results['failing']} loses every worker at {results['fail_at_s']:.0f} s"
+        + (f" and returns at {results['recover_at_s']:.0f} s." if results["recover_at_s"] is not None else "."),
         "",
-        "| policy | $ / 1,000 images | vs RR | p50 s | p95 s | vs RR | realtime p95 s | past deadline | lost | re-routed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pool | $ / GPU-hour | spot | workers x slots | slot ms per Mpix + overhead | RTT ms "
+        "| true $ / 1,000 avg images | router's estimate (idle pool) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['policy']} | {r['cost_per_1000_usd']:.4f} | {r['cost_per_1000_usd'] / base['cost_per_1000_usd']:.2f}x "
-            f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p95_s'] / base['p95_s']:.2f}x | {r['realtime_p95_s']:.2f} "
-            f"| {r['past_deadline']} | {r['lost']} | {r['rerouted']} |")
+    est = results.get("pool_estimates", {})
+    for p in pools:
+        e = est.get(p["name"], {})
+        lines.append(f"| {p['name']} | {p['price_per_gpu_hour']:.2f} | {'yes' if p['spot'] else 'no'} "
+                     f"| {p['workers']} x {p['slots_per_worker']} | {p['ms_per_mpix']:.0f} + {p['overhead_ms']:.0f} "
+                     f"| {p['rtt_ms']:.0f} | {1000 * e.get('true_usd_per_image', math.nan):.4f} "
+                     f"| {1000 * e.get('router_usd_per_image', math.nan):.4f} |")
+    lines += ["", "Pool returns:", ""] + _table(results["results"])
+    lines += ["", "Pool never returns:", ""] + _table(results["never_returns"])
+    lines += ["", "Ratios are against round-robin (< 1 is cheaper / faster). Percentiles over completed jobs; "
+              "cost is GPU spend over images delivered on time. Lost: held by the failed cluster, never resolved."]
+    diag = results.get("diagnostics")
+    if diag:
+        per_pool = ", ".join(f"{k} {v['ratio']:.1f}x" for k, v in diag["estimated_vs_actual_per_pool"].items())
+        engine, rtq, same = diag["engine_views"], diag["realtime-queue"], diag["same-job-service"]
+        lines += ["", "Router checks (gpuroute, per-job strategies; counterfactuals change only what the views show):",
+                  f"- router's cost per image over the GPU cost actually used: {per_pool}",
+                  f"- completion time actual / expected, median: realtime "
+                  f"{diag['realtime_actual_over_expected_median']:.2f}, "
+                  f"batch {diag['batch_actual_over_expected_median']:.2f}",
+                  f"- realtime jobs shown only the realtime part of each queue: realtime p95 "
+                  f"{engine['realtime_p95_s']:.2f} -> {rtq['realtime_p95_s']:.2f} s, $ / 1,000 "
+                  f"{engine['cost_per_1000_usd']:.4f} -> {rtq['cost_per_1000_usd']:.4f}",
+                  f"- every pool's service_ms for the same average job (no size bias in the EWMA): $ / 1,000 "
+                  f"{engine['cost_per_1000_usd']:.4f} -> {same['cost_per_1000_usd']:.4f}, p95 {engine['p95_s']:.1f} -> "
+                  f"{same['p95_s']:.1f} s, past deadline {engine['past_deadline']} -> {same['past_deadline']}"]
+        idle = ", ".join(f"{r['policy'].removeprefix('gpuroute, ')} {r['idle_slot_s_while_queued_elsewhere']:,.0f}"
+                         for r in results["results"] if r["key"].startswith("gpuroute"))
+        lines.append(f"- slot-seconds free on one pool while jobs waited in another's queue (jobs stay where they "
+                     f"were routed): {idle}")
+    lines += ["", f"({results['seconds']} s)"]
     return "\n".join(lines)
 
 
+def main(argv: Sequence[str]) -> None:
+    jobs = int(argv[1]) if len(argv) > 1 else 10_000
+    seed = int(argv[2]) if len(argv) > 2 else 0
+    print(markdown(run(jobs=jobs, seed=seed)))
+
+
 if __name__ == "__main__":
-    out = run(jobs=int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)
-    print(markdown(out))
-    print(f"\n({out['seconds']} s)")
+    main(sys.argv)
