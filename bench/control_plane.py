@@ -1,21 +1,34 @@
 """Control plane on a real apiserver: ImageJob create -> Completed, end to end.
 
-A real etcd + kube-apiserver, moto S3, the operator and two CPU workers. Latency is
-measured job by job (create returns -> Completed seen on a watch) for a 256x256 image
-and one step; throughput over N jobs created by a few concurrent clients. Baseline:
-the API floor, the client's own create + status patch + watch event for the same
-kind of object with no operator involved.
+A real etcd + kube-apiserver (ControlPlane), moto S3, the operator and two CPU worker
+processes (LocalStack, one pool). Measured:
+
+- latency, job by job: from the create call's return to the Completed status seen on
+  a watch of imagejobs (not polling), for a 256x256 PNG from S3 and one step (invert),
+  output written back to S3;
+- sustained throughput: N jobs (default 2,000) created by a small pool of concurrent
+  clients, from the first create to the last Completed seen on the watch;
+- status patches per job: the operator's `gpuroute_status_patches_total` before/after
+  the throughput run, over N.
+
+Baseline, the API floor: with the operator and workers stopped, the bench client itself
+creates the same ImageJob and patches the status the operator would write at the end
+(copied from a real Completed job) onto it, timed to the Completed watch event. Latency
+one at a time, throughput with the same clients. The ratio is then what the operator,
+the sockets, S3 and the worker's compute add above what the API server costs anyway.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import os
 import queue
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,80 +37,145 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.common import row, summary_ms
+from bench.common import percentile, row, summary_ms
 from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
 from gpuroute.localenv.objectstore import S3Server
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute.localenv.stack import TERMINAL_PHASES, LocalStack, PoolConfig
 
 GROUP, VERSION, PLURAL = "gpuroute.io", "v1alpha1", "imagejobs"
-BUCKET, NS = "bench", "bench"
+BUCKET, NS, POOL = "bench", "bench", "bench-pool"
+TIMING_FIELDS = ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs", "uploadMs", "totalMs")
 
 
 class PhaseWatch:
-    """Records when each ImageJob is first seen in a phase, from a watch stream."""
+    """When each ImageJob of a namespace is first seen in a terminal phase, from a watch.
 
-    def __init__(self, stack: LocalStack, namespace: str, phase: str) -> None:
-        from kubernetes import watch
+    Lists first and watches from the list's resourceVersion, so no event between the two
+    is missed; if the stream ends (server timeout, compaction) it lists and watches again.
+    """
 
-        self.seen: dict[str, float] = {}
+    def __init__(self, stack: LocalStack, namespace: str) -> None:
+        self.finished: dict[str, tuple[float, str, dict[str, Any]]] = {}
         self._events: queue.Queue[str] = queue.Queue()
-        self._watch = watch.Watch()
         self._api = stack.custom
-        self._namespace, self._phase = namespace, phase
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._namespace = namespace
+        self._stopped = threading.Event()
+        self._watch: Any = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{namespace}", daemon=True)
         self._thread.start()
-        time.sleep(0.3)
+        if not self._ready.wait(30):
+            raise TimeoutError(f"could not list imagejobs in {namespace}")
+
+    def _note(self, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        status = obj.get("status") or {}
+        if status.get("phase") in TERMINAL_PHASES and name not in self.finished:
+            self.finished[name] = (time.perf_counter(), str(status["phase"]), status)
+            self._events.put(name)
 
     def _run(self) -> None:
-        try:
-            self._stream()
-        except Exception:  # the stream breaks when the bench tears the apiserver down
-            if not self._stopped:
-                raise
+        from kubernetes import watch
 
-    def _stream(self) -> None:
-        for event in self._watch.stream(self._api.list_namespaced_custom_object, GROUP, VERSION, self._namespace,
-                                        PLURAL, timeout_seconds=3600):
-            obj = event["object"]
-            name = obj["metadata"]["name"]
-            if (obj.get("status") or {}).get("phase") == self._phase and name not in self.seen:
-                self.seen[name] = time.perf_counter()
-                self._events.put(name)
+        while not self._stopped.is_set():
+            try:
+                listed = self._api.list_namespaced_custom_object(GROUP, VERSION, self._namespace, PLURAL)
+                for item in listed["items"]:
+                    self._note(item)
+                self._ready.set()
+                self._watch = watch.Watch()
+                for event in self._watch.stream(self._api.list_namespaced_custom_object, GROUP, VERSION,
+                                                self._namespace, PLURAL,
+                                                resource_version=listed["metadata"]["resourceVersion"],
+                                                timeout_seconds=600):
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._note(event["object"])
+            except Exception as exc:  # the stream breaks when the bench tears the apiserver down
+                if self._stopped.is_set():
+                    return
+                self._error = exc
+                time.sleep(0.2)
 
     def wait(self, name: str, timeout: float = 60.0) -> float:
+        """perf_counter() when `name` was seen Completed; raises if it ended otherwise."""
         deadline = time.monotonic() + timeout
-        while name not in self.seen:
+        while name not in self.finished:
             try:
-                self._events.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty as exc:
-                raise TimeoutError(f"{name} never reached {self._phase}") from exc
-        return self.seen[name]
+                self._events.get(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} never finished (last watch error: {self._error!r})") from None
+        seen, phase, status = self.finished[name]
+        if phase != "Completed":
+            raise RuntimeError(f"{name} ended {phase}: {status.get('reason')}: {status.get('message')}")
+        return seen
 
     def stop(self) -> None:
-        self._stopped = True
-        self._watch.stop()
+        self._stopped.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+
+def _png_256() -> bytes:
+    buffer = io.BytesIO()
+    try:
+        from skimage import data
+
+        Image.fromarray(data.astronaut()).resize((256, 256), Image.BICUBIC).save(buffer, "PNG")
+    except ImportError:
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 @contextmanager
-def local_stack(workers: int, *, workdir: Path) -> Iterator[LocalStack]:
+def local_stack(workers: int, *, workdir: Path, capacity: int = 8) -> Iterator[LocalStack]:
+    """Control plane, S3 with a 256x256 input, one pool with `workers` CPU workers (0: none connect)."""
+    # moto's werkzeug server logs every request to stderr: thousands of lines per run.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with ControlPlane(ControlPlaneConfig(workdir=workdir / "cp", name="bench")) as cp, S3Server() as s3:
         s3.create_bucket(BUCKET)
-        buffer = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buffer, "PNG")
-        s3.client().put_object(Bucket=BUCKET, Key="in/256.png", Body=buffer.getvalue())
+        s3.client().put_object(Bucket=BUCKET, Key="in/256.png", Body=_png_256())
         stack = LocalStack(workdir / "stack", cp, s3)
         try:
             stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
             names = tuple(f"w{i + 1}" for i in range(workers))
-            stack.add_pool(PoolConfig("bench-pool", workers=names or ("none",), max_in_flight_per_worker=8))
+            # With no workers the pool still admits a key nobody uses: jobs stay Queued.
+            stack.add_pool(PoolConfig(POOL, workers=names or ("nobody",), max_in_flight_per_worker=capacity))
             stack.start_operator()
             for name in names:
-                stack.start_worker("bench-pool", name, capacity=8)
-            stack.wait_for_pool("bench-pool", workers=workers)
+                stack.start_worker(POOL, name, capacity=capacity)
+            stack.wait_for_pool(POOL, workers=workers)
             yield stack
         finally:
             stack.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat (fields 14 and 15)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(stack: LocalStack) -> dict[str, float]:
+    """CPU seconds so far of every process of the stack, by component.
+
+    On 2 shared cores throughput is bounded by CPU, so CPU per job says which component
+    the jobs/s figure is paying for. The control plane's processes are read through its
+    private child list (no public accessor); absent, they are left out.
+    """
+    times = os.times()
+    snapshot = {"bench process (clients, watch, moto S3)": times.user + times.system}
+    if stack.operator is not None:
+        snapshot["operator"] = _cpu_seconds(stack.operator.popen.pid)
+    snapshot["workers"] = sum(_cpu_seconds(w.popen.pid) for w in stack.workers.values())
+    for child in getattr(stack.control_plane, "_children", []):
+        snapshot[str(child.name)] = _cpu_seconds(child.popen.pid)
+    return snapshot
 
 
 def job_body(name: str) -> dict[str, Any]:
@@ -106,70 +184,118 @@ def job_body(name: str) -> dict[str, Any]:
                      "steps": [{"op": "invert"}], "priority": "realtime"}}
 
 
-def api_floor(stack: LocalStack, samples: int) -> list[float]:
-    """Create + status patch + see the patch on a watch, by the client itself, no operator."""
-    stack.ensure_namespace("floor")
-    watch = PhaseWatch(stack, "floor", "Completed")
-    timings = []
+def create_job(stack: LocalStack, namespace: str, name: str) -> None:
+    stack.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job_body(name))
+
+
+def burst(clients: int, names: list[str], create: Callable[[str], None]) -> float:
+    """Runs create(name) for every name on `clients` threads; returns when the first started."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in pool.map(create, names):  # re-raises the first failure
+            pass
+    return started
+
+
+def settled_metric(stack: LocalStack, name: str, *, quiet_s: float = 1.5, timeout: float = 30.0) -> float:
+    """The metric once it stopped changing: coalesced status writes land a little later."""
+    value, since, deadline = stack.operator_metric(name), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        current = stack.operator_metric(name)
+        if current != value:
+            value, since = current, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return value
+
+
+def _api_floor(stack: LocalStack, status: dict[str, Any], latency_jobs: int, throughput_jobs: int,
+               clients: int) -> tuple[list[float], float]:
+    """The client's own create + final status patch + watch event, nothing else running."""
+    namespace = "bench-floor"
+    stack.ensure_namespace(namespace)
+    watch = PhaseWatch(stack, namespace)
+
+    def create_and_complete(name: str) -> None:
+        create_job(stack, namespace, name)
+        stack.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
+                                                           {"status": status})
+
     try:
-        for i in range(samples):
-            name = f"floor-{i}"
-            body = job_body(name)
-            body["metadata"]["annotations"] = {"gpuroute.io/cancel": "true"}  # the operator only cancels it
+        for i in range(5):  # warm-up
+            create_and_complete(f"warm-{i}")
+            watch.wait(f"warm-{i}")
+        latencies = []
+        for i in range(latency_jobs):
             started = time.perf_counter()
-            stack.custom.create_namespaced_custom_object(GROUP, VERSION, "floor", PLURAL, body)
-            stack.custom.patch_namespaced_custom_object_status(GROUP, VERSION, "floor", PLURAL, name,
-                                                               {"status": {"phase": "Completed"}})
-            timings.append(watch.wait(name) - started)
+            create_and_complete(f"lat-{i}")
+            latencies.append(watch.wait(f"lat-{i}") - started)
+        names = [f"tp-{i}" for i in range(throughput_jobs)]
+        started = burst(clients, names, create_and_complete)
+        finished = max(watch.wait(n, timeout=600) for n in names)
     finally:
         watch.stop()
-    return timings
+    return latencies, throughput_jobs / (finished - started)
 
 
-def run(*, latency_jobs: int = 100, throughput_jobs: int = 2000, clients: int = 4) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="gpuroute-bench-") as tmp, local_stack(2, workdir=Path(tmp)) as stack:
-        watch = PhaseWatch(stack, NS, "Completed")
+def run(*, latency_jobs: int = 200, throughput_jobs: int = 2000, clients: int = 4, workers: int = 2) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gpuroute-bench-") as tmp, local_stack(workers, workdir=Path(tmp)) as stack:
+        watch = PhaseWatch(stack, NS)
         try:
-            for i in range(5):  # warm-up: first jobs pay torch and boto3 start-up
-                stack.custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, job_body(f"warm-{i}"))
+            for i in range(5):  # warm-up: first jobs pay torch, boto3 and connection start-up
+                create_job(stack, NS, f"warm-{i}")
                 watch.wait(f"warm-{i}")
             latencies = []
             for i in range(latency_jobs):
                 name = f"lat-{i}"
                 started = time.perf_counter()
-                stack.custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, job_body(name))
+                create_job(stack, NS, name)
                 latencies.append(watch.wait(name) - started)
-            patches_before = stack.operator_metric("gpuroute_status_patches_total")
+            patches_before = settled_metric(stack, "gpuroute_status_patches_total")
+            cpu_before = cpu_snapshot(stack)
             names = [f"tp-{i}" for i in range(throughput_jobs)]
-            started = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(lambda n: stack.custom.create_namespaced_custom_object(
-                    GROUP, VERSION, NS, PLURAL, job_body(n)), names))
-            finished = max(watch.wait(n, timeout=600) for n in names)
-            elapsed = finished - started
-            time.sleep(1.0)  # let the last coalesced patches land before reading the counter
-            patches = stack.operator_metric("gpuroute_status_patches_total") - patches_before
+            started = burst(clients, names, lambda n: create_job(stack, NS, n))
+            created = time.perf_counter()
+            finished = max(watch.wait(n, timeout=900) for n in names)
+            cpu_after = cpu_snapshot(stack)
+            patches = settled_metric(stack, "gpuroute_status_patches_total") - patches_before
         finally:
             watch.stop()
-        floor = api_floor(stack, 50)
+        # Where the latency goes, from the operator's own timing in the final status.
+        timing = {f: round(percentile([float((watch.finished[f"lat-{i}"][2].get("timing") or {}).get(f, 0.0))
+                                       for i in range(latency_jobs)], 0.5), 2) for f in TIMING_FIELDS}
+        final_status = dict(watch.finished["lat-0"][2])
+        # The floor runs with nothing else on the apiserver or the cores.
+        for process in [*stack.workers.values(), *([stack.operator] if stack.operator else [])]:
+            process.stop()
+        floor, floor_rate = _api_floor(stack, final_status, latency_jobs, throughput_jobs, clients)
     lat, base = summary_ms(latencies), summary_ms(floor)
-    throughput = throughput_jobs / elapsed
+    throughput = throughput_jobs / (finished - started)
+    per_job = patches / throughput_jobs
     return {
-        "latency": lat, "api_floor": base, "throughput_jobs_per_s": round(throughput, 2),
-        "throughput_jobs": throughput_jobs, "status_patches_per_job": round(patches / throughput_jobs, 2),
+        "workers": workers, "clients": clients, "latency": lat, "latency_status_timing_p50_ms": timing,
+        "api_floor": base, "throughput_jobs": throughput_jobs, "throughput_jobs_per_s": round(throughput, 2),
+        "create_rate_jobs_per_s": round(throughput_jobs / (created - started), 1),
+        "api_floor_throughput_jobs_per_s": round(floor_rate, 2), "status_patches_per_job": round(per_job, 3),
+        "throughput_cpu_ms_per_job": {k: round((cpu_after[k] - cpu_before.get(k, 0.0)) * 1000 / throughput_jobs, 2)
+                                      for k in cpu_after},
+        "throughput_wall_s": round(finished - started, 2),
         "rows": [
-            row("control plane", "create->Completed p50", lat["p50_ms"], "ms", "API floor p50", base["p50_ms"], higher_is_better=False),
-            row("control plane", "create->Completed p95", lat["p95_ms"], "ms", "API floor p95", base["p95_ms"], higher_is_better=False),
-            row("control plane", "create->Completed p99", lat["p99_ms"], "ms", "API floor p99", base["p99_ms"], higher_is_better=False),
-            row("control plane", f"throughput over {throughput_jobs} jobs", throughput, "jobs/s",
-                "API floor (1 client, sequential)", 1000.0 / base["mean_ms"], higher_is_better=True),
-            row("control plane", "status patches per job", patches / throughput_jobs, "patches", "one per phase (4)", 4.0,
+            row("control plane", "create->Completed p50", lat["p50_ms"], "ms", "API floor p50", base["p50_ms"],
+                higher_is_better=False),
+            row("control plane", "create->Completed p95", lat["p95_ms"], "ms", "API floor p95", base["p95_ms"],
+                higher_is_better=False),
+            row("control plane", "create->Completed p99", lat["p99_ms"], "ms", "API floor p99", base["p99_ms"],
+                higher_is_better=False),
+            row("control plane", f"throughput, {throughput_jobs} jobs, {workers} CPU workers", throughput, "jobs/s",
+                f"API floor, create + status patch, {clients} clients", floor_rate, higher_is_better=True),
+            row("control plane", "status patches per job", per_job, "patches", "one per phase change (4)", 4.0,
                 higher_is_better=False),
         ],
     }
 
 
 if __name__ == "__main__":
-    jobs = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    out = run(throughput_jobs=jobs)
+    out = run(throughput_jobs=int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
     print({k: v for k, v in out.items() if k != "rows"})

@@ -1,25 +1,39 @@
 """Dispatch overhead: one small job over the persistent CURVE socket vs HTTPS per job.
 
-Socket side: a real `gpuroute worker` process dialing a ROUTER with the operator's ZAP
-handler; the bench sends JOB messages with an inline 256x256 PNG and waits for RESULT.
-HTTPS side: a minimal server written here around the same worker pipeline (decode,
-run_pipeline, encode, upload), called with a NEW TLS connection per job: the pattern
-the socket design replaces. Both upload the output to the same local PUT sink.
+Socket side: a real `gpuroute worker` process dials a ROUTER that runs the operator's
+ZAP handler (gpuroute_operator.zap) and CURVE server keys; the bench speaks the wire
+protocol (gpuroute.protocol) itself: JOB with an inline 256x256 PNG and an output URL,
+wait for RESULT. HTTPS side: a minimal server written here around the same worker code
+(decode_image, run_pipeline with the executor's uint8/float conversions, encode_image,
+upload), called with a NEW TCP + TLS connection per job, the pattern the socket design
+replaces (self-signed certificate from the `cryptography` package). A third series
+reuses one HTTPS keep-alive connection, to show which part of the gap is the
+connection set-up. Every side uploads its output to the same local PUT sink, and both
+servers compute on one torch thread.
+
+The series are interleaved job by job (socket, HTTPS new connection, HTTPS keep-alive),
+so load from other work on the shared cores falls on all of them alike.
+On loopback a handshake costs microseconds of network; across clouds each new
+connection adds a TCP and a TLS round trip (2 x RTT) that the persistent socket does
+not pay, so these figures are the floor of the difference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import io
 import ipaddress
 import os
+import signal
 import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,20 +47,32 @@ from PIL import Image
 from bench.common import row, summary_ms
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair, write_key_file
-from gpuroute.localenv.stack import free_port
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute.protocol import Kind
 
 STEPS = [{"op": "invert"}]
+WARMUP = 3
+"""Untimed jobs first: they pay torch's first-call costs on each side."""
 
 
 def _png() -> bytes:
+    try:
+        from skimage import data
+
+        image = Image.fromarray(data.astronaut()).resize((256, 256), Image.BICUBIC)
+    except ImportError:
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8))
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buffer, "PNG")
+    image.save(buffer, "PNG")
     return buffer.getvalue()
 
 
 class _Sink(BaseHTTPRequestHandler):
+    """Accepts PUTs and discards them: the output target of every series."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as real servers do: no 40 ms delayed-ACK stalls
+
     def do_PUT(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.send_response(200)
@@ -57,8 +83,17 @@ class _Sink(BaseHTTPRequestHandler):
         return
 
 
-def _serve(server: ThreadingHTTPServer) -> None:
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+@contextlib.contextmanager
+def _serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -69,7 +104,7 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
             .not_valid_after(now + dt.timedelta(days=1))
@@ -82,22 +117,26 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def https_side(jobs: int, sink_url: str, folder: Path) -> list[float]:
+def _https_server(sink_url: str, cert: Path, key: Path) -> ThreadingHTTPServer:
     import torch
 
     from gpuroute_worker.codec import decode_image, encode_image
     from gpuroute_worker.ops import run_pipeline
     from gpuroute_worker.transfer import upload
 
-    torch.set_num_threads(1)  # as the worker process runs in the socket case
     steps = normalize_steps(STEPS)
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive possible; the per-job client closes anyway
+        disable_nagle_algorithm = True  # as real servers do: no 40 ms delayed-ACK stalls
+
         def do_POST(self) -> None:  # noqa: N802
             data = self.rfile.read(int(self.headers["Content-Length"]))
             pixels = decode_image(data, max_bytes=64 << 20, max_pixels=64_000_000)
-            out = run_pipeline(pixels.unsqueeze(0).float().div(255.0), steps)
-            encoded = encode_image(out.mul(255).round().to(torch.uint8)[0], fmt="png", quality=90)
+            with torch.inference_mode():
+                out = run_pipeline(pixels.unsqueeze(0).to(torch.float32).div_(255.0), steps)
+                quantized = out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)[0]
+            encoded = encode_image(quantized, fmt="png", quality=90)
             upload(f"{sink_url}/https.png", encoded.data, headers={"Content-Type": "image/png"}, timeout_s=10)
             body = encoded.sha256.encode()
             self.send_response(200)
@@ -108,103 +147,168 @@ def https_side(jobs: int, sink_url: str, folder: Path) -> list[float]:
         def log_message(self, *_: object) -> None:
             return
 
-    cert, key = _self_signed(folder)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    _serve(server)
-    url = f"https://127.0.0.1:{server.server_address[1]}/job"
-    png = _png()
-    timings = []
-    try:
-        for i in range(jobs + 3):
-            started = time.perf_counter()
-            with requests.Session() as session:  # a new TCP + TLS connection per job
-                response = session.post(url, data=png, verify=str(cert), timeout=30)
-            response.raise_for_status()
-            if i >= 3:
-                timings.append(time.perf_counter() - started)
-    finally:
-        server.shutdown()
-    return timings
+    return server
 
 
-async def _socket_jobs(jobs: int, sink_url: str, folder: Path) -> list[float]:
-    from gpuroute_operator.zap import ZapHandler
+class _SocketSide:
+    """A ROUTER with CURVE + ZAP, as the operator binds it, and one real worker process."""
 
-    server_keys, worker_keys = KeyPair.generate(), KeyPair.generate()
-    write_key_file(folder / "w.key_secret", worker_keys.secret)
-    (folder / "server.key").write_bytes(server_keys.public)
-    context = zmq.asyncio.Context()
-    zap = ZapHandler(context)
-    zap.set_pool_keys("bench", [worker_keys.public], ())
-    zap.start()
-    router = context.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.curve_server = True
-    router.curve_secretkey, router.curve_publickey = server_keys.secret, server_keys.public
-    router.setsockopt(zmq.ZAP_DOMAIN, b"gpuroute")
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "gpuroute.cli", "worker", "--operator", f"tcp://127.0.0.1:{port}", "--pool", "bench",
-         "--id", "w", "--key-file", str(folder / "w.key_secret"), "--server-public-key-file", str(folder / "server.key"),
-         "--health-port", "0", "--threads", "1", "--device", "cpu", "--max-batch", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ}, start_new_session=True)
-    png = _png()
-    timings: list[float] = []
-    try:
-        frames = await asyncio.wait_for(router.recv_multipart(), timeout=60)  # READY
-        routing_id = frames[0]
+    def __init__(self, folder: Path) -> None:
+        from gpuroute_operator.zap import ZapHandler
 
-        async def beat() -> None:
+        self.folder = folder
+        server_keys, worker_keys = KeyPair.generate(), KeyPair.generate()
+        write_key_file(folder / "w.key_secret", worker_keys.secret)
+        (folder / "server.key").write_bytes(server_keys.public + b"\n")
+        self.context = zmq.asyncio.Context()
+        self.zap = ZapHandler(self.context)
+        self.zap.set_pool_keys("bench", [worker_keys.public], ())
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.router.curve_server = True
+        self.router.curve_secretkey, self.router.curve_publickey = server_keys.secret, server_keys.public
+        self.router.setsockopt(zmq.ZAP_DOMAIN, b"gpuroute")
+        self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.routing_id = b""
+        self._beater: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.zap.start()
+        log = (self.folder / "worker.log").open("wb")
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "gpuroute.cli", "worker", "--operator", f"tcp://127.0.0.1:{self.port}",
+             "--pool", "bench", "--id", "bench-worker", "--key-file", str(self.folder / "w.key_secret"),
+             "--server-public-key-file", str(self.folder / "server.key"), "--health-port", "0", "--threads", "1",
+             "--device", "cpu", "--max-batch", "1", "--capacity", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        log.close()
+        try:
             while True:
-                await router.send_multipart([routing_id, *protocol.encode(Kind.HEARTBEAT, {"ping": time.monotonic()})])
-                await asyncio.sleep(protocol.HEARTBEAT_INTERVAL_S)
-
-        beater = asyncio.get_running_loop().create_task(beat())
-        for i in range(jobs + 3):
-            header = {"job": f"bench/{i}", "steps": STEPS, "input": {"inline": True},
-                      "output": {"url": f"{sink_url}/socket.png", "headers": {}, "format": "png", "quality": 90},
-                      "timeoutS": 30}
-            started = time.perf_counter()
-            await router.send_multipart([routing_id, *protocol.encode(Kind.JOB, header, png)])
-            while True:
-                reply = await asyncio.wait_for(router.recv_multipart(), timeout=30)
-                message = protocol.decode(reply[1:])
-                if message.kind in (Kind.RESULT, Kind.ERROR) and message.header.get("job") == header["job"]:
+                frames = await asyncio.wait_for(self.router.recv_multipart(), timeout=90)
+                if protocol.decode(frames[1:]).kind is Kind.READY:
+                    self.routing_id = frames[0]
                     break
-            if message.kind is Kind.ERROR:
-                raise RuntimeError(f"worker failed the bench job: {message.header}")
-            if i >= 3:
-                timings.append(time.perf_counter() - started)
-        beater.cancel()
+        except TimeoutError as exc:
+            raise RuntimeError(f"the bench worker never sent READY:\n{self.log_tail()}") from exc
+        self._beater = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        # The worker treats a silent operator as gone after HEARTBEAT_LIVENESS beats.
+        while True:
+            await self.router.send_multipart([self.routing_id, *protocol.encode(Kind.HEARTBEAT, {})])
+            await asyncio.sleep(protocol.HEARTBEAT_INTERVAL_S)
+
+    async def job(self, index: int, png: bytes, sink_url: str) -> tuple[float, float]:
+        """(round trip seconds, the worker's own workerMs / 1000) for one JOB."""
+        header = {"job": f"bench-{index}/1", "steps": STEPS, "input": {"inline": True},
+                  "output": {"url": f"{sink_url}/socket.png", "headers": {}, "format": "png", "quality": 90},
+                  "timeoutS": 30}
+        started = time.perf_counter()
+        await self.router.send_multipart([self.routing_id, *protocol.encode(Kind.JOB, header, png)])
+        while True:
+            reply = await asyncio.wait_for(self.router.recv_multipart(), timeout=30)
+            message = protocol.decode(reply[1:])
+            if message.kind in (Kind.RESULT, Kind.ERROR) and message.header.get("job") == header["job"]:
+                break
+        elapsed = time.perf_counter() - started
+        if message.kind is Kind.ERROR:
+            raise RuntimeError(f"worker failed the bench job: {dict(message.header)}")
+        return elapsed, float(message.header["timing"].get("workerMs", 0.0)) / 1000.0
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join((self.folder / "worker.log").read_text(errors="replace").splitlines()[-30:])
+        except OSError:
+            return ""
+
+    async def close(self) -> None:
+        if self._beater is not None:
+            self._beater.cancel()
+        if self.worker is not None and self.worker.poll() is None:
+            os.killpg(self.worker.pid, signal.SIGTERM)  # its own session: started by us, so ours to end
+            try:
+                self.worker.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.worker.pid, signal.SIGKILL)
+                self.worker.wait(10)
+        self.router.close()
+        await self.zap.stop()
+        self.context.term()
+
+
+async def _interleaved(jobs: int, folder: Path, sink_url: str, https_url: str, cert: Path) -> dict[str, list[float]]:
+    png = _png()
+    series: dict[str, list[float]] = {"socket": [], "worker_ms": [], "https_new": [], "https_keepalive": []}
+    side = _SocketSide(folder)
+    keepalive = requests.Session()
+
+    def https_new() -> float:
+        started = time.perf_counter()
+        with requests.Session() as session:  # a new TCP + TLS connection for this job only
+            response = session.post(https_url, data=png, verify=str(cert), timeout=30)
+        response.raise_for_status()
+        return time.perf_counter() - started
+
+    def https_reused() -> float:
+        started = time.perf_counter()
+        response = keepalive.post(https_url, data=png, verify=str(cert), timeout=30)
+        response.raise_for_status()
+        return time.perf_counter() - started
+
+    call: Callable[[], float]
+    try:
+        await side.start()
+        for i in range(jobs + WARMUP):
+            socket_s, worker_s = await side.job(i, png, sink_url)
+            # The HTTPS calls block the loop for ~10 ms; heartbeats are 1 s apart, so harmless.
+            figures = {"socket": socket_s, "worker_ms": worker_s}
+            for name, call in (("https_new", https_new), ("https_keepalive", https_reused)):
+                figures[name] = call()
+            if i >= WARMUP:
+                for name, value in figures.items():
+                    series[name].append(value)
     finally:
-        worker.terminate()
-        worker.wait(10)
-        router.close()
-        await zap.stop()
-        context.term()
-    return timings
+        keepalive.close()
+        await side.close()
+    return series
 
 
 def run(*, jobs: int = 200) -> dict[str, Any]:
-    sink = ThreadingHTTPServer(("127.0.0.1", free_port()), _Sink)
-    _serve(sink)
-    sink_url = f"http://127.0.0.1:{sink.server_address[1]}"
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the HTTPS server computes on one thread, as the worker process does
     try:
-        with tempfile.TemporaryDirectory(prefix="gpuroute-bench-dispatch-") as tmp:
-            socket_times = asyncio.run(_socket_jobs(jobs, sink_url, Path(tmp)))
-            https_times = https_side(jobs, sink_url, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="gpuroute-bench-dispatch-") as tmp, \
+                _serving(ThreadingHTTPServer(("127.0.0.1", 0), _Sink)) as sink:
+            folder = Path(tmp)
+            sink_url = f"http://127.0.0.1:{sink.server_address[1]}"
+            cert, key = _self_signed(folder)
+            with _serving(_https_server(sink_url, cert, key)) as https:
+                https_url = f"https://127.0.0.1:{https.server_address[1]}/job"
+                series = asyncio.run(_interleaved(jobs, folder, sink_url, https_url, cert))
     finally:
-        sink.shutdown()
-    ours, base = summary_ms(socket_times), summary_ms(https_times)
-    return {"socket": ours, "https_new_connection": base, "jobs": jobs, "rows": [
-        row("dispatch", "round trip p50, persistent CURVE socket", ours["p50_ms"], "ms",
-            "HTTPS, new TLS connection per job", base["p50_ms"], higher_is_better=False),
-        row("dispatch", "round trip p95, persistent CURVE socket", ours["p95_ms"], "ms",
-            "HTTPS, new TLS connection per job", base["p95_ms"], higher_is_better=False),
-    ]}
+        torch.set_num_threads(threads)
+    ours, new, reused = summary_ms(series["socket"]), summary_ms(series["https_new"]), summary_ms(series["https_keepalive"])
+    overhead = summary_ms([s - w for s, w in zip(series["socket"], series["worker_ms"])])
+    return {
+        "jobs": jobs, "socket": ours, "socket_minus_worker_time": overhead, "worker_time": summary_ms(series["worker_ms"]),
+        "https_new_connection": new, "https_keepalive": reused,
+        "rows": [
+            row("dispatch", "small job round trip p50, persistent CURVE socket", ours["p50_ms"], "ms",
+                "HTTPS, new TLS connection per job", new["p50_ms"], higher_is_better=False),
+            row("dispatch", "small job round trip p95, persistent CURVE socket", ours["p95_ms"], "ms",
+                "HTTPS, new TLS connection per job", new["p95_ms"], higher_is_better=False),
+            row("dispatch", "small job round trip p50, persistent CURVE socket", ours["p50_ms"], "ms",
+                "HTTPS, one keep-alive connection", reused["p50_ms"], higher_is_better=False),
+        ],
+    }
 
 
 if __name__ == "__main__":

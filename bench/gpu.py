@@ -1,82 +1,164 @@
 """GPU figures (device machine only): per-op GPU time, batching gain, super-resolution.
 
-Without CUDA it returns a skip note and measures nothing.
+- Per op: `run_pipeline` on a 1024x1024 image already on the GPU (as the executor runs
+  it after the host-to-device copy, uint8 -> float -> uint8 included), ms per output
+  megapixel; baseline: Pillow doing the same op on one CPU core of the same machine.
+- Batching: images/s of one pipeline (sharpen, then bicubic 0.5x) at batch 1, 8 and 32
+  for 256^2 and 1024^2 inputs; baseline: batch 1 (unbatched).
+- Super-resolution x4 of one 1080p frame, RRDBNet (Real-ESRGAN x4plus: 64 features, 23
+  blocks, growth 32) and SRVGGNetCompact (realesr-general-x4v3: 64 features, 32 convs,
+  PReLU), random weights at the published shapes, tiled as the worker tiles
+  (pipeline.DEFAULT_TILE, TILE_PAD); fp32, fp16 and bf16; baseline: fp32. Random weights
+  may overflow in fp16: the time is what is measured, not the picture.
+
+GPU times come from CUDA events around `repeats` calls after a warm-up. Without CUDA,
+`run()` returns a skip note and measures nothing. `run(device="cpu", ...)` with tiny
+sizes exercises every code path on the CPU (the smoke test does that), timing with
+perf_counter; such figures mean nothing for a GPU.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
-from bench.common import row
+from bench.common import best_of, row
+from bench.worker_ops import OPS as CPU_OPS
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute_worker.ops import run_pipeline
 
-OPS = ({"op": "resize", "scale": 0.5, "method": "bicubic"}, {"op": "upscale", "scale": 2, "method": "lanczos"},
-       {"op": "blur", "radius": 2}, {"op": "sharpen"}, {"op": "denoise", "size": 3}, {"op": "rotate", "angle": 17},
-       {"op": "equalize"}, {"op": "grayscale"})
+BATCH_STEPS = [{"op": "sharpen"}, {"op": "resize", "scale": 0.5, "method": "bicubic"}]
+DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _cuda_time(fn: Callable[[], Any], repeats: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats / 1000.0
+def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], Any]], float]:
+    """Seconds per call of fn on `device`."""
+
+    def cuda_time(fn: Callable[[], Any]) -> float:
+        fn()  # warm-up: cuDNN picks kernels, the caching allocator fills
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / repeats / 1000.0
+
+    def cpu_time(fn: Callable[[], Any]) -> float:
+        return best_of(fn, repeats)
+
+    return cuda_time if device.type == "cuda" else cpu_time
 
 
-def run() -> dict[str, Any]:
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device on this machine", "rows": []}
+def _quantized(pixels: torch.Tensor, steps: Sequence[Any]) -> torch.Tensor:
+    # The executor's work around run_pipeline: uint8 -> float in [0, 1] -> pipeline -> uint8.
+    out = run_pipeline(pixels.to(torch.float32).div_(255.0), steps)
+    return out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _per_op(device: torch.device, size: int, timed: Callable[[Callable[[], Any]], float], pillow_repeats: int,
+            out: dict[str, Any]) -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).unsqueeze(0).to(device)
+    for name, (step, reference) in CPU_OPS.items():
+        steps = normalize_steps([step])
+        result = _quantized(pixels, steps)
+        out_mpix = result.shape[-1] * result.shape[-2] / 1e6
+        gpu_s = timed(lambda: _quantized(pixels, steps))
+        pillow_s = best_of(lambda: reference(image), pillow_repeats)
+        out["ops"][name] = {"ms_per_mpix": round(gpu_s * 1000 / out_mpix, 4),
+                            "pillow_ms_per_mpix": round(pillow_s * 1000 / out_mpix, 3)}
+        out["rows"].append(row("gpu ops", f"{name} ({device.type})", gpu_s * 1000 / out_mpix, "ms/Mpix",
+                               "Pillow (1 CPU core)", pillow_s * 1000 / out_mpix, higher_is_better=False))
+
+
+def _batching(device: torch.device, sizes: Sequence[int], batches: Sequence[int],
+              timed: Callable[[Callable[[], Any]], float], out: dict[str, Any]) -> None:
+    steps = normalize_steps(BATCH_STEPS)
+    for size in sizes:
+        rates: dict[int, float] = {}
+        for batch in batches:
+            # Allocated outside the timed call: only the pipeline is measured.
+            pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+            rates[batch] = batch / timed(lambda: _quantized(pixels, steps))
+            del pixels
+        out["batching"][f"{size}^2"] = {f"batch {b}": round(r, 1) for b, r in rates.items()}
+        base = min(batches)
+        for batch in batches:
+            if batch != base:
+                out["rows"].append(row("gpu batching", f"{size}^2, batch {batch}", rates[batch], "images/s",
+                                       f"batch {base}", rates[base], higher_is_better=True))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _super_resolution(device: torch.device, frame_hw: tuple[int, int], dtypes: Sequence[str], rrdb_blocks: int,
+                      timed: Callable[[Callable[[], Any]], float], out: dict[str, Any]) -> None:
+    from gpuroute_worker.ops.pipeline import DEFAULT_TILE, TILE_PAD
     from gpuroute_worker.sr.rrdbnet import RRDBNet
     from gpuroute_worker.sr.srvgg import SRVGGNetCompact
+    from gpuroute_worker.sr.tiling import tiled_forward
 
-    device = torch.device("cuda")
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "ops_ms_per_mpix": {}, "batching": {}, "sr": {},
-                           "rows": []}
-    image = torch.rand(1, 3, 1024, 1024, device=device)
-    for step in OPS:
-        steps = normalize_steps([step])
-        seconds = _cuda_time(lambda: run_pipeline(image, steps))
-        out["ops_ms_per_mpix"][step["op"]] = round(seconds * 1000 / 1.048576, 3)
-    steps = normalize_steps([{"op": "sharpen"}, {"op": "resize", "scale": 0.5}])
-    for size in (256, 1024):
-        single = _cuda_time(lambda: run_pipeline(torch.rand(1, 3, size, size, device=device), steps))
-        for batch in (8, 32):
-            batched = _cuda_time(lambda: run_pipeline(torch.rand(batch, 3, size, size, device=device), steps))
-            gain = (batch / batched) / (1 / single)
-            out["batching"][f"{size}^2 batch {batch}"] = {"images_per_s": round(batch / batched, 1),
-                                                          "unbatched_images_per_s": round(1 / single, 1)}
-            out["rows"].append(row("gpu batching", f"{size}^2 batch {batch}", batch / batched, "images/s",
-                                   "batch 1", 1 / single, higher_is_better=True))
-            del gain
-    frame = torch.rand(1, 3, 1080, 1920, device=device)
-    for name, model in (("RRDBNet x4", RRDBNet(3, 3, scale=4, num_feat=64, num_block=23, num_grow_ch=32)),
-                        ("SRVGGNetCompact x4", SRVGGNetCompact(3, 3, num_feat=64, num_conv=32, upscale=4, act_type="prelu"))):
-        model = model.to(device).eval()
-        timings = {}
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            typed = model.to(dtype)
+    models: dict[str, Callable[[], torch.nn.Module]] = {
+        "RRDBNet x4": lambda: RRDBNet(3, 3, scale=4, num_feat=64, num_block=rrdb_blocks, num_grow_ch=32),
+        "SRVGGNetCompact x4": lambda: SRVGGNetCompact(3, 3, num_feat=64, num_conv=32, upscale=4, act_type="prelu"),
+    }
+    frame = torch.rand(1, 3, *frame_hw, device=device)
+    label = f"{frame_hw[1]}x{frame_hw[0]}"
+    for name, make in models.items():
+        torch.manual_seed(0)
+        model = make().to(device).eval()
+        multiple = int(getattr(model, "input_multiple", 1))
+        timings: dict[str, float] = {}
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            typed_model, typed_frame = model.to(dtype), frame.to(dtype)
             with torch.inference_mode():
-                # A 1080p x4 output is 8K: tile like the worker does to bound memory.
-                from gpuroute_worker.sr.tiling import tiled_forward
+                seconds = timed(lambda: tiled_forward(typed_model, typed_frame, 4, tile=DEFAULT_TILE, pad=TILE_PAD,
+                                                      multiple=multiple))
+            timings[dtype_name] = seconds * 1000.0
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        out["sr"][name] = {"frame": label, "ms_per_frame": {k: round(v, 2) for k, v in timings.items()}}
+        for dtype_name in dtypes:
+            if dtype_name != "float32" and "float32" in timings:
+                out["rows"].append(row("gpu super-resolution", f"{name}, {label} frame, {dtype_name}",
+                                       timings[dtype_name], "ms/frame", "float32", timings["float32"],
+                                       higher_is_better=False))
 
-                timings[str(dtype).split(".")[-1]] = round(_cuda_time(
-                    lambda: tiled_forward(typed, frame.to(dtype), 4, tile=512, pad=16), repeats=2) * 1000, 1)
-        out["sr"][name] = {"ms_per_1080p_frame": timings}
-        out["rows"].append(row("gpu super-resolution", f"{name} 1080p, fp16", timings["float16"], "ms/frame",
-                               "fp32", timings["float32"], higher_is_better=False))
+
+def run(*, device: str | None = None, op_size: int = 1024, batch_sizes: Sequence[int] = (256, 1024),
+        batches: Sequence[int] = (1, 8, 32), sr_frame: tuple[int, int] = (1080, 1920), dtypes: Sequence[str] = DTYPES,
+        rrdb_blocks: int = 23, repeats: int = 10, sr_repeats: int = 3) -> dict[str, Any]:
+    if device is None:
+        if not torch.cuda.is_available():
+            return {"skipped": "no CUDA device on this machine", "rows": []}
+        device = "cuda"
+    dev = torch.device(device)
+    started = time.perf_counter()
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                           "torch": torch.__version__, "ops": {}, "batching": {}, "sr": {}, "rows": []}
+    if dev.type == "cuda":
+        out["cuda"] = torch.version.cuda
+        out["cudnn"] = torch.backends.cudnn.version()
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    _per_op(dev, op_size, _timer(dev, repeats), 3, out)
+    _batching(dev, batch_sizes, batches, _timer(dev, repeats), out)
+    _super_resolution(dev, sr_frame, dtypes, rrdb_blocks, _timer(dev, sr_repeats), out)
+    out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
 
 if __name__ == "__main__":
-    print(run())
+    result = run(device=sys.argv[1] if len(sys.argv) > 1 else None)
+    print({k: v for k, v in result.items() if k != "rows"})
     sys.exit(0)
