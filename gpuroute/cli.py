@@ -36,15 +36,19 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         secret = _env_key(args.server_key_file, "GPUROUTE_SERVER_SECRET_KEY", "the operator's CURVE secret key")
     from gpuroute_operator.storage import AzureAccount
 
-    accounts = []
+    accounts: dict[str, AzureAccount] = {}
     for value in args.azure_account:
         name, _, endpoint = value.partition("=")
-        if not name:
-            raise SystemExit(f"gpuroute operator: --azure-account expects NAME or NAME=ENDPOINT, got {value!r}")
-        # Account keys come from the environment (a Secret in the Deployment), never from flags.
-        accounts.append(AzureAccount(name, endpoint, os.environ.get(f"GPUROUTE_AZURE_KEY_{name.upper()}")))
+        # Azure's rule for account names; it also keeps the environment variable name valid.
+        if not re.fullmatch(r"[a-z0-9]{3,24}", name) or name in accounts:
+            raise SystemExit(f"gpuroute operator: --azure-account expects NAME[=ENDPOINT] with a distinct account "
+                             f"name of 3 to 24 lowercase letters and digits, got {value!r}")
+        # Account keys come from the environment (a Secret in the Deployment), never from flags;
+        # without one, the operator signs with a user delegation key (workload identity).
+        key = os.environ.get(f"GPUROUTE_AZURE_KEY_{name.upper()}") or None
+        accounts[name] = AzureAccount(name, endpoint, key)
     config = EngineConfig(bind=args.bind, secret_key=secret, namespace=args.namespace, kubeconfig=args.kubeconfig,
-                          plaintext=args.dev_plaintext, azure_accounts=tuple(accounts))
+                          plaintext=args.dev_plaintext, azure_accounts=tuple(accounts.values()))
     run_operator(config, web_port=args.web_port or None, liveness_port=args.liveness_port or None, verbose=args.verbose)
     return 0
 

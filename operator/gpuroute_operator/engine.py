@@ -126,6 +126,7 @@ class Engine:
             except asyncio.CancelledError:
                 pass
         self.autoscaler.close()
+        self.presigner.close()  # stops the Azure delegation-key renewal thread
         await self.writer.stop()
         await self.server.stop()
         await self.zap.stop()
@@ -674,12 +675,6 @@ class Engine:
 
     async def _refresh_keys(self) -> None:
         now = time.monotonic()
-        if now - self._keys_read_at.get("", 0.0) >= KEYS_REFRESH_S:
-            self._keys_read_at[""] = now
-            try:
-                await asyncio.to_thread(self.presigner.refresh)  # Azure user delegation keys near expiry
-            except Exception as exc:  # Azure AD or storage unreachable: keep the key we hold, try again later
-                log.warning("renewing Azure user delegation keys failed: %s", exc)
         for pool in list(self.pools.values()):
             if now - self._keys_read_at.get(pool.spec.name, 0.0) >= KEYS_REFRESH_S:
                 await self._load_keys(pool)

@@ -14,10 +14,11 @@ hold storage credentials.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -26,6 +27,8 @@ from gpuroute_operator.spec import JobSpec, SpecError, StorageURI
 
 READ_ANNOTATION = "gpuroute.io/storage-read"
 WRITE_ANNOTATION = "gpuroute.io/storage-write"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ class AzureAccount:
     name: str
     """Storage account name, as in azure://NAME/container/blob."""
     endpoint: str = ""
-    """Blob endpoint; empty means https://NAME.blob.core.windows.net."""
-    key: str | None = None
+    """Blob endpoint; empty means https://NAME.blob.core.windows.net (Azurite: http://HOST:PORT/NAME)."""
+    key: str | None = field(default=None, repr=False)
     """Account key (from a Secret); None signs with a user delegation key from azure-identity."""
 
     @property
@@ -88,27 +91,45 @@ class AzureAccount:
         return (self.endpoint or f"https://{self.name}.blob.core.windows.net").rstrip("/")
 
 
-DELEGATION_KEY_LIFETIME = dt.timedelta(hours=6)
+DELEGATION_KEY_LIFETIME = dt.timedelta(hours=48)
 """User delegation keys are requested for this long (Azure allows up to 7 days)."""
-DELEGATION_KEY_RENEW_BEFORE = dt.timedelta(hours=2)
-"""A delegation key is replaced this long before it expires, leaving room for SAS expiries."""
+DELEGATION_KEY_RENEW_BEFORE = dt.timedelta(hours=25)
+"""A key is replaced once it has less than this left: a SAS cannot outlive its key, and a job's
+SAS may need up to timeoutSeconds (at most 24 h) plus a minute."""
+DELEGATION_RETRY_S = 30.0
+"""After a failed fetch, the renewal thread tries again this soon."""
+_CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 class Presigner:
     """Signs storage URIs for workers; clients are created lazily.
 
-    Azure user delegation keys are fetched by `warm()` and `refresh()`, which the engine
-    runs in threads; get/put only sign with keys already held, so they never block.
+    get/put run on the engine's event loop and never block: they sign with what is
+    already held (an account key, or a cached Azure user delegation key). Delegation keys
+    are fetched by `warm()`, which the engine runs in a thread at startup, and renewed
+    before expiry by a daemon thread that `warm()` starts when an account needs them; the
+    engine need not call anything else. `refresh()` only wakes that thread, so calling it
+    from the event loop is harmless; `renew_keys()` is the blocking fetch itself.
     """
 
     def __init__(self, *, expires_s: int = 3600, s3_client: Any | None = None,
-                 azure_accounts: Sequence[AzureAccount] = (), azure_credential: Any | None = None) -> None:
+                 azure_accounts: Sequence[AzureAccount] = (), azure_credential: Any | None = None,
+                 key_lifetime: dt.timedelta = DELEGATION_KEY_LIFETIME,
+                 renew_before: dt.timedelta = DELEGATION_KEY_RENEW_BEFORE) -> None:
         self.expires_s = expires_s
         self._s3 = s3_client
         self._azure = {a.name: a for a in azure_accounts}
+        # Created lazily: DefaultAzureCredential probes its chain, and only delegation accounts need it.
         self._azure_credential = azure_credential
+        self._key_lifetime = key_lifetime
+        self._renew_before = renew_before
         self._delegation: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._delegation_errors: dict[str, str] = {}
+        self._lock = threading.Lock()  # guards the two dicts above (event loop vs renewal thread)
+        self._renew_lock = threading.Lock()  # one fetch at a time
+        self._wake = threading.Event()
+        self._closed = False
+        self._renewer: threading.Thread | None = None
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
@@ -119,49 +140,131 @@ class Presigner:
             self._s3 = boto3.client("s3", config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
         return self._s3
 
+    @property
+    def _delegated_accounts(self) -> list[AzureAccount]:
+        return [a for a in self._azure.values() if a.key is None]
+
     def warm(self) -> None:
-        """Create clients ahead of the first job: boto3 takes ~0.3 s, too long for the event loop."""
+        """Create clients and fetch delegation keys ahead of the first job (blocking: run in a thread).
+
+        boto3 takes ~0.3 s and importing azure.storage.blob about as long: too long for the
+        event loop. A delegation key that cannot be fetched now is logged and retried by
+        the renewal thread; jobs for that account fail with StorageUnavailable meanwhile.
+        """
         self._s3_client()
-        self.refresh()
+        if not self._azure:
+            return
+        import azure.storage.blob  # noqa: F401 (the import get/put would otherwise pay on the loop)
+
+        if self._delegated_accounts:
+            self.renew_keys()
+            if self._renewer is None and not self._closed:
+                self._renewer = threading.Thread(target=self._renew_loop, name="gpuroute-azure-keys", daemon=True)
+                self._renewer.start()
 
     def refresh(self) -> None:
-        """Fetch or renew Azure user delegation keys that are missing or close to expiry (blocking)."""
+        """Ask the renewal thread to check the delegation keys now; returns at once."""
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the renewal thread (the process exiting stops it too: it is a daemon)."""
+        self._closed = True
+        self._wake.set()
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join(5)
+
+    def _renew_loop(self) -> None:
+        while True:
+            self._wake.wait(self._next_renewal_s())
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                self.renew_keys()
+            except Exception:  # a dead renewal thread would let every key expire unnoticed: log, keep going
+                log.exception("renewing Azure user delegation keys failed")
+
+    def _next_renewal_s(self) -> float:
         now = dt.datetime.now(dt.UTC)
-        for account in self._azure.values():
-            if account.key is not None:
-                continue
-            held = self._delegation.get(account.name)
-            if held is not None and _parse_time(held.signed_expiry) - now > DELEGATION_KEY_RENEW_BEFORE:
-                continue
-            from azure.storage.blob import BlobServiceClient
+        with self._lock:
+            held = [self._delegation.get(a.name) for a in self._delegated_accounts]
+        if any(key is None for key in held):
+            return DELEGATION_RETRY_S
+        due = min(_parse_time(key.signed_expiry) - self._renew_before for key in held)
+        # Woken at least hourly: a clock jump or a suspended VM must not skip a renewal.
+        return min(3600.0, max(DELEGATION_RETRY_S, (due - now).total_seconds()))
 
-            if self._azure_credential is None:
-                from azure.identity import DefaultAzureCredential
+    def renew_keys(self) -> None:
+        """Fetch delegation keys that are missing or close to expiry (blocking).
 
-                self._azure_credential = DefaultAzureCredential()
-            service = BlobServiceClient(account.blob_endpoint, credential=self._azure_credential)
-            key = service.get_user_delegation_key(now - dt.timedelta(minutes=5), now + DELEGATION_KEY_LIFETIME)
-            with self._lock:
-                self._delegation[account.name] = key
+        A failure is logged and kept for the StorageUnavailable message; the key held
+        before, if any, stays in use until it expires.
+        """
+        from azure.core.exceptions import AzureError  # covers azure-identity's errors too
 
-    def _azure_sas(self, uri: StorageURI, field: str, *, write: bool, expires_s: int) -> str:
+        with self._renew_lock:
+            for account in self._delegated_accounts:
+                now = dt.datetime.now(dt.UTC)
+                with self._lock:
+                    held = self._delegation.get(account.name)
+                if held is not None and _parse_time(held.signed_expiry) - now > self._renew_before:
+                    continue
+                try:
+                    key = self._fetch_delegation_key(account, now)
+                except AzureError as exc:
+                    message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    log.warning("no user delegation key for Azure storage account %s: %s", account.name, message)
+                    with self._lock:
+                        self._delegation_errors[account.name] = message
+                    continue
+                with self._lock:
+                    self._delegation[account.name] = key
+                    self._delegation_errors.pop(account.name, None)
+                log.info("user delegation key for Azure storage account %s valid until %s", account.name,
+                         key.signed_expiry)
+
+    def _fetch_delegation_key(self, account: AzureAccount, now: dt.datetime) -> Any:
+        from azure.storage.blob import BlobServiceClient
+
+        if self._azure_credential is None:
+            from azure.identity import DefaultAzureCredential
+
+            # The chain AKS workload identity uses (AZURE_FEDERATED_TOKEN_FILE), then managed identity.
+            self._azure_credential = DefaultAzureCredential()
+        # Few, short retries: the renewal thread is the retry loop, and a failure should be
+        # reported in seconds, not after the storage SDK's default minute of backoff.
+        with BlobServiceClient(account.blob_endpoint, credential=self._azure_credential, retry_total=2,
+                               initial_backoff=1, increment_base=2) as service:
+            return service.get_user_delegation_key(now - _CLOCK_SKEW, now + self._key_lifetime)
+
+    def _azure_sas(self, uri: StorageURI, field_name: str, *, write: bool, expires_s: int) -> str:
         from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 
         account_name, container = uri.container.split("/", 1)
         account = self._azure.get(account_name)
         if account is None:
-            raise SpecError(field, f"storage account {account_name!r} is not configured on the operator", "StorageUnavailable")
+            raise SpecError(field_name, f"storage account {account_name!r} is not configured on the operator",
+                            "StorageUnavailable")
         now = dt.datetime.now(dt.UTC)
+        expiry = now + dt.timedelta(seconds=expires_s)
         permission = BlobSasPermissions(create=True, write=True) if write else BlobSasPermissions(read=True)
-        signing: dict[str, Any] = {"account_key": account.key} if account.key else {}
-        if not account.key:
+        signing: dict[str, Any]
+        if account.key is not None:
+            signing = {"account_key": account.key}
+        else:
             with self._lock:
                 key = self._delegation.get(account_name)
-            if key is None:
-                raise SpecError(field, f"no user delegation key for storage account {account_name!r} yet", "StorageUnavailable")
+                error = self._delegation_errors.get(account_name)
+            if key is None or _parse_time(key.signed_expiry) <= now:
+                raise SpecError(field_name, f"no user delegation key for storage account {account_name!r}"
+                                f"{f' ({error})' if error else ' yet'}", "StorageUnavailable")
+            # A SAS is void past its key's expiry; renewal keeps that a day or more ahead.
+            expiry = min(expiry, _parse_time(key.signed_expiry))
             signing = {"user_delegation_key": key}
+        # spr=https where the account is served over TLS: the URL is then useless in clear text.
+        protocol = "https" if account.blob_endpoint.startswith("https://") else None
         sas = generate_blob_sas(account_name, container, uri.key, permission=permission,
-                                start=now - dt.timedelta(minutes=5), expiry=now + dt.timedelta(seconds=expires_s), **signing)
+                                start=now - _CLOCK_SKEW, expiry=expiry, protocol=protocol, **signing)
         return f"{account.blob_endpoint}/{container}/{quote(uri.key)}?{sas}"
 
     def get(self, uri: StorageURI, *, expires_s: int | None = None) -> SignedURL:

@@ -29,15 +29,18 @@ def stack(control_plane: Any, s3_server: Any, azurite_server: Any,
     blobs = azurite_server.client()
     blobs.create_container(CONTAINER)
     blobs.get_blob_client(CONTAINER, "in/x.png").upload_blob(png)
+    # Its own operator and worker: the Azure account is operator configuration.
     stack = LocalStack(tmp_path_factory.mktemp("azure"), control_plane, s3_server)
-    stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/", f"azure://{ACCOUNT}/{CONTAINER}/in/"],
-                           write=[f"s3://{BUCKET}/out/", f"azure://{ACCOUNT}/{CONTAINER}/out/"])
-    stack.add_pool(PoolConfig("az-pool", cloud="azure", region="westeurope", workers=("a1",)))
-    stack.start_operator(extra_args=azurite_server.operator_args(), extra_env=azurite_server.env())
-    stack.start_worker("az-pool", "a1")
-    stack.wait_for_pool("az-pool", workers=1)
-    yield stack
-    stack.stop()
+    try:
+        stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/", f"azure://{ACCOUNT}/{CONTAINER}/in/"],
+                               write=[f"s3://{BUCKET}/out/", f"azure://{ACCOUNT}/{CONTAINER}/out/"])
+        stack.add_pool(PoolConfig("az-pool", cloud="azure", region="westeurope", workers=("a1",)))
+        stack.start_operator(extra_args=azurite_server.operator_args(), extra_env=azurite_server.env())
+        stack.start_worker("az-pool", "a1")
+        stack.wait_for_pool("az-pool", workers=1)
+        yield stack
+    finally:
+        stack.stop()
 
 
 @pytest.mark.parametrize(("name", "source", "target"), [
