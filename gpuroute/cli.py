@@ -70,7 +70,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from gpuroute_worker.main import serve
 
     config = WorkerConfig(
-        operator_endpoint=args.operator,
+        operator_endpoint=args.operator or "",
+        listen_endpoint=args.listen or "",
         pool=args.pool,
         worker_id=args.id or socket.gethostname(),
         secret_key=_env_key(args.key_file, "GPUROUTE_WORKER_SECRET_KEY", "the worker's CURVE secret key"),
@@ -132,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--dev-plaintext", action="store_true", help="DEV ONLY: no CURVE on the worker socket")
     op.set_defaults(func=_cmd_operator)
 
-    wk = sub.add_parser("worker", help="run a GPU worker that dials the operator")
-    wk.add_argument("--operator", required=True, help="operator endpoint, e.g. tcp://gpuroute.example.com:7700")
+    wk = sub.add_parser("worker", help="run a GPU worker that dials the operator (or waits for it to dial in)")
+    link = wk.add_mutually_exclusive_group(required=True)
+    link.add_argument("--operator", help="operator endpoint to dial, e.g. tcp://gpuroute.example.com:7700")
+    link.add_argument("--listen", help="bind here and wait for the operator to dial in, for a WorkerPool that "
+                                       "lists this worker under spec.endpoints, e.g. tcp://0.0.0.0:7701")
     wk.add_argument("--pool", required=True, help="WorkerPool this worker belongs to")
     wk.add_argument("--id", default=None, help="worker id (default: hostname, the pod name)")
     wk.add_argument("--key-file", help="worker CURVE secret key (or $GPUROUTE_WORKER_SECRET_KEY)")

@@ -262,7 +262,9 @@ class LocalStack:
         return self.operator
 
     def start_worker(self, pool: str, worker: str, *, capacity: int = 4, max_batch: int = 8,
-                     extra_args: Sequence[str] = ()) -> ManagedProcess:
+                     listen: str | None = None, extra_args: Sequence[str] = ()) -> ManagedProcess:
+        """A worker process that dials the operator, or with `listen` binds there and waits
+        for the operator to dial it (a pool listing the address under spec.endpoints)."""
         pair = self.worker_keys[(pool, worker)]
         key_file = self.workdir / f"{pool}-{worker}.key_secret"
         write_key_file(key_file, pair.secret)
@@ -270,7 +272,8 @@ class LocalStack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         health_port = self.worker_health_ports.setdefault(worker, free_port())
         process = self.spawn(f"worker-{pool}-{worker}", [
-            "worker", "--operator", self.operator_endpoint, "--pool", pool, "--id", worker,
+            "worker", *(("--listen", listen) if listen else ("--operator", self.operator_endpoint)),
+            "--pool", pool, "--id", worker,
             "--key-file", str(key_file), "--server-public-key-file", str(self.workdir / "server.key"),
             "--capacity", str(capacity), "--max-batch", str(max_batch), "--health-port", str(health_port),
             "--threads", str(self.worker_threads), *extra_args], env)

@@ -564,8 +564,12 @@ class Engine:
         else:
             pool.spec = spec
         await self._load_keys(pool)
+        self._dial_endpoints()
         self._reroute_unrouted()
         self.pump()
+
+    def _dial_endpoints(self) -> None:
+        self.server.dial(endpoint for pool in self.pools.values() for endpoint in pool.spec.endpoints)
 
     async def _load_keys(self, pool: PoolState) -> None:
         from gpuroute.curve_keys import KeyError_, public_keys_from_secret_data
@@ -596,6 +600,7 @@ class Engine:
         if pool is None:
             return
         self.zap.remove_pool(name)
+        self._dial_endpoints()
         for conn in list(pool.workers.values()):
             self.server.send(conn.routing_id, Kind.DISCONNECT, {"reason": "pool deleted"})
             self._worker_lost(conn, "pool deleted", pool=pool)
@@ -685,6 +690,8 @@ class Engine:
         phase = "Available" if available else ("Degraded" if view.workers > 0 else "Unavailable")
         reason = "WorkersConnected" if available else ("KeysProblem" if pool.problem else "NoWorkers")
         message = pool.problem or f"{view.workers} workers connected"
+        if not pool.problem and not view.workers and pool.spec.endpoints:
+            message = f"no worker answered yet; dialing {', '.join(pool.spec.endpoints)}"
         last = max((w.last_heartbeat_wall for w in pool.workers.values()), default=None)
         return {
             "phase": phase,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,27 @@ class PoolSpec:
     """metadata.generation of the spec parsed."""
     scaling: ScalingSpec | None = None
     """Remote autoscaling of the pool's worker Deployment, when set."""
+    endpoints: tuple[str, ...] = ()
+    """Worker addresses (tcp://host:port) the operator dials; empty: workers dial the operator."""
+
+
+_ENDPOINT = re.compile(r"tcp://(?P<host>[^\s:/]+|\[[0-9a-fA-F:.]+\]):(?P<port>[0-9]{1,5})")
+
+
+def parse_endpoints(values: Any) -> tuple[str, ...]:
+    """Validated `spec.endpoints`: ZeroMQ tcp://host:port addresses, duplicates dropped."""
+    if not isinstance(values, (list, tuple)):
+        raise PoolSpecError("spec.endpoints must be a list of tcp://host:port addresses")
+    endpoints: list[str] = []
+    for index, value in enumerate(values):
+        match = _ENDPOINT.fullmatch(value) if isinstance(value, str) else None
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise PoolSpecError(f"spec.endpoints[{index}]: {value!r} is not tcp://host:port with a port 1-65535")
+        if match["host"] in ("*", "0.0.0.0", "[::]"):
+            raise PoolSpecError(f"spec.endpoints[{index}]: {value!r} is a wildcard, not an address the operator can dial")
+        if value not in endpoints:
+            endpoints.append(value)
+    return tuple(endpoints)
 
 
 def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: int, default_namespace: str) -> PoolSpec:
@@ -72,6 +94,7 @@ def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: in
         scaling = parse_scaling(spec.get("scaling"), default_namespace=default_namespace)
     except ValueError as exc:
         raise PoolSpecError(str(exc)) from exc
+    endpoints = parse_endpoints(spec.get("endpoints") or ())
     return PoolSpec(
         name=name,
         cloud=str(spec.get("cloud") or ""),
@@ -85,6 +108,7 @@ def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: in
         models=frozenset(m["name"] for m in spec.get("models") or () if isinstance(m, Mapping) and m.get("name")),
         generation=generation,
         scaling=scaling,
+        endpoints=endpoints,
     )
 
 

@@ -2,13 +2,16 @@
 
 Transport only: frames in, decoded Messages out to a handler, and sends by routing id.
 Malformed messages are dropped and counted; nothing a peer sends can stop the loop.
+Workers dial the bound socket; for pools that list `endpoints` the same socket also
+dials out to them. Either way the operator is the CURVE server and ZAP admits the peer,
+so routing, authentication and the protocol are the same for both topologies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import zmq
@@ -35,6 +38,7 @@ class WorkerServer:
         self._plaintext = plaintext
         self._socket: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
+        self._dialed: set[str] = set()
         self.endpoint = ""
 
     def start(self) -> None:
@@ -46,6 +50,10 @@ class WorkerServer:
         socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # Sends to a vanished worker raise EHOSTUNREACH instead of disappearing.
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # For dialed workers: libzmq re-dials on its own, backing off to the protocol's
+        # ceiling while a worker is down (a refused handshake is retried every interval).
+        socket.setsockopt(zmq.RECONNECT_IVL, int(protocol.RECONNECT_INITIAL_S * 1000))
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, int(protocol.RECONNECT_MAX_S * 1000))
         if not self._plaintext:
             socket.curve_server = True
             socket.curve_secretkey = self._secret_key
@@ -66,6 +74,31 @@ class WorkerServer:
                 pass
         if self._socket is not None:
             self._socket.close()
+
+    def dial(self, endpoints: Iterable[str]) -> None:
+        """Keep outgoing connections to exactly these worker endpoints (tcp://host:port)."""
+        assert self._socket is not None
+        wanted = set(endpoints)
+        for endpoint in sorted(self._dialed - wanted):
+            try:
+                self._socket.disconnect(endpoint)
+            except zmq.ZMQError as exc:  # ENOENT: libzmq had already dropped it
+                log.debug("disconnect %s: %s", endpoint, exc)
+            self._dialed.discard(endpoint)
+            log.info("stopped dialing worker endpoint %s", endpoint)
+        for endpoint in sorted(wanted - self._dialed):
+            try:
+                self._socket.connect(endpoint)
+            except zmq.ZMQError as exc:
+                # The CRD pattern and the pool parser make this rare; skip it, keep the others.
+                log.error("cannot dial worker endpoint %s: %s", endpoint, exc)
+                continue
+            self._dialed.add(endpoint)
+            log.info("dialing worker endpoint %s", endpoint)
+
+    @property
+    def dialed(self) -> frozenset[str]:
+        return frozenset(self._dialed)
 
     def send(self, routing_id: bytes, kind: Kind, header: Mapping[str, Any], payload: bytes | None = None) -> bool:
         """Send without blocking; False if the worker is gone or its queue is full."""

@@ -23,7 +23,7 @@ class WorkerConfig:
     """Everything a worker process needs to join a pool."""
 
     operator_endpoint: str
-    """ZeroMQ endpoint of the operator's ROUTER socket, e.g. tcp://operator:7700."""
+    """ZeroMQ endpoint of the operator's ROUTER socket, e.g. tcp://operator:7700; empty with listen_endpoint."""
     pool: str
     """Name of the WorkerPool this worker belongs to (must match its key's pool)."""
     worker_id: str
@@ -32,6 +32,9 @@ class WorkerConfig:
     """This worker's CURVE secret key (Z85); the public half is derived."""
     server_public_key: bytes
     """The operator's CURVE public key (Z85), pinned: no other server is trusted."""
+    listen_endpoint: str = ""
+    """When set, bind here (tcp://0.0.0.0:7701) and wait for the operator to dial in, for pools
+    that list `endpoints`; operator_endpoint is then unused."""
     capacity: int = 4
     """Jobs accepted at once; the operator never sends more."""
     max_batch: int = 8

@@ -5,6 +5,11 @@ HEARTBEAT_INTERVAL_S, count the operator as gone after HEARTBEAT_LIVENESS silent
 intervals, then close the socket and dial again with exponential backoff. Answers
 produced while the link was down, or just before it went down, are sent again after
 the new READY; the operator accepts each job's result once.
+
+For pools whose WorkerPool lists `endpoints` the roles of the transport flip and
+nothing else does: the worker binds, the operator dials in (still the CURVE server,
+so ZAP still decides), and the worker speaks first with READY as soon as a
+handshake completes (a bound DEALER becomes writable only then).
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ log = logging.getLogger(__name__)
 
 _LIVENESS_WINDOW_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
 
+REBIND_TIMEOUT_S = 5.0
+"""How long a listening worker retries binding its port again: libzmq releases the
+previous socket's listener asynchronously, so an immediate re-bind can see EADDRINUSE."""
+
 
 def make_dealer(context: zmq.asyncio.Context, config: WorkerConfig) -> zmq.asyncio.Socket:
+    """The worker's socket, dialing the operator, or bound when config.listen_endpoint is set."""
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
@@ -41,8 +51,31 @@ def make_dealer(context: zmq.asyncio.Context, config: WorkerConfig) -> zmq.async
     # Pinning: the handshake fails unless the server proves it holds this key.
     socket.curve_serverkey = config.server_public_key
     socket.setsockopt_string(zmq.ROUTING_ID, f"{config.pool}/{config.worker_id}")
-    socket.connect(config.operator_endpoint)
+    if not config.listen_endpoint:
+        socket.connect(config.operator_endpoint)
+        return socket
+    # A bound DEALER spreads sends over every connected peer: transport heartbeats drop a
+    # silently dead operator connection so no answer goes down it once a new one is up.
+    socket.setsockopt(zmq.HEARTBEAT_IVL, int(protocol.HEARTBEAT_INTERVAL_S * 1000))
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(_LIVENESS_WINDOW_S * 1000))
+    try:
+        socket.bind(config.listen_endpoint)
+    except zmq.ZMQError:
+        socket.close()
+        raise
     return socket
+
+
+async def open_dealer(context: zmq.asyncio.Context, config: WorkerConfig) -> zmq.asyncio.Socket:
+    """make_dealer, retrying a listening worker's bind while the previous listener is released."""
+    deadline = time.monotonic() + REBIND_TIMEOUT_S
+    while True:
+        try:
+            return make_dealer(context, config)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 class OperatorLink:
@@ -57,11 +90,17 @@ class OperatorLink:
         self._last_contact = 0.0
         self._rtt_ms: float | None = None
         self._registered = False
+        self._announced = False
         self.connected = asyncio.Event()
+
+    @property
+    def peer(self) -> str:
+        return f"listening on {self.config.listen_endpoint}" if self.config.listen_endpoint \
+            else f"dialing {self.config.operator_endpoint}"
 
     def send(self, kind: Kind, header: Mapping[str, Any]) -> None:
         """Queue a message to the operator; while disconnected it is re-sent after READY."""
-        if self._socket is None:
+        if self._socket is None or not self._announced:
             return
         try:
             self._socket.send_multipart(protocol.encode(kind, header), flags=zmq.NOBLOCK)
@@ -118,23 +157,41 @@ class OperatorLink:
             self._socket.close()
             self._socket = None
 
-    async def _session(self) -> tuple[str, bool]:
-        """One socket's lifetime: why it ended ('silent', 'disconnect' or 'stopping'), and
-        whether the operator accepted this worker (heartbeated it) during it."""
-        socket = make_dealer(self.context, self.config)
-        self._socket = socket
+    def _announce(self) -> None:
+        """READY, then the answers the operator may have missed while the link was down."""
+        self._announced = True
         resend_since = self._last_contact - _LIVENESS_WINDOW_S if self._last_contact else 0.0
         resend = self.runner.answers_since(resend_since) if self.runner is not None and resend_since else []
         self.send(Kind.READY, self._ready_header([str(a.header["job"]) for a in resend]))
         for answer in resend:
             self.send(answer.kind, answer.header)
+
+    async def _session(self) -> tuple[str, bool]:
+        """One socket's lifetime: why it ended ('silent', 'disconnect' or 'stopping'), and
+        whether the operator accepted this worker (heartbeated it) during it."""
+        self._announced = False
+        self._registered = False
+        socket = await open_dealer(self.context, self.config)
+        self._socket = socket
         poller = zmq.asyncio.Poller()
-        poller.register(socket, zmq.POLLIN)
+        if self.config.listen_endpoint:
+            # Nobody to talk to until the operator dials in and passes the handshake; no
+            # liveness is counted meanwhile (an operator that never dials is not a fault here).
+            poller.register(socket, zmq.POLLIN | zmq.POLLOUT)
+        else:
+            self._announce()
+            poller.register(socket, zmq.POLLIN)
         liveness = protocol.HEARTBEAT_LIVENESS
         next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL_S
-        self._registered = False
         try:
             while not self._stopping.is_set():
+                if not self._announced:
+                    events = dict(await poller.poll(timeout=protocol.HEARTBEAT_INTERVAL_S * 1000))
+                    if events.get(socket, 0) & zmq.POLLOUT:
+                        poller.modify(socket, zmq.POLLIN)
+                        self._announce()
+                        next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL_S
+                    continue
                 timeout_ms = max(0.0, (next_beat - time.monotonic()) * 1000.0)
                 events = dict(await poller.poll(timeout=timeout_ms))
                 if socket in events:
@@ -144,7 +201,7 @@ class OperatorLink:
                     if not self.connected.is_set():
                         self.connected.set()
                         metrics.CONNECTED.set(1)
-                        log.info("connected to operator at %s", self.config.operator_endpoint)
+                        log.info("connected to operator (%s)", self.peer)
                     if self._dispatch(frames) == "disconnect":
                         return "disconnect", self._registered
                 if time.monotonic() >= next_beat:

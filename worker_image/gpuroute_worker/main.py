@@ -43,8 +43,8 @@ async def serve(config: WorkerConfig) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    log.info("worker %s of pool %s on %s, capacity %d, dialing %s",
-             config.worker_id, config.pool, config.gpu_name, config.capacity, config.operator_endpoint)
+    log.info("worker %s of pool %s on %s, capacity %d, %s",
+             config.worker_id, config.pool, config.gpu_name, config.capacity, link.peer)
     link_task = loop.create_task(link.run(), name="operator-link")
     await stopping.wait()
     log.info("stopping: draining %d in-flight jobs", runner.in_flight)

@@ -50,10 +50,17 @@ def test_worker_defaults_and_required() -> None:
         "tcp://op:7700", "gpu-a", None, None, None)
     assert (args.capacity, args.max_batch, args.max_batch_wait_ms, args.device) == (4, 8, 5.0, "auto")
     assert (args.health_port, args.threads, args.model) == (8081, None, [])
+    assert args.listen is None
+
+
+def test_worker_listen_instead_of_dialing() -> None:
+    args = cli.build_parser().parse_args(["worker", "--listen", "tcp://0.0.0.0:7701", "--pool", "gpu-a"])
+    assert (args.operator, args.listen) == (None, "tcp://0.0.0.0:7701")
 
 
 @pytest.mark.parametrize("argv", [
     ["worker", "--pool", "p"],
+    ["worker", "--operator", "tcp://x:1", "--listen", "tcp://0.0.0.0:1", "--pool", "p"],
     ["worker", "--operator", "tcp://x:1"],
     ["worker", "--operator", "tcp://x:1", "--pool", "p", "--capacity", "four"],
     [],

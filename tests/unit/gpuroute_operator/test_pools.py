@@ -30,7 +30,7 @@ def refusal(spec: dict[str, Any]) -> str:
 def test_defaults(spec: dict[str, Any] | None) -> None:
     assert parse(spec) == PoolSpec(name="gpu-a", cloud="", region="", price_per_gpu_hour=0.0, spot=False,
                                    keys_secret=None, cidrs=(), max_in_flight_per_worker=4, allowed_namespaces=(),
-                                   models=frozenset(), generation=7, scaling=None)
+                                   models=frozenset(), generation=7, scaling=None, endpoints=())
 
 
 def test_full_spec() -> None:
@@ -41,6 +41,8 @@ def test_full_spec() -> None:
         "maxInFlightPerWorker": 16,
         "allowedNamespaces": ["team-a", "team-b"],
         "models": [{"name": "x4", "uri": "s3://m/x4.pth"}, {"name": "x2"}, {"uri": "nameless"}, "junk"],
+        "endpoints": ["tcp://gpu-0.example.com:7701", "tcp://10.1.2.3:7701", "tcp://[2001:db8::1]:7701",
+                      "tcp://10.1.2.3:7701"],
     })
     assert (parsed.name, parsed.cloud, parsed.region) == ("gpu-a", "azure", "westeurope")
     assert (parsed.price_per_gpu_hour, parsed.spot, parsed.max_in_flight_per_worker) == (2.5, True, 16)
@@ -49,6 +51,7 @@ def test_full_spec() -> None:
     assert parsed.allowed_namespaces == ("team-a", "team-b")
     assert parsed.models == frozenset({"x4", "x2"})
     assert parsed.generation == 7 and parsed.scaling is None
+    assert parsed.endpoints == ("tcp://gpu-0.example.com:7701", "tcp://10.1.2.3:7701", "tcp://[2001:db8::1]:7701")
 
 
 def test_keys_secret_defaults_to_the_operator_namespace() -> None:
@@ -73,6 +76,14 @@ def test_numeric_strings_and_integral_values_are_coerced() -> None:
     ({"scaling": "yes"}, "spec.scaling must be an object"),
     ({"scaling": {"deployment": {"name": "d"}, "maxReplicas": 2, "minReplicas": 3,
                   "kubeconfigSecretRef": {"name": "kc"}}}, "spec.scaling.minReplicas (3) must not exceed"),
+    ({"endpoints": "tcp://a:1"}, "spec.endpoints must be a list"),
+    ({"endpoints": ["tcp://a:1", "udp://b:2"]}, "spec.endpoints[1]: 'udp://b:2' is not tcp://host:port"),
+    ({"endpoints": ["tcp://a:99999"]}, "spec.endpoints[0]: 'tcp://a:99999' is not tcp://host:port with a port 1-65535"),
+    ({"endpoints": ["tcp://a:0"]}, "spec.endpoints[0]"),
+    ({"endpoints": ["tcp://a/b:1"]}, "spec.endpoints[0]"),
+    ({"endpoints": [7701]}, "spec.endpoints[0]: 7701 is not"),
+    ({"endpoints": ["tcp://0.0.0.0:7701"]}, "is a wildcard"),
+    ({"endpoints": ["tcp://*:7701"]}, "is a wildcard"),
 ])
 def test_errors_name_the_field(spec: dict[str, Any], fragment: str) -> None:
     message = refusal(spec)
