@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -72,8 +73,8 @@ def _per_op(device: torch.device, size: int, timed: Callable[[Callable[[], Any]]
         steps = normalize_steps([step])
         result = _quantized(pixels, steps)
         out_mpix = result.shape[-1] * result.shape[-2] / 1e6
-        gpu_s = timed(lambda: _quantized(pixels, steps))
-        pillow_s = best_of(lambda: reference(image), pillow_repeats)
+        gpu_s = timed(partial(_quantized, pixels, steps))
+        pillow_s = best_of(partial(reference, image), pillow_repeats)
         out["ops"][name] = {"ms_per_mpix": round(gpu_s * 1000 / out_mpix, 4),
                             "pillow_ms_per_mpix": round(pillow_s * 1000 / out_mpix, 3)}
         out["rows"].append(row("gpu ops", f"{name} ({device.type})", gpu_s * 1000 / out_mpix, "ms/Mpix",
@@ -88,7 +89,7 @@ def _batching(device: torch.device, sizes: Sequence[int], batches: Sequence[int]
         for batch in batches:
             # Allocated outside the timed call: only the pipeline is measured.
             pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-            rates[batch] = batch / timed(lambda: _quantized(pixels, steps))
+            rates[batch] = batch / timed(partial(_quantized, pixels, steps))
             del pixels
         out["batching"][f"{size}^2"] = {f"batch {b}": round(r, 1) for b, r in rates.items()}
         base = min(batches)
@@ -122,8 +123,8 @@ def _super_resolution(device: torch.device, frame_hw: tuple[int, int], dtypes: S
             dtype = getattr(torch, dtype_name)
             typed_model, typed_frame = model.to(dtype), frame.to(dtype)
             with torch.inference_mode():
-                seconds = timed(lambda: tiled_forward(typed_model, typed_frame, 4, tile=DEFAULT_TILE, pad=TILE_PAD,
-                                                      multiple=multiple))
+                seconds = timed(partial(tiled_forward, typed_model, typed_frame, 4, tile=DEFAULT_TILE, pad=TILE_PAD,
+                                        multiple=multiple))
             timings[dtype_name] = seconds * 1000.0
         del model
         if device.type == "cuda":

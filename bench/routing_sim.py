@@ -88,7 +88,6 @@ from typing import Any
 from gpuroute import protocol
 from gpuroute_operator.pools import PoolState, WorkerConn, ewma, parse_pool_spec
 from gpuroute_operator.router import JobNeeds, PoolView, choose, estimate
-from gpuroute_operator.scheduler import FairQueue
 from gpuroute_operator.spec import DEFAULT_MAX_ATTEMPTS
 
 # ---- scenario ----------------------------------------------------------------------------
