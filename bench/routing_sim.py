@@ -3,10 +3,17 @@
 `python -m bench.routing_sim [JOBS] [SEED]` replays one trace under every policy below and
 prints Markdown tables. Everything gpuroute decides here is decided by the operator's own
 code: `gpuroute_operator.router.choose` on `PoolView`s built by the real
-`gpuroute_operator.pools.PoolState.view()` (live queue length, busy slots, heartbeat RTT
-and the EWMA of worker-reported service time, updated through `PoolState.record_result`
-and `pools.ewma` exactly as the engine does), and jobs wait in the real `FairQueue`.
+`gpuroute_operator.pools.PoolState.view()` (live queue length, busy slots, heartbeat RTT,
+the per-pipeline fit of worker time against input size and the EWMA of all service
+times, updated through `PoolState.record_result` exactly as the engine does), and jobs
+wait in the real `FairQueue`.
 The simulation replaces only the clock, the network and the GPUs.
+
+Service-time estimates come from the engine's own `PoolState` fits (`service_model.py`:
+worker time against input megapixels per pipeline, pools compared on the same job). As
+in the operator, a job's size is known only for inline inputs: realtime jobs here are
+inline uploads (size read from the header), batch jobs read from object storage (size
+unknown: the pipeline's typical size from `SizePrior`).
 
 The trace (`make_trace`): Poisson arrivals with short bursts (rate x5 for 3 s, every
 ~25 s on average) from four namespaces mixing realtime and batch work, plus one namespace
@@ -52,7 +59,7 @@ Policies, all over the same trace and the same per-job service-time noise:
 Two scenarios over the same trace: the failed pool returns at RECOVER_AT_S, or never does.
 A third section checks the router's own numbers (estimated vs actual cost and completion
 time) and runs two counterfactuals that change only what the views show the router, to
-size problems found in it without touching router.py.
+size what better inputs would still gain without touching router.py.
 
 Outcomes, the same rule for every policy. A job is `completed` if its result arrives by
 its deadline (arrival + timeout); `past_deadline` if the system ends it at its deadline
@@ -88,6 +95,7 @@ from typing import Any
 from gpuroute import protocol
 from gpuroute_operator.pools import PoolState, WorkerConn, ewma, parse_pool_spec
 from gpuroute_operator.router import JobNeeds, PoolView, choose, estimate
+from gpuroute_operator.service_model import SizePrior
 from gpuroute_operator.spec import DEFAULT_MAX_ATTEMPTS
 
 # ---- scenario ----------------------------------------------------------------------------
@@ -109,6 +117,8 @@ BACKGROUND_SPAN_S = 80.0
 BULK_WINDOW_S = (20.0, 35.0)
 """When the bulk namespace submits them."""
 EU_REGIONS = ("westeurope", "eu-west-1", "europe-west4")
+COST_CLASS = "enhance>upscale(method=model)"
+"""Every trace job runs one pipeline; its pools differ in speed, its jobs in size."""
 """placement.regions of jobs whose data must stay in the EU."""
 
 
@@ -464,13 +474,16 @@ class GpurouteSim(Simulation):
         self.label = f"gpuroute, all {strategy}" if strategy else "gpuroute, per-job strategies"
         # Counterfactuals for the report only (router.py untouched): change what the views show.
         # "realtime-queue": a realtime job sees only the realtime part of each queue (what FairQueue
-        # serves before it). "same-job-service": every pool's service_ms is its true mean for the
-        # same average job, instead of the EWMA over whichever jobs the pool happened to run.
+        # serves before it). "oracle-service": every pool's estimate for the job is its true
+        # noise-free service time, and its typical job the true mean: perfect knowledge of speed,
+        # to size what the learned fits still miss.
         self.counterfactual = counterfactual
         if counterfactual:
             self.label += f" [{counterfactual}]"
         mean_mpix = statistics.fmean(t.mpix for t in trace) if trace else 1.0
         self.true_service = {m.name: m.service_ms(mean_mpix, 1.0) for m in scenario.pools}
+        self.models = {m.name: m for m in scenario.pools}
+        self.sizes = SizePrior()
         self.pools: dict[str, PoolState] = {}
         for m in scenario.pools:
             body = {"cloud": m.cloud, "region": m.region, "pricePerGpuHour": m.price_per_gpu_hour, "spot": m.spot,
@@ -496,11 +509,15 @@ class GpurouteSim(Simulation):
     def route(self, job: SimJob, *, front: bool = False) -> None:
         needs = JobNeeds(namespace=job.namespace, priority=job.priority, strategy=self.strategy or job.t.strategy,
                          timeout_s=max(0.0, job.t.deadline - self.now), regions=job.t.regions)
-        views = [p.view() for p in self.pools.values()]
+        known = job.t.mpix if job.priority == "realtime" else None  # inline upload: size from its header
+        mpix = self.sizes.expected(COST_CLASS, known)
+        views = [p.view(p.job_service_ms(COST_CLASS, mpix)) for p in self.pools.values()]
         if self.counterfactual == "realtime-queue" and job.priority == "realtime":
             views = [dataclasses.replace(v, queued=self.pools[v.name].queue.count("realtime")) for v in views]
-        elif self.counterfactual == "same-job-service":
-            views = [dataclasses.replace(v, service_ms=self.true_service[v.name]) for v in views]
+        elif self.counterfactual == "oracle-service":
+            views = [dataclasses.replace(v, service_ms=self.true_service[v.name],
+                                         job_service_ms=self.models[v.name].service_ms(job.t.mpix, 1.0))
+                     for v in views]
         decision = choose(needs, views)
         if decision.pool is None:
             job.pool = None
@@ -545,7 +562,9 @@ class GpurouteSim(Simulation):
             return  # cancelled, or its worker was declared lost: the engine drops it
         self.active.pop(att.job.uid, None)
         pool = self.pools[att.pool]
-        pool.record_result(att.service_ms, int(att.job.t.mpix * 1e6))
+        pixels = int(att.job.t.mpix * 1e6)
+        pool.record_result(att.service_ms, pixels, cost_class=COST_CLASS, input_pixels=pixels)
+        self.sizes.add(COST_CLASS, att.job.t.mpix)
         self.complete(att)
         self.dirty.add(att.pool)
 
@@ -904,7 +923,7 @@ def router_diagnostics(trace: Sequence[TraceJob], scenario: Scenario, seed: int)
         out[f"{priority}_actual_over_expected_median"] = statistics.median(ratios) if ratios else math.nan
     keys = ("cost_per_1000_usd", "p95_s", "realtime_p95_s", "past_deadline", "lost")
     out["engine_views"] = {k: row[k] for k in keys}
-    for name in ("realtime-queue", "same-job-service"):
+    for name in ("realtime-queue", "oracle-service"):
         other = GpurouteSim(trace, scenario, seed, strategy=None, counterfactual=name).run()
         out[name] = {k: other[k] for k in keys}
     return out
@@ -986,7 +1005,7 @@ def markdown(results: dict[str, Any]) -> str:
     diag = results.get("diagnostics")
     if diag:
         per_pool = ", ".join(f"{k} {v['ratio']:.1f}x" for k, v in diag["estimated_vs_actual_per_pool"].items())
-        engine, rtq, same = diag["engine_views"], diag["realtime-queue"], diag["same-job-service"]
+        engine, rtq, same = diag["engine_views"], diag["realtime-queue"], diag["oracle-service"]
         lines += ["", "Router checks (gpuroute, per-job strategies; counterfactuals change only what the views show):",
                   f"- router's cost per image over the GPU cost actually used: {per_pool}",
                   f"- completion time actual / expected, median: realtime "
@@ -995,7 +1014,7 @@ def markdown(results: dict[str, Any]) -> str:
                   f"- realtime jobs shown only the realtime part of each queue: realtime p95 "
                   f"{engine['realtime_p95_s']:.2f} -> {rtq['realtime_p95_s']:.2f} s, $ / 1,000 "
                   f"{engine['cost_per_1000_usd']:.4f} -> {rtq['cost_per_1000_usd']:.4f}",
-                  f"- every pool's service_ms for the same average job (no size bias in the EWMA): $ / 1,000 "
+                  f"- every pool shown its true service time for each job (perfect speed knowledge): $ / 1,000 "
                   f"{engine['cost_per_1000_usd']:.4f} -> {same['cost_per_1000_usd']:.4f}, p95 {engine['p95_s']:.1f} -> "
                   f"{same['p95_s']:.1f} s, past deadline {engine['past_deadline']} -> {same['past_deadline']}"]
         idle = ", ".join(f"{r['policy'].removeprefix('gpuroute, ')} {r['idle_slot_s_while_queued_elsewhere']:,.0f}"

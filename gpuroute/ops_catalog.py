@@ -274,6 +274,28 @@ def models_used(steps: Sequence[Mapping[str, Any]]) -> frozenset[str]:
     return frozenset(s["model"] for s in steps if s["op"] == "upscale" and s.get("method") == "model")
 
 
+_COST_PARAMS: dict[str, tuple[str, ...]] = {
+    "upscale": ("method", "model", "scale"),
+    "resize": ("method", "scale"),
+    "denoise": ("method", "size", "radius"),
+    "blur": ("radius",),
+    "sharpen": ("radius",),
+}
+"""Parameters that change an op's cost per pixel; the rest (factors, colours, offsets) do not."""
+
+
+def cost_class(steps: Sequence[Mapping[str, Any]]) -> str:
+    """A name shared by normalized pipelines that cost about the same per input pixel,
+    e.g. `upscale(method=model,model=realesrgan-x4,scale=4)>sharpen(radius=2)`: the key
+    under which the operator learns each pool's speed."""
+    parts = []
+    for step in steps:
+        params = [f"{name}={step[name]:g}" if isinstance(step.get(name), float) else f"{name}={step[name]}"
+                  for name in _COST_PARAMS.get(step["op"], ()) if step.get(name) is not None]
+        parts.append(f"{step['op']}({','.join(params)})" if params else step["op"])
+    return ">".join(parts)
+
+
 def parse_color(value: str) -> tuple[int, int, int]:
     """#rrggbb to an (r, g, b) tuple of 8-bit levels."""
     return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)

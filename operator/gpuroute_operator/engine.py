@@ -35,6 +35,7 @@ from gpuroute_operator.phases import Phase
 from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn, ewma
 from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
 from gpuroute_operator.server import WorkerServer
+from gpuroute_operator.service_model import SizePrior
 from gpuroute_operator.spec import JobSpec, SpecError, parse_job_spec
 from gpuroute_operator.status import ObjectRef, StatusWriter
 from gpuroute_operator.storage import AzureAccount, Presigner, StorageGrants
@@ -94,6 +95,7 @@ class Engine:
         self.jobs: dict[str, Job] = {}
         self.pools: dict[str, PoolState] = {}
         self.unrouted: dict[str, Job] = {}
+        self.sizes = SizePrior()
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._grants: dict[str, tuple[StorageGrants, float]] = {}
@@ -252,7 +254,11 @@ class Engine:
                         clouds=placement.clouds, regions=placement.regions, models=models_used(job.spec.steps))
 
     def _route(self, job: Job, *, front: bool = False, prefer: str | None = None) -> None:
-        views = [p.view() for p in self.pools.values()]
+        # Every pool is scored on this job: its pipeline, and its size where known (inline
+        # input) or else the typical size of that pipeline, never the sizes a pool happened to get.
+        pixels = job.spec.input_pixels
+        mpix = self.sizes.expected(job.spec.cost_class, pixels / 1e6 if pixels else None)
+        views = [p.view(p.job_service_ms(job.spec.cost_class, mpix)) for p in self.pools.values()]
         decision: Decision = choose(self._needs(job), views)
         if prefer and decision.pool and prefer in self.pools and prefer != decision.pool:
             # A resumed job goes back to its pool if that is still eligible: its worker may hold the result.
@@ -523,7 +529,12 @@ class Engine:
                       "sha256": str(output.get("sha256") or ""), "format": str(output.get("format") or "")}
         pool = self.pools.get(conn.pool)
         if pool is not None and not header.get("cached"):
-            pool.record_result(worker_ms, job.output["width"] * job.output["height"])
+            source = header.get("input") if isinstance(header.get("input"), Mapping) else {}
+            input_pixels = _positive_int(source.get("width")) * _positive_int(source.get("height"))
+            pool.record_result(worker_ms, job.output["width"] * job.output["height"],
+                               cost_class=job.spec.cost_class, input_pixels=input_pixels)
+            if input_pixels:
+                self.sizes.add(job.spec.cost_class, input_pixels / 1e6)
         message = f"{job.output['width']}x{job.output['height']} {job.output['format']} written to {job.spec.output.uri}"
         self._finish(job, Phase.COMPLETED, "Succeeded", message, keep=job_id)
         metrics.E2E_SECONDS.labels(conn.pool).observe(now - job.queued_at)
@@ -703,6 +714,7 @@ class Engine:
             "queued": view.queued,
             "rttMs": round(view.rtt_ms, 3) if view.rtt_ms is not None else None,
             "throughputMpixPerS": round(pool.mpix_per_s, 3) if pool.mpix_per_s is not None else None,
+            "pipelines": _pipeline_status(pool),
             "lastHeartbeat": now_rfc3339(last) if last else None,
             "conditions": [{"type": "Available", "status": "True" if available else "False", "reason": reason,
                             "message": message, "lastTransitionTime": now_rfc3339()}],
@@ -725,7 +737,8 @@ class Engine:
             if status["rttMs"] is not None:
                 metrics.RTT_SECONDS.labels(name).set(status["rttMs"] / 1000.0)
             # Compare without the fields that change every heartbeat.
-            key = {k: v for k, v in status.items() if k not in ("lastHeartbeat", "conditions", "workers", "rttMs")}
+            key = {k: v for k, v in status.items()
+                   if k not in ("lastHeartbeat", "conditions", "workers", "rttMs", "pipelines")}
             key["workerIds"] = sorted(w["id"] for w in status["workers"])
             key["available"] = status["conditions"][0]["status"]
             previous = self._pool_status_sent.get(name)
@@ -736,3 +749,24 @@ class Engine:
             since = status["conditions"][0]["lastTransitionTime"]
             self._pool_status_sent[name] = (key, now, since)
             self.writer.update(ObjectRef("WorkerPool", name), status, urgent=previous is None or previous[0] != key)
+
+
+MAX_PIPELINES_SHOWN = 20
+"""Cost classes listed on a WorkerPool's status, most used first (the object must stay small)."""
+
+
+def _pipeline_status(pool: PoolState) -> list[dict[str, Any]]:
+    """What the router has learned of the pool's speed, per pipeline."""
+    rows = []
+    for name, fit in sorted(pool.fits.items(), key=lambda item: -item[1].samples)[:MAX_PIPELINES_SHOWN]:
+        line = fit.line()
+        if line is None:
+            continue
+        rows.append({"costClass": name, "jobs": fit.samples, "overheadMs": round(line[0], 3),
+                     "msPerMpix": round(line[1], 3)})
+    return rows
+
+
+def _positive_int(value: Any) -> int:
+    """A count a worker reported, or 0 when it is missing or not a positive integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

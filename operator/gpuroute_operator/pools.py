@@ -13,6 +13,7 @@ from gpuroute import protocol
 from gpuroute_operator.autoscaler import ScalingSpec, parse_scaling
 from gpuroute_operator.router import PoolView
 from gpuroute_operator.scheduler import FairQueue
+from gpuroute_operator.service_model import ServiceFit
 from gpuroute_operator.zap import parse_cidrs
 
 if TYPE_CHECKING:
@@ -159,7 +160,11 @@ class PoolState:
     workers: dict[bytes, WorkerConn] = field(default_factory=dict)
     queue: FairQueue[Job] = field(default_factory=FairQueue)
     service_ms: float | None = None
+    """Moving average of worker ms over every job here: how long the jobs ahead in its queue take."""
     mpix_per_s: float | None = None
+    """Moving average of output megapixels per second (shown on the status)."""
+    fits: dict[str, ServiceFit] = field(default_factory=dict)
+    """Worker ms against input megapixels, by cost class: what one more job of that class will take."""
     last_heartbeat: float | None = None
 
     @property
@@ -171,7 +176,8 @@ class PoolState:
         samples = [w.rtt_ms for w in self.workers.values() if w.rtt_ms is not None]
         return sum(samples) / len(samples) if samples else None
 
-    def view(self) -> PoolView:
+    def view(self, job_service_ms: float | None = None) -> PoolView:
+        """What the router sees; `job_service_ms` is this pool's estimate for the job being routed."""
         live = [w for w in self.workers.values() if not w.draining]
         return PoolView(
             name=self.spec.name, cloud=self.spec.cloud, region=self.spec.region,
@@ -179,13 +185,22 @@ class PoolState:
             allowed_namespaces=self.spec.allowed_namespaces,
             models=frozenset().union(*(w.models for w in live)) if live else frozenset(),
             workers=len(live), slots=sum(w.capacity for w in live), busy=self.busy,
-            queued=len(self.queue), rtt_ms=self.rtt_ms, service_ms=self.service_ms,
+            queued=len(self.queue), rtt_ms=self.rtt_ms, service_ms=self.service_ms, job_service_ms=job_service_ms,
         )
 
-    def record_result(self, worker_ms: float, output_pixels: int) -> None:
+    def record_result(self, worker_ms: float, output_pixels: int, *, cost_class: str = "",
+                      input_pixels: int = 0) -> None:
         self.service_ms = ewma(self.service_ms, worker_ms)
         if worker_ms > 0:
             self.mpix_per_s = ewma(self.mpix_per_s, output_pixels / 1e6 / (worker_ms / 1000.0))
+        if cost_class and input_pixels > 0:
+            self.fits.setdefault(cost_class, ServiceFit()).add(input_pixels / 1e6, worker_ms)
+
+    def job_service_ms(self, cost_class: str, mpix: float | None) -> float | None:
+        """Expected worker ms here for a job of `cost_class` and `mpix` input megapixels
+        (None: this pool has not run that class yet)."""
+        fit = self.fits.get(cost_class)
+        return fit.predict(mpix) if fit is not None else None
 
     def free_worker(self, preferred: str | None) -> WorkerConn | None:
         free = [w for w in self.workers.values() if w.free > 0]

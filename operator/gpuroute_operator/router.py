@@ -2,8 +2,10 @@
 
 Filters: the job's placement (pools, clouds, regions: data residency), the pool's
 allowedNamespaces, the models the job needs, and the pool having live workers.
-Scores use live measurements only where they exist: heartbeat RTT and a moving
-average of the service time workers report; a pool never measured gets a prior.
+Scores use live measurements only where they exist: heartbeat RTT, the pool's fit of
+worker time against input size for the job's pipeline (service_model.py), and the moving
+average of all its jobs' times for the queue ahead. A pool that has not run the job's
+pipeline falls back to that average, and a pool never measured to a prior.
 
 - fastest:  least expected completion time (queue wait + RTT + service time)
 - cheapest: least expected cost per image among pools expected to finish within half
@@ -59,7 +61,9 @@ class PoolView:
     rtt_ms: float | None
     """Moving average of heartbeat round trips."""
     service_ms: float | None
-    """Moving average of worker-reported time per job."""
+    """Moving average of worker-reported time per job, over every job the pool ran."""
+    job_service_ms: float | None = None
+    """The pool's expected worker time for the job being routed (its pipeline and size)."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +123,11 @@ def rejection(job: JobNeeds, pool: PoolView) -> str | None:
 
 
 def estimate(pool: PoolView) -> Estimate:
-    service = pool.service_ms if pool.service_ms is not None else PRIOR_SERVICE_MS
+    typical = pool.service_ms if pool.service_ms is not None else PRIOR_SERVICE_MS
+    service = pool.job_service_ms if pool.job_service_ms is not None else typical
+    # The jobs ahead are whatever the pool's queue holds: their time is the pool's typical job's.
     ahead = max(0, pool.queued + pool.busy - pool.slots + 1)
-    wait = ahead * service / max(1, pool.slots)
+    wait = ahead * typical / max(1, pool.slots)
     expected = wait + (pool.rtt_ms or 0.0) + service
     # A worker's slots share its GPU: one job holds 1/slots-per-worker of it for `service`.
     slots_per_gpu = pool.slots / pool.workers if pool.workers else 1.0

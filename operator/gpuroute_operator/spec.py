@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpuroute.ops_catalog import StepError, normalize_steps
+from gpuroute.image_header import image_size
+from gpuroute.ops_catalog import StepError, cost_class, normalize_steps
 from gpuroute.protocol import CONTENT_TYPES
 
 MAX_INLINE_BYTES = 256 * 1024
@@ -101,6 +102,10 @@ class JobSpec:
     """Dispatch attempts before a retryable failure becomes final."""
     placement: Placement
     """Routing constraints."""
+    cost_class: str = ""
+    """Pipeline class the router learns pool speeds under (ops_catalog.cost_class)."""
+    input_pixels: int | None = None
+    """Pixels of an inline input, read from its header; None when the input is a URI."""
 
 
 def _strings(value: Any, field: str) -> tuple[str, ...]:
@@ -184,4 +189,10 @@ def parse_job_spec(spec: Mapping[str, Any] | None) -> JobSpec:
             regions=_strings(placement.get("regions"), "spec.placement.regions"),
             strategy=_choice(placement.get("strategy"), "spec.placement.strategy", "balanced", STRATEGIES),
         ),
+        cost_class=cost_class(steps),
+        input_pixels=_pixels(image_size(inline)) if inline is not None else None,
     )
+
+
+def _pixels(size: tuple[int, int] | None) -> int | None:
+    return size[0] * size[1] if size else None

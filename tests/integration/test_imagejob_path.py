@@ -298,8 +298,11 @@ def test_status_page_shows_waterfall_and_updates(stack: LocalStack) -> None:
         row = next(r for r in first if r["job"] == f"{NS}/page-one")
         assert row["phase"] == "Completed"
         assert {"gpu", "download", "upload"} <= set(row["stages"]), row
-        pool_rows = json.loads(browser.evaluate_over_time(url, pools, until=lambda v: bool(v and json.loads(v))))
+        pool_rows = json.loads(browser.evaluate_over_time(
+            url, pools, until=lambda v: bool(v and any("ms/Mpix" in r for r in json.loads(v)))))
         assert any(POOL in r and "Available" in r for r in pool_rows), pool_rows
+        # What the router learned from page-one's timing, per pipeline.
+        assert any("blur(radius=1): " in r and "ms/Mpix" in r for r in pool_rows), pool_rows
 
         # The same page picks up a job that completes after it was loaded.
         stack.create_job(NS, "page-two", _spec("page-two", [{"op": "invert"}]))

@@ -745,6 +745,8 @@ def test_workerpool_status_as_the_operator_writes_it(dyn: Any) -> None:
         "workers": [{"id": "w1", "gpu": "cpu", "capacity": 4, "inFlight": 0, "rttMs": None,
                      "lastHeartbeat": "2026-01-02T03:04:05.123Z"}],
         "inFlight": 0, "queued": 0, "rttMs": None, "throughputMpixPerS": 12.5,
+        "pipelines": [{"costClass": "upscale(method=lanczos,scale=2)>sharpen(radius=2)", "jobs": 12,
+                       "overheadMs": 21.5, "msPerMpix": 84.25}],
         "lastHeartbeat": "2026-01-02T03:04:05.123Z",
         "conditions": [{"type": "Available", "status": "True", "reason": "WorkersConnected",
                         "message": "1 workers connected", "lastTransitionTime": "2026-01-02T03:04:05.123Z"}],

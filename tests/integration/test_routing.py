@@ -3,8 +3,10 @@ failover when a pool dies, a pool coming back, and a network cut with results in
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -84,6 +86,51 @@ def test_cheapest_prefers_the_cheap_pool_and_records_why(stack: LocalStack) -> N
     routed = [e for e in stack.core.list_namespaced_event(NS, field_selector="involvedObject.name=frugal").items
               if e.reason == "Queued"]
     assert routed and routed[0].message == status["decision"]
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    # A smooth gradient: many pixels in few bytes, so a large image fits inline.
+    ramp = np.linspace(0, 255, width, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([np.tile(ramp, (height, 1))] * 3)).save(buffer, "JPEG", quality=50)
+    return buffer.getvalue()
+
+
+def _estimated_ms(decision: str) -> float:
+    match = re.search(r"est\. (\d+) ms", decision)
+    assert match, decision
+    return float(match.group(1))
+
+
+def test_pools_learn_speed_per_pipeline_and_size(stack: LocalStack) -> None:
+    _ensure_workers(stack)
+    steps = [{"op": "blur", "radius": 4}, {"op": "sharpen", "radius": 3}]
+    names = [f"learn-{size}-{i}" for size in ("small", "large") for i in range(3)]
+    for name in names:
+        src = "in/small.png" if "small" in name else "in/large.png"
+        stack.create_job(NS, name, _spec(name, steps=steps, src=src, placement={"pools": [FAST]}))
+    assert {j["status"]["phase"] for j in stack.wait_for_jobs(NS, names).values()} == {"Completed"}
+
+    # The WorkerPool shows what was learned, under the pipeline's cost class.
+    cost_class = "blur(radius=4)>sharpen(radius=3)"
+    deadline = time.monotonic() + 30
+    while True:
+        learned = {p["costClass"]: p for p in (stack.worker_pool(FAST).get("status") or {}).get("pipelines") or ()}
+        if learned.get(cost_class, {}).get("jobs", 0) >= len(names):
+            break
+        assert time.monotonic() < deadline, f"pool status never showed {cost_class}: {learned}"
+        time.sleep(0.5)
+    fit = learned[cost_class]
+    assert fit["msPerMpix"] > 0 and fit["overheadMs"] >= 0, fit
+
+    # Inline inputs have a known size, so the estimate follows it: 256 times the pixels.
+    for name, size in (("est-small", (96, 64)), ("est-large", (1536, 1024))):
+        stack.create_job(NS, name, {"input": {"inline": base64.b64encode(_jpeg(*size)).decode()},
+                                    "output": {"uri": f"s3://{BUCKET}/out/{name}.png"}, "steps": steps,
+                                    "placement": {"pools": [FAST], "strategy": "fastest"}})
+    done = stack.wait_for_jobs(NS, ["est-small", "est-large"])
+    small, large = (_estimated_ms(done[n]["status"]["decision"]) for n in ("est-small", "est-large"))
+    assert large > 2 * small, (small, large, fit)
 
 
 def test_dead_pool_is_marked_unavailable_and_its_jobs_complete_elsewhere(stack: LocalStack) -> None:

@@ -418,8 +418,9 @@ def test_workerpool_fields(workerpool: dict[str, Any]) -> None:
     status = _at(schema, "status")["properties"]
     assert set(status) == {
         "phase", "connectedWorkers", "workers", "inFlight", "queued", "rttMs",
-        "throughputMpixPerS", "lastHeartbeat", "conditions", "observedGeneration",
+        "throughputMpixPerS", "pipelines", "lastHeartbeat", "conditions", "observedGeneration",
     }
+    assert set(status["pipelines"]["items"]["properties"]) == {"costClass", "jobs", "overheadMs", "msPerMpix"}
     assert status["phase"]["enum"] == ["Available", "Degraded", "Unavailable"]
     assert set(status["workers"]["items"]["properties"]) == {
         "id", "gpu", "capacity", "inFlight", "rttMs", "lastHeartbeat",

@@ -211,6 +211,8 @@ class JobRunner:
             "timing": timing,
             "batchSize": computed.batch_size,
             "device": self.config.gpu_name,
+            # The operator learns each pool's speed per input megapixel from this.
+            "input": {"width": int(pixels.shape[2]), "height": int(pixels.shape[1])},
             "output": {"bytes": len(encoded.data), "width": encoded.width, "height": encoded.height,
                        "sha256": encoded.sha256, "format": encoded.format},
         }

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gpuroute.ops_catalog import (CATALOG, FAMILIES, MAX_DIMENSION, MAX_STEPS, StepError, models_used,
+from gpuroute.ops_catalog import (CATALOG, FAMILIES, MAX_DIMENSION, MAX_STEPS, StepError, cost_class, models_used,
                                   normalize_step, normalize_steps, parse_color)
 
 
@@ -256,3 +256,19 @@ def test_models_used() -> None:
 ])
 def test_parse_color(text: str, rgb: tuple[int, int, int]) -> None:
     assert parse_color(text) == rgb
+
+
+def test_cost_class_keeps_what_changes_cost_per_pixel() -> None:
+    sr = normalize_steps([{"op": "upscale", "method": "model", "model": "realesrgan-x4", "scale": 4},
+                          {"op": "brightness", "factor": 1.2}])
+    assert cost_class(sr) == "upscale(method=model,model=realesrgan-x4,scale=4)>brightness"
+    # Factors and colours do not change the work per pixel; filters, radii and methods do.
+    assert cost_class(normalize_steps([{"op": "brightness", "factor": 0.5}])) == \
+        cost_class(normalize_steps([{"op": "brightness", "factor": 1.5}]))
+    assert cost_class(normalize_steps([{"op": "blur", "radius": 2}])) != \
+        cost_class(normalize_steps([{"op": "blur", "radius": 8}]))
+    assert cost_class(normalize_steps([{"op": "upscale", "scale": 2, "method": "lanczos"}])) == \
+        "upscale(method=lanczos,scale=2)"
+    # Order matters: the ops run on different sizes.
+    assert cost_class(normalize_steps([{"op": "upscale", "scale": 2}, {"op": "sharpen"}])) != \
+        cost_class(normalize_steps([{"op": "sharpen"}, {"op": "upscale", "scale": 2}]))

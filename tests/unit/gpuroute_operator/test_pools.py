@@ -181,6 +181,21 @@ def test_record_result() -> None:
     assert pool.view().service_ms == pool.service_ms
 
 
+def test_record_result_learns_per_pipeline_and_size() -> None:
+    pool = state()
+    for mpix in (1.0, 2.0, 3.0, 4.0, 5.0):
+        pool.record_result(10.0 + 100.0 * mpix, 0, cost_class="upscale(method=model)", input_pixels=int(mpix * 1e6))
+        pool.record_result(2.0 + 1.0 * mpix, 0, cost_class="invert", input_pixels=int(mpix * 1e6))
+    assert pool.job_service_ms("upscale(method=model)", 2.0) == pytest.approx(210.0)
+    assert pool.job_service_ms("invert", 2.0) == pytest.approx(4.0)
+    assert pool.job_service_ms("blur(radius=2)", 2.0) is None  # never ran here
+    assert pool.view(pool.job_service_ms("invert", 2.0)).job_service_ms == pytest.approx(4.0)
+    # A result without input dimensions (an older worker) still counts toward the typical job.
+    pool.record_result(50.0, 0, cost_class="invert", input_pixels=0)
+    assert pool.fits["invert"].samples == 5
+    assert set(pool.fits) == {"upscale(method=model)", "invert"}
+
+
 def test_worker_free_slots() -> None:
     conn = worker("w", capacity=4, jobs=1)
     assert conn.free == 3

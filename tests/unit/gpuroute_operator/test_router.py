@@ -86,6 +86,23 @@ def test_estimate_arithmetic() -> None:
     assert no_rtt.expected_ms == pytest.approx(100.0)
 
 
+def test_the_jobs_own_estimate_sets_its_service_and_cost_the_typical_job_its_wait() -> None:
+    # 41 typical jobs (100 ms) ahead on 8 slots, then this job's own 900 ms (a super-resolution).
+    est = estimate(pool("p", service_ms=100.0, job_service_ms=900.0, rtt_ms=5.0, busy=8, queued=40, slots=8,
+                        price_per_gpu_hour=3.6))
+    assert est.expected_ms == pytest.approx(41 * 100.0 / 8 + 5.0 + 900.0)
+    assert est.cost_usd == pytest.approx(3.6 * 900.0 / 3_600_000 / 4)
+    # A pool that has not run this pipeline yet is judged by its typical job.
+    assert estimate(pool("p", service_ms=100.0, job_service_ms=None, rtt_ms=0.0)).expected_ms == pytest.approx(100.0)
+
+
+def test_pools_are_compared_on_the_job_not_on_their_history() -> None:
+    # "big" ran large images (typical 800 ms) but is faster for this job; "small" ran thumbnails.
+    big = pool("big", service_ms=800.0, job_service_ms=150.0, rtt_ms=0.0)
+    small = pool("small", service_ms=60.0, job_service_ms=400.0, rtt_ms=0.0)
+    assert choose(job(strategy="fastest"), [big, small]).pool == "big"
+
+
 def test_prior_is_used_before_any_measurement() -> None:
     unmeasured = pool("new", service_ms=None, rtt_ms=None)
     assert PRIOR_SERVICE_MS == 250.0

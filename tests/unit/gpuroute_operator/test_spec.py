@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from gpuroute_operator.spec import (DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S, MAX_INLINE_BYTES, JobSpec, Placement,
                                     SpecError, StorageURI, parse_job_spec, parse_storage_uri)
@@ -59,6 +61,8 @@ def test_full_spec() -> None:
         timeout_s=30,
         max_attempts=5,
         placement=Placement(("gpu-a", "gpu-b"), ("aws",), ("eu-west-1",), "fastest"),
+        cost_class="upscale(method=model,model=x4)>sharpen(radius=2)",
+        input_pixels=None,
     )
     assert parsed.input_uri is not None and parsed.input_uri.uri == "azure://acct1/photos/a/b.png"
 
@@ -74,6 +78,15 @@ def test_inline_input() -> None:
     parsed = parse_job_spec(spec(input={"inline": base64.b64encode(data).decode()}))
     assert parsed.inline == data
     assert parsed.input_uri is None and parsed.input_url is None
+    assert parsed.input_pixels is None  # not a readable header: the router uses the typical size
+
+
+def test_inline_input_size_is_read_from_its_header() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (120, 80)).save(buffer, format="JPEG")
+    parsed = parse_job_spec(spec(input={"inline": base64.b64encode(buffer.getvalue()).decode()}))
+    assert parsed.input_pixels == 120 * 80
+    assert parse_job_spec(spec()).input_pixels is None  # a URI: unknown until the worker reads it
 
 
 def test_inline_at_the_limit_is_accepted() -> None:
