@@ -38,7 +38,7 @@ from gpuroute_operator.server import WorkerServer
 from gpuroute_operator.service_model import SizePrior
 from gpuroute_operator.spec import JobSpec, SpecError, parse_job_spec
 from gpuroute_operator.status import ObjectRef, StatusWriter
-from gpuroute_operator.storage import AzureAccount, Presigner, StorageGrants
+from gpuroute_operator.storage import AzureAccount, Presigner, SigningUnavailable, StorageGrants
 from gpuroute_operator.zap import ZapHandler
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ AUTOSCALE_PERIOD_S = 2.0
 """How often pools with spec.scaling are looked at (the autoscaler rate-limits each to 5 s)."""
 REJECT_PAUSE_S = 0.5
 """A worker that refused a job for capacity gets no new job for this long."""
+SIGNING_RETRY_S = 5.0
+"""A job whose storage the operator cannot sign for right now is tried again this often, until its timeout."""
 FINISHED_MEMORY = 100_000
 """Terminal job uids remembered, so late events and duplicate results are ignored cheaply."""
 
@@ -96,6 +98,8 @@ class Engine:
         self.pools: dict[str, PoolState] = {}
         self.unrouted: dict[str, Job] = {}
         self.sizes = SizePrior()
+        self.held: dict[str, tuple[Job, float]] = {}
+        """Jobs waiting for storage signing to work again, with when to try next (monotonic)."""
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._grants: dict[str, tuple[StorageGrants, float]] = {}
@@ -276,6 +280,7 @@ class Engine:
 
     def _unqueue(self, job: Job) -> None:
         self.unrouted.pop(job.uid, None)
+        self.held.pop(job.uid, None)
         for pool in self.pools.values():
             pool.queue.remove(job.uid)
 
@@ -293,6 +298,7 @@ class Engine:
                 self._dispatch(job, preferred or conn)
 
     def _dispatch(self, job: Job, conn: WorkerConn) -> None:
+        new_attempt = not job.resend_current_attempt
         if job.resend_current_attempt:
             job.resend_current_attempt = False
         else:
@@ -304,6 +310,14 @@ class Engine:
         job_id = job.current_job_id
         try:
             header, payload = self._job_message(job, job_id)
+        except SigningUnavailable as exc:
+            # Nothing was sent: not an attempt. The job waits for signing to work again.
+            if new_attempt:
+                job.attempts -= 1
+            else:
+                job.resend_current_attempt = True
+            self._hold(job, exc)
+            return
         except SpecError as exc:
             self._finish(job, Phase.FAILED, exc.reason, str(exc))
             return
@@ -322,6 +336,25 @@ class Engine:
         if first_dispatch:
             metrics.DISPATCH_SECONDS.observe(job.dispatched_at - job.queued_at)
         self._publish(job)
+
+    def _hold(self, job: Job, exc: SigningUnavailable) -> None:
+        first = job.reason != "StorageUnavailable"
+        job.pool = None
+        job.move(Phase.QUEUED, reason="StorageUnavailable",
+                 message=f"{exc}; retrying every {SIGNING_RETRY_S:g} s until timeoutSeconds")
+        self.held[job.uid] = (job, time.monotonic() + SIGNING_RETRY_S)
+        self._publish(job)
+        if first:  # one Event per outage, not one per retry
+            log.warning("ImageJob %s/%s waits for storage signing: %s", job.namespace, job.name, exc)
+            metrics.JOBS_REQUEUED.labels("StorageUnavailable").inc()
+            self.writer.event(job.ref, "StorageUnavailable", job.message, warning=True)
+
+    def _retry_held(self) -> None:
+        now = time.monotonic()
+        for uid, (job, retry_at) in list(self.held.items()):
+            if retry_at <= now:
+                del self.held[uid]
+                self._route(job)
 
     def _job_message(self, job: Job, job_id: str) -> tuple[dict[str, Any], bytes | None]:
         spec = job.spec
@@ -638,6 +671,7 @@ class Engine:
                     last_beat = now
                     self._heartbeat(now)
                 self._expire_deadlines()
+                self._retry_held()
                 self._reroute_unrouted()
                 self.pump()
                 self._publish_pools()
@@ -724,6 +758,7 @@ class Engine:
     def _publish_pools(self) -> None:
         now = time.monotonic()
         metrics.UNROUTED.set(len(self.unrouted))
+        metrics.STORAGE_WAITING.set(len(self.held))
         by_phase = {phase: 0 for phase in (Phase.QUEUED, Phase.DISPATCHED, Phase.PROCESSING)}
         for job in self.jobs.values():
             by_phase[job.phase] = by_phase.get(job.phase, 0) + 1

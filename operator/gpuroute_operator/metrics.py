@@ -12,6 +12,8 @@ JOBS_ADMITTED = Counter("gpuroute_jobs_admitted_total", "ImageJobs admitted into
 JOBS_REQUEUED = Counter("gpuroute_jobs_requeued_total", "Attempts re-queued after a lost worker or a retryable error.", ["reason"])
 QUEUE_DEPTH = Gauge("gpuroute_queue_depth", "Jobs waiting in a pool's queue.", ["pool", "priority"])
 UNROUTED = Gauge("gpuroute_unrouted_jobs", "Jobs with no eligible pool right now.")
+STORAGE_WAITING = Gauge("gpuroute_storage_waiting_jobs",
+                        "Jobs waiting because the operator cannot sign for their storage right now.")
 IN_FLIGHT = Gauge("gpuroute_pool_in_flight", "Jobs dispatched to a pool and not yet answered.", ["pool"])
 DESIRED_REPLICAS = Gauge("gpuroute_pool_desired_replicas", "Worker replicas the autoscaler last asked the GPU cluster for.", ["pool"])
 WORKERS = Gauge("gpuroute_pool_connected_workers", "Workers connected per pool.", ["pool"])

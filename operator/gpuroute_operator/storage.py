@@ -17,6 +17,7 @@ import datetime as dt
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,17 @@ READ_ANNOTATION = "gpuroute.io/storage-read"
 WRITE_ANNOTATION = "gpuroute.io/storage-write"
 
 log = logging.getLogger(__name__)
+
+
+class SigningUnavailable(RuntimeError):
+    """The operator cannot sign for this storage right now (an identity outage, a delegation
+    key not fetched yet, no cloud credentials yet): the job waits and is retried, unlike a
+    SpecError."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,9 @@ DELEGATION_KEY_RENEW_BEFORE = dt.timedelta(hours=25)
 SAS may need up to timeoutSeconds (at most 24 h) plus a minute."""
 DELEGATION_RETRY_S = 30.0
 """After a failed fetch, the renewal thread tries again this soon."""
+S3_CLIENT_RETRY_S = 10.0
+"""While S3 signing fails, a fresh client (which re-reads the credential chain) is built this often."""
+
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
@@ -105,7 +120,8 @@ class Presigner:
     """Signs storage URIs for workers; clients are created lazily.
 
     get/put run on the engine's event loop and never block: they sign with what is
-    already held (an account key, or a cached Azure user delegation key). Delegation keys
+    already held (an account key, or a cached Azure user delegation key), and raise
+    SigningUnavailable when that is missing (the S3 client is then rebuilt in a thread). Delegation keys
     are fetched by `warm()`, which the engine runs in a thread at startup, and renewed
     before expiry by a daemon thread that `warm()` starts when an account needs them; the
     engine need not call anything else. `refresh()` only wakes that thread, so calling it
@@ -118,6 +134,9 @@ class Presigner:
                  renew_before: dt.timedelta = DELEGATION_KEY_RENEW_BEFORE) -> None:
         self.expires_s = expires_s
         self._s3 = s3_client
+        self._s3_given = s3_client is not None
+        self._s3_rebuilt_at = float("-inf")
+        self._s3_rebuilding = False
         self._azure = {a.name: a for a in azure_accounts}
         # Created lazily: DefaultAzureCredential probes its chain, and only delegation accounts need it.
         self._azure_credential = azure_credential
@@ -133,12 +152,28 @@ class Presigner:
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
-            import boto3  # imported here: an operator without S3 jobs never needs it
-            from botocore.config import Config
-
-            # SigV4 with path-style addressing works for AWS and for S3-compatible endpoints.
-            self._s3 = boto3.client("s3", config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+            self._s3 = _new_s3_client()
         return self._s3
+
+    def _rebuild_s3_soon(self) -> None:
+        """Re-read the credential chain in a thread (it may probe a metadata service for seconds):
+        credentials that appear later (an IRSA token mounted late) are picked up without a restart."""
+        now = time.monotonic()
+        if self._s3_given or self._s3_rebuilding or now - self._s3_rebuilt_at < S3_CLIENT_RETRY_S:
+            return
+        self._s3_rebuilt_at, self._s3_rebuilding = now, True
+
+        def rebuild() -> None:
+            from botocore.exceptions import BotoCoreError
+
+            try:
+                self._s3 = _new_s3_client()  # a reference swap: the event loop sees old or new
+            except BotoCoreError:
+                log.exception("could not create an S3 client")
+            finally:
+                self._s3_rebuilding = False
+
+        threading.Thread(target=rebuild, name="s3-client", daemon=True).start()
 
     @property
     def _delegated_accounts(self) -> list[AzureAccount]:
@@ -149,7 +184,7 @@ class Presigner:
 
         boto3 takes ~0.3 s and importing azure.storage.blob about as long: too long for the
         event loop. A delegation key that cannot be fetched now is logged and retried by
-        the renewal thread; jobs for that account fail with StorageUnavailable meanwhile.
+        the renewal thread; jobs for that account wait (StorageUnavailable) meanwhile.
         """
         self._s3_client()
         if not self._azure:
@@ -256,8 +291,8 @@ class Presigner:
                 key = self._delegation.get(account_name)
                 error = self._delegation_errors.get(account_name)
             if key is None or _parse_time(key.signed_expiry) <= now:
-                raise SpecError(field_name, f"no user delegation key for storage account {account_name!r}"
-                                f"{f' ({error})' if error else ' yet'}", "StorageUnavailable")
+                raise SigningUnavailable(field_name, f"no user delegation key for storage account {account_name!r}"
+                                         f"{f' ({error})' if error else ' yet'}")
             # A SAS is void past its key's expiry; renewal keeps that a day or more ahead.
             expiry = min(expiry, _parse_time(key.signed_expiry))
             signing = {"user_delegation_key": key}
@@ -267,10 +302,21 @@ class Presigner:
                                 start=now - _CLOCK_SKEW, expiry=expiry, protocol=protocol, **signing)
         return f"{account.blob_endpoint}/{container}/{quote(uri.key)}?{sas}"
 
+    def _s3_presign(self, field_name: str, method: str, params: dict[str, str], expires_s: int) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return str(self._s3_client().generate_presigned_url(method, Params=params, ExpiresIn=expires_s))
+        except (BotoCoreError, ClientError) as exc:
+            # No credentials yet (an IRSA token not mounted, a metadata service hiccup): signing is
+            # local once they exist, so the job waits for them.
+            self._rebuild_s3_soon()
+            raise SigningUnavailable(field_name, f"cannot sign for S3: {exc}") from exc
+
     def get(self, uri: StorageURI, *, expires_s: int | None = None) -> SignedURL:
         if uri.scheme == "s3":
-            url = self._s3_client().generate_presigned_url(
-                "get_object", Params={"Bucket": uri.container, "Key": uri.key}, ExpiresIn=expires_s or self.expires_s)
+            url = self._s3_presign("spec.input.uri", "get_object", {"Bucket": uri.container, "Key": uri.key},
+                                   expires_s or self.expires_s)
             return SignedURL(url, {})
         if uri.scheme == "azure":
             return SignedURL(self._azure_sas(uri, "spec.input.uri", write=False, expires_s=expires_s or self.expires_s), {})
@@ -279,15 +325,25 @@ class Presigner:
     def put(self, uri: StorageURI, fmt: str, *, expires_s: int | None = None) -> SignedURL:
         content_type = CONTENT_TYPES[fmt]
         if uri.scheme == "s3":
-            url = self._s3_client().generate_presigned_url(
-                "put_object", Params={"Bucket": uri.container, "Key": uri.key, "ContentType": content_type},
-                ExpiresIn=expires_s or self.expires_s)
+            url = self._s3_presign("spec.output.uri", "put_object",
+                                   {"Bucket": uri.container, "Key": uri.key, "ContentType": content_type},
+                                   expires_s or self.expires_s)
             return SignedURL(url, {"Content-Type": content_type})
         if uri.scheme == "azure":
             url = self._azure_sas(uri, "spec.output.uri", write=True, expires_s=expires_s or self.expires_s)
             # Blob PUTs must say which kind of blob they create.
             return SignedURL(url, {"Content-Type": content_type, "x-ms-blob-type": "BlockBlob"})
         raise SpecError("spec.output.uri", f"no credentials configured for {uri.scheme}:// storage", "StorageUnavailable")
+
+
+def _new_s3_client() -> Any:
+    import boto3  # imported here: an operator without S3 jobs never needs it
+    from botocore.config import Config
+
+    # A session of its own: boto3's default session would keep credentials from before.
+    # SigV4 with path-style addressing works for AWS and for S3-compatible endpoints.
+    return boto3.session.Session().client(
+        "s3", config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
 
 
 def _parse_time(value: str) -> dt.datetime:

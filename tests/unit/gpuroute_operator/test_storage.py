@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +13,9 @@ import requests
 
 from gpuroute.localenv.objectstore import S3Server
 from gpuroute_operator.spec import JobSpec, SpecError, StorageURI, parse_job_spec
-from gpuroute_operator.storage import READ_ANNOTATION, WRITE_ANNOTATION, Presigner, SignedURL, StorageGrants
+from gpuroute_operator import storage
+from gpuroute_operator.storage import (READ_ANNOTATION, WRITE_ANNOTATION, Presigner, SignedURL, SigningUnavailable,
+                                      StorageGrants)
 
 
 def job(input_: dict[str, Any], output_uri: str = "s3://results/team-a/out.png") -> JobSpec:
@@ -206,3 +210,38 @@ def test_azure_account_not_configured_is_unavailable() -> None:
         presigner.put(uri, "png")
     assert (caught.value.field, caught.value.reason) == ("spec.output.uri", "StorageUnavailable")
     assert caught.value.message == "storage account 'acct1' is not configured on the operator"
+
+
+def test_s3_credentials_that_appear_later_are_picked_up(s3: S3Server, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The operator started before its credentials existed (an IRSA token mounted late): jobs
+    # wait instead of failing, and signing works once the credentials file appears.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    credentials = tmp_path / "credentials"
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint_url)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setattr(storage, "S3_CLIENT_RETRY_S", 0.0)
+    presigner = Presigner()
+    uri = StorageURI("s3", "gpuroute-late", "k.png")
+    with pytest.raises(SigningUnavailable) as caught:
+        presigner.put(uri, "png")
+    assert caught.value.field == "spec.output.uri"
+    assert "cannot sign for S3: Unable to locate credentials" in str(caught.value)
+
+    credentials.write_text(f"[default]\naws_access_key_id = {s3.env({})['AWS_ACCESS_KEY_ID']}\n"
+                           f"aws_secret_access_key = {s3.env({})['AWS_SECRET_ACCESS_KEY']}\n")
+    s3.create_bucket("gpuroute-late")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            signed = presigner.put(uri, "png")
+            break
+        except SigningUnavailable:
+            assert time.monotonic() < deadline, "the S3 client was never rebuilt"
+            time.sleep(0.05)
+    assert requests.put(signed.url, data=b"late", headers=signed.headers, timeout=10).status_code == 200
+    assert requests.get(presigner.get(uri).url, timeout=10).content == b"late"

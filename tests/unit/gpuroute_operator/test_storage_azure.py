@@ -24,7 +24,7 @@ import pytest
 
 from gpuroute.localenv.azurite import ACCOUNT, KEY, AzuriteServer
 from gpuroute_operator.spec import SpecError, parse_job_spec, parse_storage_uri
-from gpuroute_operator.storage import AzureAccount, Presigner, StorageGrants
+from gpuroute_operator.storage import AzureAccount, Presigner, SigningUnavailable, StorageGrants
 
 TENANT = "11111111-1111-1111-1111-111111111111"
 OBJECT_ID = "22222222-2222-2222-2222-222222222222"
@@ -68,11 +68,12 @@ def test_unconfigured_account_and_missing_delegation_key_are_refused() -> None:
     with pytest.raises(SpecError) as caught:
         Presigner().put(parse_storage_uri("azure://other/c1x/x.png", "spec.output.uri"), "png")
     assert (caught.value.field, caught.value.reason) == ("spec.output.uri", "StorageUnavailable")
-    # A delegation account before its key arrived: refused, without blocking to fetch one.
-    with pytest.raises(SpecError) as missing:
+    # A delegation account before its key arrived: not yet (the job waits), without blocking to fetch one.
+    with pytest.raises(SigningUnavailable) as missing:
         Presigner(azure_accounts=[AzureAccount("prodimages")]).get(
             parse_storage_uri("azure://prodimages/raw/x.png", "spec.input.uri"))
-    assert (missing.value.field, missing.value.reason) == ("spec.input.uri", "StorageUnavailable")
+    assert missing.value.field == "spec.input.uri"
+    assert "no user delegation key for storage account 'prodimages' yet" in str(missing.value)
 
 
 def test_grants_cover_azure_prefixes() -> None:
@@ -220,9 +221,8 @@ def test_identity_failure_is_reported_then_recovered_by_the_renewal_thread(trust
     uri = parse_storage_uri(f"azure://{ACCOUNT}/{CONTAINER}/in/a.txt", "spec.input.uri")
     try:
         signer.warm()  # logged, not raised: S3 jobs and other accounts keep working
-        with pytest.raises(SpecError) as caught:
+        with pytest.raises(SigningUnavailable) as caught:
             signer.get(uri)
-        assert caught.value.reason == "StorageUnavailable"
         assert "workload identity token file not found" in str(caught.value)
         credential.failure = None
         signer.refresh()
@@ -231,7 +231,7 @@ def test_identity_failure_is_reported_then_recovered_by_the_renewal_thread(trust
             try:
                 url = signer.get(uri).url
                 break
-            except SpecError:
+            except SigningUnavailable:
                 assert time.monotonic() < deadline, "the renewal thread did not fetch the key"
                 time.sleep(0.1)
         assert _open(trusted, url) == b"input bytes"
