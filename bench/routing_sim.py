@@ -13,7 +13,7 @@ Service-time estimates come from the engine's own `PoolState` fits (`service_mod
 worker time against input megapixels per pipeline, pools compared on the same job). As
 in the operator, a job's size is known only for inline inputs: realtime jobs here are
 inline uploads (size read from the header), batch jobs read from object storage (size
-unknown: the pipeline's typical size from `SizePrior`).
+unknown: the pipeline's typical size from `PipelinePriors`).
 
 The trace (`make_trace`): Poisson arrivals with short bursts (rate x5 for 3 s, every
 ~25 s on average) from four namespaces mixing realtime and batch work, plus one namespace
@@ -95,7 +95,7 @@ from typing import Any
 from gpuroute import protocol
 from gpuroute_operator.pools import PoolState, WorkerConn, ewma, parse_pool_spec
 from gpuroute_operator.router import JobNeeds, PoolView, choose, estimate
-from gpuroute_operator.service_model import SizePrior
+from gpuroute_operator.service_model import PipelinePriors
 from gpuroute_operator.spec import DEFAULT_MAX_ATTEMPTS
 
 # ---- scenario ----------------------------------------------------------------------------
@@ -483,7 +483,7 @@ class GpurouteSim(Simulation):
         mean_mpix = statistics.fmean(t.mpix for t in trace) if trace else 1.0
         self.true_service = {m.name: m.service_ms(mean_mpix, 1.0) for m in scenario.pools}
         self.models = {m.name: m for m in scenario.pools}
-        self.sizes = SizePrior()
+        self.priors = PipelinePriors()
         self.pools: dict[str, PoolState] = {}
         for m in scenario.pools:
             body = {"cloud": m.cloud, "region": m.region, "pricePerGpuHour": m.price_per_gpu_hour, "spot": m.spot,
@@ -510,8 +510,9 @@ class GpurouteSim(Simulation):
         needs = JobNeeds(namespace=job.namespace, priority=job.priority, strategy=self.strategy or job.t.strategy,
                          timeout_s=max(0.0, job.t.deadline - self.now), regions=job.t.regions)
         known = job.t.mpix if job.priority == "realtime" else None  # inline upload: size from its header
-        mpix = self.sizes.expected(COST_CLASS, known)
-        views = [p.view(p.job_service_ms(COST_CLASS, mpix)) for p in self.pools.values()]
+        mpix = self.priors.expected_mpix(COST_CLASS, known)
+        shape = self.priors.shape(COST_CLASS)
+        views = [p.view(p.job_service_ms(COST_CLASS, mpix, shape)) for p in self.pools.values()]
         if self.counterfactual == "realtime-queue" and job.priority == "realtime":
             views = [dataclasses.replace(v, queued=self.pools[v.name].queue.count("realtime")) for v in views]
         elif self.counterfactual == "oracle-service":
@@ -564,7 +565,7 @@ class GpurouteSim(Simulation):
         pool = self.pools[att.pool]
         pixels = int(att.job.t.mpix * 1e6)
         pool.record_result(att.service_ms, pixels, cost_class=COST_CLASS, input_pixels=pixels)
-        self.sizes.add(COST_CLASS, att.job.t.mpix)
+        self.priors.add(COST_CLASS, att.job.t.mpix, att.service_ms)
         self.complete(att)
         self.dirty.add(att.pool)
 

@@ -35,7 +35,7 @@ from gpuroute_operator.phases import Phase
 from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn, ewma
 from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
 from gpuroute_operator.server import WorkerServer
-from gpuroute_operator.service_model import SizePrior
+from gpuroute_operator.service_model import PipelinePriors
 from gpuroute_operator.spec import JobSpec, SpecError, parse_job_spec
 from gpuroute_operator.status import ObjectRef, StatusWriter
 from gpuroute_operator.storage import AzureAccount, Presigner, SigningUnavailable, StorageGrants
@@ -97,7 +97,7 @@ class Engine:
         self.jobs: dict[str, Job] = {}
         self.pools: dict[str, PoolState] = {}
         self.unrouted: dict[str, Job] = {}
-        self.sizes = SizePrior()
+        self.priors = PipelinePriors()
         self.held: dict[str, tuple[Job, float]] = {}
         """Jobs waiting for storage signing to work again, with when to try next (monotonic)."""
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -261,8 +261,10 @@ class Engine:
         # Every pool is scored on this job: its pipeline, and its size where known (inline
         # input) or else the typical size of that pipeline, never the sizes a pool happened to get.
         pixels = job.spec.input_pixels
-        mpix = self.sizes.expected(job.spec.cost_class, pixels / 1e6 if pixels else None)
-        views = [p.view(p.job_service_ms(job.spec.cost_class, mpix)) for p in self.pools.values()]
+        cost_class = job.spec.cost_class
+        mpix = self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None)
+        shape = self.priors.shape(cost_class)
+        views = [p.view(p.job_service_ms(cost_class, mpix, shape)) for p in self.pools.values()]
         decision: Decision = choose(self._needs(job), views)
         if prefer and decision.pool and prefer in self.pools and prefer != decision.pool:
             # A resumed job goes back to its pool if that is still eligible: its worker may hold the result.
@@ -567,7 +569,7 @@ class Engine:
             pool.record_result(worker_ms, job.output["width"] * job.output["height"],
                                cost_class=job.spec.cost_class, input_pixels=input_pixels)
             if input_pixels:
-                self.sizes.add(job.spec.cost_class, input_pixels / 1e6)
+                self.priors.add(job.spec.cost_class, input_pixels / 1e6, worker_ms)
         message = f"{job.output['width']}x{job.output['height']} {job.output['format']} written to {job.spec.output.uri}"
         self._finish(job, Phase.COMPLETED, "Succeeded", message, keep=job_id)
         metrics.E2E_SECONDS.labels(conn.pool).observe(now - job.queued_at)

@@ -196,11 +196,11 @@ class PoolState:
         if cost_class and input_pixels > 0:
             self.fits.setdefault(cost_class, ServiceFit()).add(input_pixels / 1e6, worker_ms)
 
-    def job_service_ms(self, cost_class: str, mpix: float | None) -> float | None:
+    def job_service_ms(self, cost_class: str, mpix: float | None, shape: ServiceFit | None = None) -> float | None:
         """Expected worker ms here for a job of `cost_class` and `mpix` input megapixels
-        (None: this pool has not run that class yet)."""
+        (None: this pool has not run that class yet); `shape` is the fit over every pool."""
         fit = self.fits.get(cost_class)
-        return fit.predict(mpix) if fit is not None else None
+        return fit.predict(mpix, shape) if fit is not None else None
 
     def free_worker(self, preferred: str | None) -> WorkerConn | None:
         free = [w for w in self.workers.values() if w.free > 0]

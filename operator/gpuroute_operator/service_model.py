@@ -10,7 +10,13 @@ change their cost, `gpuroute.ops_catalog.cost_class`) of
 by exponentially weighted least squares (recent samples count most, so the fit follows a
 pool whose GPUs change or slow down). Pools are then compared on the same job: its own
 size where the operator knows it (inline inputs), otherwise the typical size of that cost
-class across all pools (`SizePrior`), never the sizes a pool happened to see.
+class across all pools (`PipelinePriors`), never the sizes a pool happened to see.
+
+Until a pool has run jobs of different sizes its own fit cannot split overhead from
+rate. It then keeps its own average time and borrows the *shape* of the size curve from
+the fit over every pool; with no shape anywhere, time is taken as independent of size.
+Scaling a thumbnail's time up in proportion to pixels would make a pool that only ever
+got thumbnails look hopeless for large images, so it would never get one to learn from.
 """
 
 from __future__ import annotations
@@ -59,46 +65,65 @@ class ServiceFit:
     def mean_ms(self) -> float | None:
         return self.sum_y / self.weight if self.weight else None
 
+    def identified_line(self) -> tuple[float, float] | None:
+        """(overhead ms, ms per megapixel) once sizes spread enough to tell them apart, else None."""
+        if self.samples < MIN_SAMPLES_FOR_SLOPE or not self.weight:
+            return None
+        mean_x, mean_y = self.sum_x / self.weight, self.sum_y / self.weight
+        variance = self.sum_xx / self.weight - mean_x * mean_x
+        if mean_x <= 0.0 or variance <= (MIN_RELATIVE_SPREAD * mean_x) ** 2:
+            return None
+        slope = (self.sum_xy / self.weight - mean_x * mean_y) / variance
+        intercept = mean_y - slope * mean_x
+        if slope < 0.0:
+            # Noise can tilt a fit over a narrow range of sizes: never predict less for more.
+            return mean_y, 0.0
+        if intercept < 0.0:
+            return 0.0, mean_y / mean_x
+        return intercept, slope
+
     def line(self) -> tuple[float, float] | None:
-        """(overhead ms, ms per megapixel), or None before any result with a size."""
+        """What the status shows: the identified line, or (mean ms, 0) before one exists."""
+        mean = self.mean_ms
+        return None if mean is None else (self.identified_line() or (mean, 0.0))
+
+    def predict(self, mpix: float | None, shape: ServiceFit | None = None) -> float | None:
+        """Expected worker ms for an input of `mpix` megapixels (None: the mean job seen here).
+        `shape`, the fit over every pool, scales this pool's mean by size until its own line exists."""
         if not self.weight:
             return None
         mean_x, mean_y = self.sum_x / self.weight, self.sum_y / self.weight
-        if mean_x <= 0.0:
-            return None
-        proportional = (0.0, mean_y / mean_x)
-        variance = self.sum_xx / self.weight - mean_x * mean_x
-        if self.samples < MIN_SAMPLES_FOR_SLOPE or variance <= (MIN_RELATIVE_SPREAD * mean_x) ** 2:
-            return proportional
-        slope = (self.sum_xy / self.weight - mean_x * mean_y) / variance
-        intercept = mean_y - slope * mean_x
-        if slope < 0.0 or intercept < 0.0:
-            # Noise can tilt a fit over a narrow range of sizes; time proportional to size is
-            # the safer reading then (it never predicts less than nothing or less for more).
-            return proportional
-        return intercept, slope
-
-    def predict(self, mpix: float | None) -> float | None:
-        """Expected worker ms for an input of `mpix` megapixels (None: the mean job seen here)."""
-        line = self.line()
-        if mpix is None or line is None:
-            return self.mean_ms
-        overhead, rate = line
-        return overhead + rate * mpix
+        if mpix is None:
+            return mean_y
+        own = self.identified_line()
+        if own is not None:
+            return own[0] + own[1] * mpix
+        curve = shape.identified_line() if shape is not None else None
+        if curve is not None:
+            at_mean = curve[0] + curve[1] * mean_x
+            if at_mean > 0.0:
+                return mean_y * (curve[0] + curve[1] * mpix) / at_mean
+        return mean_y
 
 
 @dataclass
-class SizePrior:
-    """Typical input megapixels per cost class, over every pool: the size a job of unknown
-    size is compared on."""
+class PipelinePriors:
+    """What every pool's results say about each cost class: the size a job of unknown size
+    is compared on, and the shape of time against size."""
 
     mean_mpix: dict[str, float] = field(default_factory=dict)
     """Moving average of input megapixels by cost class."""
+    shapes: dict[str, ServiceFit] = field(default_factory=dict)
+    """Fit of worker ms against megapixels over every pool, by cost class."""
 
-    def add(self, cost_class: str, mpix: float) -> None:
+    def add(self, cost_class: str, mpix: float, ms: float) -> None:
         previous = self.mean_mpix.get(cost_class)
         self.mean_mpix[cost_class] = mpix if previous is None else (1 - SIZE_ALPHA) * previous + SIZE_ALPHA * mpix
+        self.shapes.setdefault(cost_class, ServiceFit()).add(mpix, ms)
 
-    def expected(self, cost_class: str, known_mpix: float | None) -> float | None:
+    def expected_mpix(self, cost_class: str, known_mpix: float | None) -> float | None:
         """The job's own size when known, otherwise its class's typical size (None before any result)."""
         return known_mpix if known_mpix is not None else self.mean_mpix.get(cost_class)
+
+    def shape(self, cost_class: str) -> ServiceFit | None:
+        return self.shapes.get(cost_class)
