@@ -13,7 +13,7 @@ from gpuroute import protocol
 from gpuroute_operator.autoscaler import ScalingSpec, parse_scaling
 from gpuroute_operator.router import PoolView
 from gpuroute_operator.scheduler import FairQueue
-from gpuroute_operator.service_model import ServiceFit
+from gpuroute_operator.service_model import ServiceFit, fit_for
 from gpuroute_operator.zap import parse_cidrs
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ class PoolState:
         if worker_ms > 0:
             self.mpix_per_s = ewma(self.mpix_per_s, output_pixels / 1e6 / (worker_ms / 1000.0))
         if cost_class and input_pixels > 0:
-            self.fits.setdefault(cost_class, ServiceFit()).add(input_pixels / 1e6, worker_ms)
+            fit_for(self.fits, cost_class).add(input_pixels / 1e6, worker_ms)
 
     def job_service_ms(self, cost_class: str, mpix: float | None, shape: ServiceFit | None = None) -> float | None:
         """Expected worker ms here for a job of `cost_class` and `mpix` input megapixels

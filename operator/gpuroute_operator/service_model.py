@@ -30,6 +30,9 @@ MIN_SAMPLES_FOR_SLOPE = 4
 MIN_RELATIVE_SPREAD = 0.1
 """Sizes whose standard deviation is under this share of their mean cannot separate overhead
 from rate; the fit then scales its mean time by size instead."""
+MAX_COST_CLASSES = 1000
+"""Fits kept per pool (and priors overall). Radii and scales are user input, so the number of
+classes is unbounded; past this the least-used class is forgotten."""
 SIZE_ALPHA = 0.02
 """Weight of the newest sample in the typical input size of a cost class (lognormal sizes
 need a long memory for a stable mean)."""
@@ -106,6 +109,16 @@ class ServiceFit:
         return mean_y
 
 
+def fit_for(fits: dict[str, ServiceFit], cost_class: str) -> ServiceFit:
+    """The fit kept for `cost_class`, made room for if new."""
+    fit = fits.get(cost_class)
+    if fit is None:
+        if len(fits) >= MAX_COST_CLASSES:
+            del fits[min(fits, key=lambda name: fits[name].samples)]
+        fit = fits[cost_class] = ServiceFit()
+    return fit
+
+
 @dataclass
 class PipelinePriors:
     """What every pool's results say about each cost class: the size a job of unknown size
@@ -117,9 +130,12 @@ class PipelinePriors:
     """Fit of worker ms against megapixels over every pool, by cost class."""
 
     def add(self, cost_class: str, mpix: float, ms: float) -> None:
+        fit_for(self.shapes, cost_class).add(mpix, ms)
+        if len(self.mean_mpix) >= len(self.shapes):  # a class was forgotten just now
+            for forgotten in self.mean_mpix.keys() - self.shapes.keys():
+                del self.mean_mpix[forgotten]
         previous = self.mean_mpix.get(cost_class)
         self.mean_mpix[cost_class] = mpix if previous is None else (1 - SIZE_ALPHA) * previous + SIZE_ALPHA * mpix
-        self.shapes.setdefault(cost_class, ServiceFit()).add(mpix, ms)
 
     def expected_mpix(self, cost_class: str, known_mpix: float | None) -> float | None:
         """The job's own size when known, otherwise its class's typical size (None before any result)."""

@@ -87,3 +87,18 @@ def test_priors_use_the_known_size_first() -> None:
         priors.add("invert", 1.0, 10.0)
     assert priors.expected_mpix("invert", None) == pytest.approx(1.0, abs=1e-3)
     assert priors.shape("invert") is not None and priors.shape("invert").samples == 501  # type: ignore[union-attr]
+
+
+def test_cost_classes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Blur radii are user input: a stream of distinct pipelines must not grow memory forever.
+    from gpuroute_operator import service_model
+
+    monkeypatch.setattr(service_model, "MAX_COST_CLASSES", 3)
+    priors = PipelinePriors()
+    for _ in range(5):
+        priors.add("invert", 1.0, 10.0)
+    for radius in range(10):
+        priors.add(f"blur(radius={radius})", 1.0, 20.0)
+    assert len(priors.shapes) == 3 and set(priors.mean_mpix) == set(priors.shapes)
+    assert "invert" in priors.shapes  # the most used class stays
+    assert "blur(radius=9)" in priors.shapes
