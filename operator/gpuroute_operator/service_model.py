@@ -130,8 +130,9 @@ class PipelinePriors:
     """Fit of worker ms against megapixels over every pool, by cost class."""
 
     def add(self, cost_class: str, mpix: float, ms: float) -> None:
+        new_class = cost_class not in self.shapes
         fit_for(self.shapes, cost_class).add(mpix, ms)
-        if len(self.mean_mpix) >= len(self.shapes):  # a class was forgotten just now
+        if new_class:  # making room may have forgotten a class: forget its size too
             for forgotten in self.mean_mpix.keys() - self.shapes.keys():
                 del self.mean_mpix[forgotten]
         previous = self.mean_mpix.get(cost_class)
