@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuroute.netguard import UnsafeURL, _is_public, check_public_https_url
+from gpuroute.netguard import UnsafeURL, _is_public, check_public_https_url, resolve_public_https_url
 
 
 @pytest.mark.parametrize("url", [
@@ -42,7 +42,6 @@ def test_url_without_host_is_refused(url: str) -> None:
 @pytest.mark.parametrize(("url", "address"), [
     ("https://127.0.0.1/a.png", "127.0.0.1"),
     ("https://127.0.0.1:8443/a.png", "127.0.0.1"),
-    ("https://user:pw@127.0.0.1/a.png", "127.0.0.1"),
     ("https://[::1]/a.png", "::1"),
     ("https://10.0.0.5/a.png", "10.0.0.5"),
     ("https://10.255.255.254/a.png", "10.255.255.254"),
@@ -67,12 +66,46 @@ def test_internal_addresses_are_refused(url: str, address: str) -> None:
     assert str(caught.value).endswith(f" {address}")
 
 
-def test_localhost_is_refused() -> None:
+def test_localhost_is_refused_without_naming_what_it_resolves_to() -> None:
+    # A name's internal addresses are not the user's to learn from an error message.
     with pytest.raises(UnsafeURL) as caught:
         check_public_https_url("https://localhost/a.png")
     message = str(caught.value)
-    assert message.startswith("host 'localhost' resolves to non-public address ")
-    assert message.rsplit(" ", 1)[1] in ("127.0.0.1", "::1")
+    assert message == "host 'localhost' resolves to a non-public address"
+    assert "127.0.0.1" not in message and "::1" not in message
+
+
+@pytest.mark.parametrize("url", [
+    "https://user:pw@8.8.8.8/a.png",
+    "https://user@8.8.8.8/a.png",
+    "https://@8.8.8.8/a.png",
+    # The example: urlsplit reads 8.8.8.8 as the host, a fetcher reading `\` as
+    # `/` connects to 10.0.0.5:6443. Refused for the backslash before anyone resolves it.
+    "https://10.0.0.5:6443\\@8.8.8.8/",
+])
+def test_userinfo_is_refused(url: str) -> None:
+    with pytest.raises(UnsafeURL, match="user information|backslash"):
+        check_public_https_url(url)
+
+
+@pytest.mark.parametrize("url", ["https://8.8.8.8\\a.png", "https://8.8.8.8/a\\b.png", "https://8.8.8.8/a b",
+                                 "https://8.8.8.8/a\tb", "https://8.8.8.8/a\nb"])
+def test_backslashes_and_whitespace_are_refused(url: str) -> None:
+    with pytest.raises(UnsafeURL, match="backslash|whitespace"):
+        check_public_https_url(url)
+
+
+def test_invalid_port_is_refused() -> None:
+    with pytest.raises(UnsafeURL, match="invalid port"):
+        check_public_https_url("https://8.8.8.8:99999/a.png")
+
+
+def test_resolution_returns_the_checked_address_and_the_request_target() -> None:
+    checked = resolve_public_https_url("https://8.8.8.8:8443/a/b.png?x=1&y=2#frag")
+    assert (checked.host, checked.port, checked.address, checked.target) == ("8.8.8.8", 8443, "8.8.8.8", "/a/b.png?x=1&y=2")
+    assert checked.host_header == "8.8.8.8:8443"
+    bare = resolve_public_https_url("https://[2001:4860:4860::8888]")
+    assert (bare.target, bare.port, bare.host_header) == ("/", 443, "[2001:4860:4860::8888]")
 
 
 @pytest.mark.parametrize("host", ["no-such-host.invalid", "x.test.invalid"])
