@@ -49,7 +49,14 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         accounts[name] = AzureAccount(name, endpoint, key)
     config = EngineConfig(bind=args.bind, secret_key=secret, namespace=args.namespace, kubeconfig=args.kubeconfig,
                           plaintext=args.dev_plaintext, azure_accounts=tuple(accounts.values()))
-    run_operator(config, web_port=args.web_port or None, liveness_port=args.liveness_port or None, verbose=args.verbose)
+    election = None
+    if not args.no_leader_election:
+        from gpuroute_operator.leader import LeaderElectionConfig, default_identity
+
+        election = LeaderElectionConfig(name=args.lease_name, namespace=args.lease_namespace or args.namespace,
+                                        identity=args.identity or default_identity(), pod_name=args.pod_name)
+    run_operator(config, web_port=args.web_port or None, liveness_port=args.liveness_port or None, verbose=args.verbose,
+                 election=election)
     return 0
 
 
@@ -131,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Azure storage account to sign for (key from $GPUROUTE_AZURE_KEY_<NAME>, "
                          "else a user delegation key via azure-identity); repeatable")
     op.add_argument("--dev-plaintext", action="store_true", help="DEV ONLY: no CURVE on the worker socket")
+    op.add_argument("--lease-name", default="gpuroute-operator", help="coordination.k8s.io Lease for leader election")
+    op.add_argument("--lease-namespace", default=None, help="namespace of the Lease (default: --namespace)")
+    op.add_argument("--identity", default=None, help="this replica's Lease holder identity (default: hostname_pid)")
+    op.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
+                    help="own pod, labelled gpuroute.io/leader=true while leading (default: $POD_NAME)")
+    op.add_argument("--no-leader-election", action="store_true",
+                    help="start at once without a Lease (single replica only: two would both dispatch)")
     op.set_defaults(func=_cmd_operator)
 
     wk = sub.add_parser("worker", help="run a GPU worker that dials the operator (or waits for it to dial in)")
