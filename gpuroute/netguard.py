@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -91,12 +92,14 @@ def _parse(url: str) -> tuple[str, int, str]:
     return host, port, target
 
 
-def resolve_public_https_url(url: str) -> CheckedURL:
+def resolve_public_https_url(url: str, *, is_allowed: Callable[[str], bool] | None = None) -> CheckedURL:
     """Parse `url` once, resolve its host once, and return what to connect to.
 
     Raises UnsafeURL unless the URL is https without user information or backslashes and
-    every address its host resolves to is public.
+    every address its host resolves to is public. `is_allowed` replaces the public-address
+    rule; only tests that serve from loopback pass it.
     """
+    allowed = is_allowed or _is_public
     host, port, target = _parse(url)
     literal = _is_literal(host)
     try:
@@ -105,7 +108,7 @@ def resolve_public_https_url(url: str) -> CheckedURL:
         raise UnsafeURL(f"host {host!r} does not resolve: {exc.strerror}") from exc
     addresses = [str(info[4][0]) for info in infos]
     for address in addresses:
-        if not _is_public(address):
+        if not allowed(address):
             # A literal is the user's own text (and `127.1` spells 127.0.0.1, which is worth
             # saying); what a name resolves to inside the network is not theirs to learn.
             if literal:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gpuroute_worker.transfer import TransferConfig
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -50,7 +52,16 @@ class WorkerConfig:
     max_output_pixels: int = 268_000_000
     """Largest output a pipeline may produce (16384 x 16384)."""
     transfer_timeout_s: float = 60.0
-    """Connect and read timeout of each storage transfer."""
+    """Longest silence on an open storage connection (per-read timeout)."""
+    transfer_total_timeout_s: float = 300.0
+    """Whole transfer, retries included; also capped by the job's remaining time."""
+    transfer_retries: int = 3
+    """Extra attempts of a storage transfer after a connection error, 5xx or throttling."""
+    transfer_ca_file: str | None = None
+    """PEM bundle trusted for storage instead of the system's (private endpoints, tests)."""
+    max_working_bytes: int | None = None
+    """Memory one image's pipeline may use at its largest step (float32 working copies);
+    None: 4 GiB on the CPU, 60% of the device's memory on a GPU. Checked before any step runs."""
     result_cache_size: int = 1024
     """Recent results kept by job id, so a re-sent job is answered, not recomputed."""
     health_port: int | None = 8081
@@ -61,3 +72,11 @@ class WorkerConfig:
     """Super-resolution models served, by name."""
     gpu_name: str = ""
     """Filled at start-up from the device (e.g. 'NVIDIA H100 80GB HBM3' or 'cpu')."""
+
+
+def transfer_config(config: WorkerConfig) -> TransferConfig:
+    """The storage client's settings: one keep-alive connection per concurrent job."""
+    return TransferConfig(pool_size=max(1, config.capacity), read_timeout_s=config.transfer_timeout_s,
+                          connect_timeout_s=min(10.0, config.transfer_timeout_s),
+                          total_timeout_s=config.transfer_total_timeout_s, retries=config.transfer_retries,
+                          ca_file=config.transfer_ca_file)

@@ -24,7 +24,8 @@ from gpuroute_worker.codec import DecodeError, decode_image, encode_image
 from gpuroute_worker.config import WorkerConfig
 from gpuroute_worker.executor import BatchExecutor
 from gpuroute_worker.ops import OpError, OutOfMemory, output_shape
-from gpuroute_worker.transfer import TransferError, download, upload
+from gpuroute_worker.config import transfer_config
+from gpuroute_worker.transfer import TransferClient, TransferError, in_thread
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class JobRunner:
         self.send = send
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._answers: OrderedDict[str, Answer] = OrderedDict()
+        # One pooled keep-alive client for every job's downloads and uploads.
+        self.transfers = TransferClient(transfer_config(config))
 
     @property
     def in_flight(self) -> int:
@@ -158,9 +161,11 @@ class JobRunner:
             if message.payload is not None:
                 data = message.payload
             else:
-                data = await asyncio.to_thread(
-                    download, str(source["url"]), max_bytes=self.config.max_input_bytes,
-                    untrusted=bool(source.get("untrusted")), timeout_s=self.config.transfer_timeout_s)
+                url, untrusted = str(source["url"]), bool(source.get("untrusted"))
+                # in_thread aborts the transfer when the job is cancelled or times out.
+                data = await in_thread(lambda handle: self.transfers.download(
+                    url, max_bytes=self.config.max_input_bytes, untrusted=untrusted,
+                    timeout_s=max(0.001, deadline - time.monotonic()), handle=handle))
             timing["downloadMs"] = _ms(t)
 
             t = time.perf_counter()
@@ -187,8 +192,10 @@ class JobRunner:
 
             t = time.perf_counter()
             headers = {"Content-Type": CONTENT_TYPES[fmt], **dict(output.get("headers") or {})}
-            await asyncio.to_thread(upload, str(output["url"]), encoded.data, headers=headers,
-                                    timeout_s=self.config.transfer_timeout_s)
+            out_url = str(output["url"])
+            await in_thread(lambda handle: self.transfers.upload(
+                out_url, encoded.data, headers=headers, timeout_s=max(0.001, deadline - time.monotonic()),
+                handle=handle))
             timing["uploadMs"] = _ms(t)
         except (StepError, OpError, DecodeError) as exc:
             raise JobFailed(ErrorCode.INVALID_INPUT, str(exc)) from exc
