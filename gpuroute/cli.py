@@ -118,7 +118,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from gpuroute.demo import run_demo
 
     return run_demo(workdir=args.workdir, output_dir=args.output_dir, keep_running=args.keep_running,
-                    workers=args.workers)
+                    workers=args.workers, operators=args.operators)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--workdir", default=None, help="where logs and state go (default: a temp dir)")
     dm.add_argument("--output-dir", default="demo-output", help="where job outputs are saved")
     dm.add_argument("--workers", type=int, default=2, help="worker processes in the demo pool")
+    dm.add_argument("--operators", type=int, default=2, help="operator replicas (leader election on a Lease when > 1)")
     dm.add_argument("--keep-running", action="store_true", help="leave everything up for kubectl until Ctrl-C")
     dm.set_defaults(func=_cmd_demo)
     return parser

@@ -1,9 +1,10 @@
 """`gpuroute demo`: the whole ImageJob path on one machine.
 
-Starts a real etcd + kube-apiserver with the CRDs, a moto S3 server, the operator and
-worker processes of one pool (CURVE keys generated on the spot), uploads photographs
-bundled with scikit-image, applies the manifests in examples/, waits for every job,
-prints a timing table, saves the outputs, and exits non-zero unless all completed.
+Starts a real etcd + kube-apiserver with the CRDs, a moto S3 server, two operator
+replicas (leader election on a Lease) and the worker processes of one pool (CURVE keys
+generated on the spot), uploads photographs bundled with scikit-image, applies the
+manifests in examples/, waits for every job, prints a timing table, saves the outputs,
+and exits non-zero unless all completed.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def format_table(jobs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(*, workdir: str | None, output_dir: str, keep_running: bool, workers: int = 2) -> int:
+def run_demo(*, workdir: str | None, output_dir: str, keep_running: bool, workers: int = 2, operators: int = 2) -> int:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gpuroute-demo-"))
     print(f"gpuroute demo: state and logs in {root}")
     started = time.monotonic()
@@ -77,11 +78,15 @@ def run_demo(*, workdir: str | None, output_dir: str, keep_running: bool, worker
             stack.ensure_namespace(NAMESPACE, read=[f"s3://{BUCKET}/inputs/"], write=[f"s3://{BUCKET}/outputs/"])
             names = [f"w{i + 1}" for i in range(workers)]
             stack.add_pool(PoolConfig(POOL, cloud="local", region="local-1", price_per_gpu_hour=0.0, workers=tuple(names)))
-            stack.start_operator()
+            # Two replicas contend for a Lease, as the Deployment runs them; only the
+            # leader binds the endpoint the workers dial.
+            stack.start_operator(replicas=operators)
             for name in names:
                 stack.start_worker(POOL, name)
+            leader = stack.wait_for_leader() if operators > 1 else "operator-1"
             stack.wait_for_pool(POOL, workers=workers, timeout=90)
-            print(f"  operator on {stack.operator_endpoint} (CURVE), {workers} workers joined pool {POOL}")
+            print(f"  operator on {stack.operator_endpoint} (CURVE), {operators} replica(s), {leader} leads; "
+                  f"{workers} workers joined pool {POOL}")
             examples = load_examples()
             for job in examples:
                 stack.custom.create_namespaced_custom_object("gpuroute.io", "v1alpha1", NAMESPACE, "imagejobs", job)

@@ -122,6 +122,13 @@ class LocalStack:
         self.operator_web_port = free_port()
         self.worker_keys: dict[tuple[str, str], KeyPair] = {}
         self.operator: ManagedProcess | None = None
+        """The operator replica started first, or the leader once wait_for_leader() has seen one."""
+        self.operators: dict[str, ManagedProcess] = {}
+        """Every operator replica started, by identity (its Lease holderIdentity)."""
+        self.operator_liveness_ports: dict[str, int] = {}
+        """Each replica's liveness port (/healthz: standby while following, kopf's once leading)."""
+        self.lease_name = "gpuroute-operator"
+        self._leader_election = False
         self.workers: dict[str, ManagedProcess] = {}
         self.worker_health_ports: dict[str, int] = {}
         self._operator_runs = 0
@@ -251,15 +258,88 @@ class LocalStack:
     def operator_endpoint(self) -> str:
         return f"tcp://127.0.0.1:{self.operator_port}"
 
-    def start_operator(self, *, extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None) -> ManagedProcess:
-        self._operator_runs += 1
+    def start_operator(self, *, extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None,
+                       replicas: int = 1, leader_election: bool | None = None) -> ManagedProcess:
+        """Start `replicas` operator processes; returns the first.
+
+        With leader election (the default for more than one replica) they contend for
+        the Lease `lease_name`; all share the same --bind and --web-port, which only the
+        leader binds, so workers keep dialling one endpoint, as through a Service. A
+        single replica runs without a Lease unless `leader_election=True`.
+        """
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        self._leader_election = replicas > 1 if leader_election is None else leader_election
         self._operator_extra = (tuple(extra_args), dict(extra_env or {})) if extra_args or extra_env else self._operator_extra
+        first = self.start_replica()
+        for _ in range(replicas - 1):
+            self.start_replica()
+        self.operator = first
+        return first
+
+    def start_replica(self) -> ManagedProcess:
+        """One more operator process, configured as the last start_operator() call said
+        (a replacement after kill_leader(), for instance). Its identity is its name."""
+        self._operator_runs += 1
+        identity = f"operator-{self._operator_runs}"
         env = {**self.control_plane.env(self.s3.env(os.environ)), **self._operator_extra[1]}
-        self.operator = self.spawn(f"operator-{self._operator_runs}", [
+        if self._leader_election:
+            liveness_port = self.operator_liveness_ports[identity] = free_port()
+            election = ["--identity", identity, "--lease-name", self.lease_name, "--lease-namespace", self.namespace]
+        else:
+            liveness_port, election = 0, ["--no-leader-election"]
+        process = self.spawn(identity, [
             "operator", "--bind", self.operator_endpoint, "--server-key-file", str(self.workdir / "server.key_secret"),
             "--namespace", self.namespace, "--kubeconfig", self.control_plane.kubeconfig,
-            "--web-port", str(self.operator_web_port), "--liveness-port", "0", *self._operator_extra[0]], env)
-        return self.operator
+            "--web-port", str(self.operator_web_port), "--liveness-port", str(liveness_port),
+            *election, *self._operator_extra[0]], env)
+        self.operators[identity] = process
+        if self.operator is None or not self.operator.alive:
+            self.operator = process
+        return process
+
+    def lease_holder(self) -> str:
+        """The Lease's holderIdentity ("" when released or not created yet)."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        try:
+            lease = client.CoordinationV1Api(self._api).read_namespaced_lease(self.lease_name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return ""
+            raise
+        return str(lease.spec.holder_identity or "")
+
+    def leader(self) -> ManagedProcess | None:
+        """The live replica the Lease names, if any."""
+        process = self.operators.get(self.lease_holder())
+        return process if process is not None and process.alive else None
+
+    def wait_for_leader(self, *, other_than: str = "", timeout: float = 30.0) -> str:
+        """Poll the Lease until a live replica other than `other_than` holds it; that
+        replica becomes `self.operator`. Returns its identity."""
+        deadline = time.monotonic() + timeout
+        while True:
+            holder = self.lease_holder()
+            process = self.operators.get(holder)
+            if holder and holder != other_than and process is not None and process.alive:
+                self.operator = process
+                return holder
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n}\n{p.log_tail(15)}" for n, p in self.operators.items())
+                raise TimeoutError(f"no operator replica (other than {other_than!r}) leads after {timeout}s; "
+                                   f"Lease holder {holder!r}\n{logs}")
+            time.sleep(0.05)
+
+    def kill_leader(self) -> str:
+        """SIGKILL the replica holding the Lease; returns its identity."""
+        holder = self.lease_holder()
+        process = self.operators.get(holder)
+        if process is None or not process.alive:
+            raise RuntimeError(f"no live operator replica holds the Lease (holder {holder!r})")
+        process.kill()
+        return holder
 
     def start_worker(self, pool: str, worker: str, *, capacity: int = 4, max_batch: int = 8,
                      listen: str | None = None, extra_args: Sequence[str] = ()) -> ManagedProcess:
@@ -288,6 +368,20 @@ class LocalStack:
         return _scrape(f"http://127.0.0.1:{self.operator_web_port}/metrics", name, labels)
 
     def stop(self) -> None:
-        for process in [*self.workers.values(), *([self.operator] if self.operator else [])]:
+        # Followers before the leader: a leader stopped first would hand the Lease to a
+        # follower that would start up only to be stopped.
+        replicas = list({id(p): p for p in [*self.operators.values(), *([self.operator] if self.operator else [])]}.values())
+        if self._leader_election:
+            import urllib3
+            from kubernetes.client.rest import ApiException
+
+            try:
+                holder = self.operators.get(self.lease_holder())
+            except (ApiException, urllib3.exceptions.HTTPError) as exc:
+                # Control plane already down: any order will do.
+                print(f"LocalStack.stop: cannot read the Lease ({exc}); stopping replicas in start order", file=sys.stderr)
+                holder = None
+            replicas.sort(key=lambda p: p is holder)
+        for process in [*self.workers.values(), *replicas]:
             process.stop()
         self._api.close()

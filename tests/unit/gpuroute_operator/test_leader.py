@@ -149,3 +149,17 @@ def test_config_rejects_unsafe_settings(kwargs: dict[str, object], message: str)
     base: dict[str, object] = {"name": "l", "namespace": "ns", "identity": ME}
     with pytest.raises(ValueError, match=message):
         LeaderElectionConfig(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+def test_operator_cli_leader_election_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuroute import cli
+
+    monkeypatch.setenv("POD_NAME", "gpuroute-operator-abc12")
+    args = cli.build_parser().parse_args(["operator"])
+    assert (args.lease_name, args.lease_namespace, args.identity, args.no_leader_election) == (
+        "gpuroute-operator", None, None, False)
+    assert args.pod_name == "gpuroute-operator-abc12"
+    args = cli.build_parser().parse_args(["operator", "--lease-name", "l", "--lease-namespace", "ns",
+                                          "--identity", "me", "--no-leader-election"])
+    assert (args.lease_name, args.lease_namespace, args.identity, args.no_leader_election) == ("l", "ns", "me", True)
+    assert cli.build_parser().parse_args(["demo"]).operators == 2

@@ -1,0 +1,120 @@
+"""Two operator replicas behind a Lease with real workers: the leader is SIGKILLed under
+load and every job still completes exactly once (issue 9, standby operator)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gpuroute.localenv.stack import TERMINAL_PHASES, LocalStack, PoolConfig
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "gpuroute-failover"
+NS = "team-ha"
+POOL = "pool-ha"
+TAKEOVER_GOAL_S = 5.0
+# A few seconds on one CPU thread: such a job is still running when the leader dies.
+SLOW_STEPS = [{"op": "upscale", "width": 2048, "method": "lanczos"}, {"op": "sharpen", "radius": 3}]
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack(control_plane: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    s3_server.create_bucket(BUCKET)
+    s3_server.client().put_object(Bucket=BUCKET, Key="in/small.png", Body=_png(96, 64, 0))
+    s3_server.client().put_object(Bucket=BUCKET, Key="in/large.png", Body=_png(512, 384, 1))
+    stack = LocalStack(tmp_path_factory.mktemp("failover"), control_plane, s3_server, namespace="gpuroute-ha")
+    stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
+    stack.add_pool(PoolConfig(POOL, workers=("w1", "w2"), max_in_flight_per_worker=2))
+    stack.start_operator(replicas=2)
+    stack.start_worker(POOL, "w1", capacity=2)
+    stack.start_worker(POOL, "w2", capacity=2)
+    stack.wait_for_leader()
+    stack.wait_for_pool(POOL, workers=2, timeout=90)
+    yield stack
+    stack.stop()
+
+
+def _spec(name: str, slow: bool) -> dict[str, Any]:
+    steps = SLOW_STEPS if slow else [{"op": "equalize"}, {"op": "rotate", "angle": 15, "expand": True}]
+    return {"input": {"uri": f"s3://{BUCKET}/in/{'large' if slow else 'small'}.png"},
+            "output": {"uri": f"s3://{BUCKET}/out/{name}.png"}, "steps": steps}
+
+
+def _terminal_events(stack: LocalStack, name: str) -> list[str]:
+    events = stack.core.list_namespaced_event(NS, field_selector=f"involvedObject.name={name}").items
+    return [e.reason for e in events if e.reason in TERMINAL_PHASES]
+
+
+def test_only_the_leader_serves_and_the_follower_stands_by(stack: LocalStack) -> None:
+    leader = stack.wait_for_leader()
+    (follower,) = [name for name in stack.operators if name != leader]
+    assert stack.operators[follower].alive
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.operator_liveness_ports[follower]}/healthz",
+                                timeout=5) as response:
+        body = response.read().decode()
+    assert body.startswith("standby") and leader in body, body
+    assert "standing by" in stack.operators[follower].log_tail(400)
+    # The shared web port (engine metrics) answers: it is the leader's.
+    assert stack.operator_metric("gpuroute_socket_rejected_messages_total") >= 0
+
+
+def test_leader_sigkill_under_load_every_job_completes_exactly_once(stack: LocalStack, s3_server: Any) -> None:
+    names = [f"ha-{i}" for i in range(16)]
+    for i, name in enumerate(names):
+        stack.create_job(NS, name, _spec(name, slow=i % 4 == 0))
+    # Mid-load: some jobs on workers, most still queued or running.
+    deadline = time.monotonic() + 60
+    while True:
+        phases = [(j.get("status") or {}).get("phase") for j in stack.list_jobs(NS) if j["metadata"]["name"] in names]
+        if sum(p in ("Dispatched", "Processing") for p in phases) >= 2:
+            break
+        assert time.monotonic() < deadline, f"jobs never reached the workers: {phases}"
+        time.sleep(0.05)
+    killed = stack.kill_leader()
+    killed_at = time.monotonic()
+    new_leader = stack.wait_for_leader(other_than=killed, timeout=TAKEOVER_GOAL_S + 10)
+    takeover = time.monotonic() - killed_at
+    print(f"\nleader {killed} SIGKILLed with {phases.count('Completed')}/{len(names)} jobs completed; "
+          f"{new_leader} took over in {takeover:.2f}s")
+    # The Deployment would restart the killed pod: a replacement joins as follower.
+    stack.start_replica()
+
+    jobs = stack.wait_for_jobs(NS, names, timeout=240)
+    drained = time.monotonic() - killed_at
+    print(f"all {len(names)} jobs terminal {drained:.1f}s after the kill")
+    problems = []
+    for name, body in sorted(jobs.items()):
+        status = body["status"]
+        if status["phase"] != "Completed":
+            problems.append(f"{name}: {status['phase']} {status.get('reason')}: {status.get('message')}")
+            continue
+        if int(status.get("attempts") or 0) < 1:
+            problems.append(f"{name}: completed with attempts={status.get('attempts')}")
+        stored = s3_server.client().get_object(Bucket=BUCKET, Key=f"out/{name}.png")["Body"].read()
+        if hashlib.sha256(stored).hexdigest() != status["output"]["sha256"]:
+            problems.append(f"{name}: stored output does not match status.output.sha256")
+    # Events are posted after the terminal status write; give the last ones a moment.
+    time.sleep(2.0)
+    for name in names:
+        reasons = _terminal_events(stack, name)
+        if len(reasons) != 1:
+            problems.append(f"{name}: {len(reasons)} terminal Events {reasons}")
+    assert takeover < TAKEOVER_GOAL_S, f"takeover took {takeover:.2f}s"
+    assert not problems, "\n".join(problems) + f"\nnew leader log:\n{stack.operators[new_leader].log_tail(60)}"
