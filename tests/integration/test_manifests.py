@@ -113,10 +113,23 @@ def _ensure_namespace(dyn: Any, name: str) -> None:
         pass
 
 
-def _dry_run_apply(dyn: Any, obj: dict[str, Any]) -> dict[str, Any]:
-    from kubernetes.dynamic.exceptions import DynamicApiError
+# Versions the target clusters serve but the local 1.20 apiserver predates, mapped to
+# the older version with the same schema for what the manifests use: validated as that.
+# (policy/v1 PodDisruptionBudget is 1.21+; clusters from 1.25 on serve only policy/v1.)
+OLDER_VERSION_ON_TEST_APISERVER = {("policy/v1", "PodDisruptionBudget"): "policy/v1beta1"}
 
-    resource = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+
+def _dry_run_apply(dyn: Any, obj: dict[str, Any]) -> dict[str, Any]:
+    from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
+
+    try:
+        resource = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    except ResourceNotFoundError:
+        older = OLDER_VERSION_ON_TEST_APISERVER.get((obj["apiVersion"], obj["kind"]))
+        if older is None:
+            raise
+        obj = {**obj, "apiVersion": older}
+        resource = dyn.resources.get(api_version=older, kind=obj["kind"])
     try:
         result = resource.server_side_apply(
             body=obj,
@@ -210,9 +223,15 @@ def test_management_base_contents() -> None:
     assert not any(d["kind"] == "ServiceMonitor" for d in docs), "the base must not need the Prometheus CRDs"
     deploy = _find(docs, "Deployment", "gpuroute-operator")
     assert deploy["metadata"]["namespace"] == "gpuroute-system"
-    assert deploy["spec"]["replicas"] == 1
-    assert deploy["spec"]["strategy"]["type"] == "Recreate"
+    # Two replicas, leader election: a new pod joins as follower before an old one stops.
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = deploy["spec"]["template"]["spec"]
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert {t["podAffinityTerm"]["topologyKey"] for t in anti} >= {"kubernetes.io/hostname"}
+    assert all(t["podAffinityTerm"]["labelSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+               for t in anti)
     assert pod["serviceAccountName"] == "gpuroute-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
@@ -220,11 +239,14 @@ def test_management_base_contents() -> None:
         "gpuroute", "operator",
         "--server-key-file", "/etc/gpuroute/server/server.key_secret",
         "--bind", "tcp://0.0.0.0:7700",
+        "--identity", "$(POD_NAME)",
     ]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     env = {e["name"]: e for e in container["env"]}
     assert env["GPUROUTE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # The Lease identity and the pod the leader labels, from the downward API.
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"zmq": 7700, "health": 8080, "metrics": 9090}
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
@@ -239,6 +261,17 @@ def test_management_base_contents() -> None:
     assert [p["port"] for p in svc["spec"]["ports"]] == [7700]
     metrics = _find(docs, "Service", "gpuroute-operator-metrics")
     assert [p["port"] for p in metrics["spec"]["ports"]] == [9090]
+    # Only the leader serves the socket and the engine's metrics: both Services select
+    # the label the leader puts on its own pod (gpuroute_operator.leader.LEADER_LABEL).
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    for service in (svc, metrics):
+        selector = service["spec"]["selector"]
+        assert selector.pop("gpuroute.io/leader") == "true"
+        assert all(pod_labels.get(k) == v for k, v in selector.items())
+    pdb = _find(docs, "PodDisruptionBudget", "gpuroute-operator")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
 
 
 @needs_kubectl
@@ -401,11 +434,11 @@ def _rbac_applied(dyn: Any, objs: list[dict[str, Any]]) -> Iterator[None]:
 
 
 def _can(api: ApiClient, user: str, verb: str, resource: str, *, group: str = "",
-         namespace: str | None = None, subresource: str | None = None) -> bool:
+         namespace: str | None = None, subresource: str | None = None, name: str | None = None) -> bool:
     from kubernetes import client
 
     attrs = client.V1ResourceAttributes(
-        verb=verb, group=group, resource=resource, namespace=namespace, subresource=subresource
+        verb=verb, group=group, resource=resource, namespace=namespace, subresource=subresource, name=name
     )
     ns = user.split(":")[2]
     review = client.V1SubjectAccessReview(
@@ -459,6 +492,9 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
         ("create", "events", "", "default", None),
         # Worker public keys, in the operator's namespace only.
         ("get", "secrets", "", "gpuroute-system", None),
+        # Leader election: the Lease and the leader label on its own pod.
+        ("create", "leases", "coordination.k8s.io", "gpuroute-system", None),
+        ("patch", "pods", "", "gpuroute-system", None),
     ]
     denied: list[_Check] = [
         ("create", "imagejobs", g, "team-a", None),
@@ -483,7 +519,11 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
         ("patch", "namespaces", "", None, None),
         ("patch", "deployments", "apps", "gpuroute-system", None),
         ("create", "clusterrolebindings", "rbac.authorization.k8s.io", None, None),
-        ("create", "leases", "coordination.k8s.io", "gpuroute-system", None),
+        ("create", "leases", "coordination.k8s.io", "team-a", None),
+        ("delete", "leases", "coordination.k8s.io", "gpuroute-system", None),
+        ("list", "leases", "coordination.k8s.io", "gpuroute-system", None),
+        ("patch", "pods", "", "team-a", None),
+        ("delete", "pods", "", "gpuroute-system", None),
         ("list", "clusterkopfpeerings", "kopf.dev", None, None),
     ]
     api = control_plane.api_client()
@@ -492,8 +532,14 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
             first = allowed[0]
             _eventually(lambda: _can(api, user, first[0], first[1], group=first[2], namespace=first[3]))
             missing, extra = _wrong(api, user, allowed, denied)
+            # get and update only on the operator's own Lease (resourceNames).
+            lease_named = {(verb, name): _can(api, user, verb, "leases", group="coordination.k8s.io",
+                                              namespace="gpuroute-system", name=name)
+                           for verb in ("get", "update") for name in ("gpuroute-operator", "someone-elses")}
     finally:
         api.close()
+    assert lease_named == {("get", "gpuroute-operator"): True, ("update", "gpuroute-operator"): True,
+                           ("get", "someone-elses"): False, ("update", "someone-elses"): False}, lease_named
     assert not missing, f"the operator lacks permissions it needs: {missing}"
     assert not extra, f"the operator has permissions it should not: {extra}"
 
