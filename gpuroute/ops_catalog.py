@@ -19,7 +19,7 @@ MAX_DIMENSION = 16384
 """Largest width or height any step may ask for, in pixels."""
 
 RESAMPLING_METHODS = ("nearest", "bilinear", "bicubic", "lanczos")
-_HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
+_HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}([0-9a-fA-F]{2})?$")
 
 
 class StepError(ValueError):
@@ -72,7 +72,7 @@ def _int(default: int | None, lo: int, hi: int, doc: str, *, required: bool = Fa
 
 
 _FACTOR = _num(1.0, 0.0, 10.0, "Enhancement factor as in Pillow's ImageEnhance: 1.0 leaves the image unchanged.", required=True)
-_FILL = Param("color", "#000000", doc="Fill colour as #rrggbb for uncovered pixels.")
+_FILL = Param("color", "#000000", doc="Fill colour as #rrggbb (opaque) or #rrggbbaa (aa: alpha, 00 transparent) for uncovered pixels.")
 
 CATALOG: Mapping[str, OpSpec] = {
     "upscale": OpSpec(
@@ -125,7 +125,7 @@ CATALOG: Mapping[str, OpSpec] = {
     ),
     "edges": OpSpec("filter", "Edge detection with Pillow's FIND_EDGES kernel."),
     "emboss": OpSpec("filter", "Emboss with Pillow's EMBOSS kernel."),
-    "grayscale": OpSpec("filter", "Luma (ITU-R 601-2, as Pillow's convert('L')) replicated to three channels."),
+    "grayscale": OpSpec("filter", "Luma (ITU-R 601-2, as Pillow's convert('L')): one grey channel (alpha kept)."),
     "sepia": OpSpec(
         "filter",
         "Sepia tone with the classic sepia matrix.",
@@ -213,7 +213,7 @@ def _check_param(path: str, name: str, param: Param, value: Any) -> Any:
         return value
     if param.kind == "color":
         if not isinstance(value, str) or not _HEX_COLOR.match(value):
-            raise StepError(where, f"must be a colour as #rrggbb, got {value!r}")
+            raise StepError(where, f"must be a colour as #rrggbb or #rrggbbaa, got {value!r}")
         return value.lower()
     if not isinstance(value, str) or not value or len(value) > 253:
         raise StepError(where, "must be a non-empty string of at most 253 characters")
@@ -299,3 +299,67 @@ def cost_class(steps: Sequence[Mapping[str, Any]]) -> str:
 def parse_color(value: str) -> tuple[int, int, int]:
     """#rrggbb to an (r, g, b) tuple of 8-bit levels."""
     return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)
+
+
+def parse_rgba(value: str) -> tuple[int, int, int, int]:
+    """#rrggbb (alpha 255) or #rrggbbaa to an (r, g, b, a) tuple of 8-bit levels."""
+    alpha = int(value[7:9], 16) if len(value) == 9 else 255
+    return (*parse_color(value), alpha)
+
+
+# ---------------------------------------------------------------------------- budgets
+
+BYTES_PER_SAMPLE = 4
+"""Working precision of a step: float32 per channel and pixel."""
+_MEMORY_FACTOR: dict[str, float] = {
+    "blur": 3.0,       # float64 running sums over an edge-padded copy
+    "sharpen": 3.5,    # the blur, plus the difference and the mask
+    "denoise": 3.0,    # median windows are gathered strip by strip; Gaussian as blur
+    "rotate": 3.0,     # source coordinates and weights per output pixel
+    "upscale": 2.0,    # weights per axis, one intermediate pass; models run tile by tile
+    "resize": 2.0,
+}
+"""Working memory of a step as a multiple of its input plus output, where it exceeds 1."""
+DEFAULT_MEMORY_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one image's pipeline may use at its largest step."""
+
+    max_pixels: int
+    """Largest output of any step, width x height."""
+    max_bytes: int
+    """Largest working set of any step (input, output and scratch in float32)."""
+
+
+def step_bytes(op: str, channels: int, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """Estimated peak memory of one step on one image, in bytes."""
+    pixels = in_hw[0] * in_hw[1] + out_hw[0] * out_hw[1]
+    return int(pixels * max(channels, 3) * BYTES_PER_SAMPLE * _MEMORY_FACTOR.get(op, DEFAULT_MEMORY_FACTOR))
+
+
+def check_budget(steps: Sequence[Mapping[str, Any]], shapes: Sequence[tuple[int, int]], channels: int,
+                 budget: Budget) -> int:
+    """Refuse a pipeline whose any step would exceed `budget`; returns the peak bytes.
+
+    `shapes` holds the input's (h, w) followed by every step's output (h, w), as the
+    worker's output-shape check computes them before anything is allocated. Channels are
+    counted as at least three because colour ops may expand grey.
+    """
+    if len(shapes) != len(steps) + 1:
+        raise ValueError("shapes must hold the input shape and one shape per step")
+    peak = 0
+    for index, step in enumerate(steps):
+        (in_h, in_w), (out_h, out_w) = shapes[index], shapes[index + 1]
+        if out_h * out_w > budget.max_pixels:
+            raise StepError(f"spec.steps[{index}]",
+                            f"{step['op']} would produce {out_w}x{out_h} = {out_h * out_w / 1e6:.1f} Mpx, over this "
+                            f"pool's limit of {budget.max_pixels / 1e6:.1f} Mpx for any step")
+        need = step_bytes(step["op"], channels, (in_h, in_w), (out_h, out_w))
+        if need > budget.max_bytes:
+            raise StepError(f"spec.steps[{index}]",
+                            f"{step['op']} on {in_w}x{in_h} -> {out_w}x{out_h} needs about {need / 2**30:.1f} GiB, "
+                            f"over this pool's working-memory budget of {budget.max_bytes / 2**30:.1f} GiB per image")
+        peak = max(peak, need)
+    return peak

@@ -5,6 +5,9 @@ batch, and resolve exactly one result or error per request, in order. Requests a
 batched when they share a pipeline and an input shape, up to `max_batch` requests or
 `max_wait_ms` after the first one arrived. Decoding, encoding and transfers happen on
 other threads so the device is never idle waiting for I/O.
+
+On the CPU there is no batching and no wait: each request runs as soon as it is taken,
+through ops.cpu (Pillow's C and torch's uint8 kernels), one image at a time.
 """
 
 from __future__ import annotations
@@ -23,12 +26,64 @@ from typing import Any
 import torch
 
 from gpuroute_worker import metrics
-from gpuroute_worker.ops import run_pipeline
+from gpuroute.ops_catalog import Budget, check_budget
+from gpuroute_worker.ops import OutOfMemory, run_pipeline
+from gpuroute_worker.ops.pipeline import step_shapes
+from gpuroute_worker.ops.cpu import run_cpu
 from gpuroute_worker.sr.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+DEVICE_MEMORY_SHARE = 0.6
+"""Share of a GPU's memory one image's pipeline may plan to use."""
+CPU_WORKING_BYTES = 4 << 30
+"""Working-memory budget of one image on the CPU (4 GiB)."""
+
+
+@dataclass
+class CopyStats:
+    """Host-device traffic, counted where it happens (bench/gpu.py reports it)."""
+
+    h2d: int = 0
+    """Host-to-device copies."""
+    d2h: int = 0
+    """Device-to-host copies."""
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+
+
+def to_device_floats(pixels: Sequence[torch.Tensor], device: torch.device, stats: CopyStats | None = None) -> torch.Tensor:
+    """Stack (C, H, W) uint8/uint16 images, copy them to `device` once, as float in [0, 1].
+
+    The integer pixels cross the bus (a quarter of float32's bytes); the conversion runs
+    on the device.
+    """
+    stacked = torch.stack(list(pixels))
+    scale = 65535.0 if stacked.dtype == torch.uint16 else 255.0
+    if stacked.dtype == torch.uint16:
+        stacked = stacked.to(torch.int32)  # CUDA kernels for uint16 arithmetic are sparse
+    if device.type != "cpu":
+        if stats is not None:
+            stats.h2d += 1
+            stats.h2d_bytes += stacked.numel() * stacked.element_size()
+        stacked = stacked.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else stacked.to(device)
+    return stacked.to(torch.float32).div_(scale)
+
+
+def to_host_levels(out: torch.Tensor, *, sixteen: bool, stats: CopyStats | None = None) -> torch.Tensor:
+    """(N, C, H, W) float in [0, 1] on any device -> uint8 (uint16 for 16-bit grey) on the host."""
+    if sixteen and out.shape[1] == 1:
+        levels = out.clamp(0.0, 1.0).mul_(65535.0).round_().to(torch.int32)
+    else:
+        levels = out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    if levels.device.type != "cpu":
+        if stats is not None:
+            stats.d2h += 1
+            stats.d2h_bytes += levels.numel() * levels.element_size()
+        levels = levels.cpu()
+    return levels.to(torch.uint16) if levels.dtype == torch.int32 else levels
 
 
 @dataclass(frozen=True)
@@ -36,7 +91,7 @@ class ComputeResult:
     """One request's share of a batch run."""
 
     pixels: torch.Tensor
-    """(3, H', W') uint8 on the CPU."""
+    """(C', H', W') uint8 (uint16 for 16-bit grey) on the CPU."""
     compute_ms: float
     """Wall time of the batch this request ran in, device work included."""
     batch_size: int
@@ -49,7 +104,7 @@ class _Request:
     pixels: torch.Tensor
     check_deadline: Callable[[], None] | None
     future: Future[ComputeResult] = field(default_factory=Future)
-    key: tuple[str, int, int] = ("", 0, 0)
+    key: tuple[str, int, int, int, str] = ("", 0, 0, 0, "")
 
 
 def _observe_step(op: str, seconds: float) -> None:
@@ -71,24 +126,47 @@ def device_name(device: torch.device) -> str:
 class BatchExecutor:
     """Forms batches of compatible requests and runs them on one device."""
 
-    def __init__(self, device: torch.device, models: ModelRegistry | None, *, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, device: torch.device, models: ModelRegistry | None, *, max_batch: int, max_wait_ms: float,
+                 batching: bool | None = None) -> None:
         self.device = device
+        self.batching = device.type != "cpu" if batching is None else batching
+        """Form batches (GPU); off, each request runs at once through ops.cpu (CPU default)."""
         self.models = models
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self._inbox: queue.Queue[object] = queue.Queue()
         # Requests taken from the inbox that did not fit the batch being formed.
         self._held: deque[_Request] = deque()
+        self.copies = CopyStats()
+        """Host-device copies made so far (none on the CPU)."""
         self._thread = threading.Thread(target=self._run, name="gpu-executor", daemon=True)
         self._thread.start()
 
     def submit(self, steps: Sequence[Mapping[str, Any]], pixels: torch.Tensor,
                check_deadline: Callable[[], None] | None = None) -> Future[ComputeResult]:
-        """Queue one (3, H, W) uint8 image; the future resolves to its result or error."""
-        key = (json.dumps(steps, sort_keys=True), int(pixels.shape[1]), int(pixels.shape[2]))
+        """Queue one (C, H, W) uint8 (or 16-bit grey) image; the future resolves to its result or error."""
+        key = (json.dumps(steps, sort_keys=True), int(pixels.shape[0]), int(pixels.shape[1]), int(pixels.shape[2]),
+               str(pixels.dtype))
         request = _Request(steps, pixels, check_deadline, key=key)
         self._inbox.put(request)
         return request.future
+
+    def working_budget(self, max_bytes: int | None) -> int:
+        """Bytes one image's pipeline may use: `max_bytes`, or a share of the device."""
+        if max_bytes is not None:
+            return max_bytes
+        if self.device.type == "cuda":
+            # Room for the models, the allocator's cache and a batch-mate or two.
+            return int(torch.cuda.get_device_properties(self.device).total_memory * DEVICE_MEMORY_SHARE)
+        return CPU_WORKING_BYTES
+
+    def check_budget(self, steps: Sequence[Mapping[str, Any]], pixels: torch.Tensor, *, max_pixels: int,
+                     max_bytes: int | None) -> int:
+        """Refuse (OpError/StepError, never retried) a pipeline whose any step would break
+        the pixel or memory budget; nothing is allocated. Returns the peak bytes."""
+        shapes = step_shapes(int(pixels.shape[1]), int(pixels.shape[2]), steps, models=self.models)
+        return check_budget(steps, shapes, int(pixels.shape[0]),
+                            Budget(max_pixels=max_pixels, max_bytes=self.working_budget(max_bytes)))
 
     def close(self, timeout: float = 5.0) -> None:
         self._inbox.put(_STOP)
@@ -134,6 +212,11 @@ class BatchExecutor:
             if item is _STOP:
                 return
             assert isinstance(item, _Request)
+            if not self.batching:
+                # Batching buys nothing on the CPU: run each image now, never wait.
+                if self._still_wanted(item):
+                    self._execute_cpu(item)
+                continue
             batch = [r for r in self._form_batch(item) if self._still_wanted(r)]
             if batch:
                 self._execute(batch)
@@ -168,15 +251,17 @@ class BatchExecutor:
 
         try:
             with torch.inference_mode():
-                stacked = torch.stack([r.pixels for r in batch]).to(self.device, non_blocking=True)
-                images = stacked.to(torch.float32).div_(255.0)
+                images = to_device_floats([r.pixels for r in batch], self.device, self.copies)
                 out = run_pipeline(images, steps, models=self.models, check_deadline=check_all,
                                    on_step=_observe_step)
-                quantized = out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()
+                quantized = to_host_levels(out, sixteen=batch[0].pixels.dtype == torch.uint16, stats=self.copies)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as exc:  # every request in the batch gets exactly one answer
             log.info("batch of %d failed: %s", len(batch), exc)
+            if isinstance(exc, OutOfMemory) and len(batch) == 1:
+                # It ran alone on the device and still did not fit: retrying cannot help.
+                exc = OutOfMemory(str(exc), permanent=True)
             for request in batch:
                 request.future.set_exception(exc)
             self._release_memory()
@@ -188,6 +273,20 @@ class BatchExecutor:
             request.future.set_result(ComputeResult(quantized[index], elapsed_ms, len(batch)))
         if self.device.type == "cuda":
             metrics.GPU_MEMORY_BYTES.set(torch.cuda.memory_allocated(self.device))
+
+    def _execute_cpu(self, request: _Request) -> None:
+        started = time.perf_counter()
+        try:
+            out = run_cpu(request.pixels, request.steps, models=self.models, check_deadline=request.check_deadline,
+                          on_step=_observe_step)
+        except Exception as exc:  # the request gets exactly one answer
+            log.info("job failed on the CPU: %s", exc)
+            request.future.set_exception(exc)
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        metrics.BATCH_SIZE.observe(1)
+        metrics.COMPUTE_SECONDS.observe(elapsed_ms / 1000.0)
+        request.future.set_result(ComputeResult(out, elapsed_ms, 1))
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":

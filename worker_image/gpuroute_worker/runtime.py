@@ -20,10 +20,10 @@ from gpuroute.ops_catalog import StepError, normalize_steps
 from gpuroute.protocol import ErrorCode, Kind, Message
 from gpuroute_worker import metrics
 from gpuroute.protocol import CONTENT_TYPES
-from gpuroute_worker.codec import DecodeError, decode_image, encode_image
+from gpuroute_worker.codec import DecodeError, decode_image, encode_image, output_options
 from gpuroute_worker.config import WorkerConfig
 from gpuroute_worker.executor import BatchExecutor
-from gpuroute_worker.ops import OpError, OutOfMemory, output_shape
+from gpuroute_worker.ops import OpError, OutOfMemory
 from gpuroute_worker.config import transfer_config
 from gpuroute_worker.transfer import TransferClient, TransferError, in_thread
 
@@ -169,13 +169,15 @@ class JobRunner:
             timing["downloadMs"] = _ms(t)
 
             t = time.perf_counter()
-            pixels = await asyncio.to_thread(
-                decode_image, data, max_bytes=self.config.max_input_bytes, max_pixels=self.config.max_input_pixels)
+            options = output_options(output)
+            decoded = await asyncio.to_thread(
+                decode_image, data, max_bytes=self.config.max_input_bytes, max_pixels=self.config.max_input_pixels,
+                keep_metadata=options.keep_metadata)
+            pixels = decoded.pixels
             timing["decodeMs"] = _ms(t)
-            out_h, out_w = output_shape(int(pixels.shape[1]), int(pixels.shape[2]), steps, models=self.executor.models)
-            if out_h * out_w > self.config.max_output_pixels:
-                raise JobFailed(ErrorCode.INVALID_INPUT,
-                                f"spec.steps: output would be {out_w}x{out_h}, over the limit of {self.config.max_output_pixels} pixels")
+            # Every step's output against the pixel and memory budget, before anything is allocated.
+            self.executor.check_budget(steps, decoded.pixels, max_pixels=self.config.max_output_pixels,
+                                       max_bytes=self.config.max_working_bytes)
 
             def check_deadline() -> None:
                 if time.monotonic() > deadline:
@@ -187,7 +189,8 @@ class JobRunner:
             timing["executorWaitMs"] = round(max(0.0, _ms(t) - computed.compute_ms), 3)
 
             t = time.perf_counter()
-            encoded = await asyncio.to_thread(encode_image, computed.pixels, fmt=fmt, quality=quality)
+            encoded = await asyncio.to_thread(encode_image, computed.pixels, fmt=fmt, quality=quality, options=options,
+                                              icc=decoded.icc, exif=decoded.exif)
             timing["encodeMs"] = _ms(t)
 
             t = time.perf_counter()
@@ -203,7 +206,9 @@ class JobRunner:
             code = ErrorCode.INVALID_INPUT if exc.permanent else ErrorCode.UNAVAILABLE
             raise JobFailed(code, str(exc)) from exc
         except OutOfMemory as exc:
-            raise JobFailed(ErrorCode.OOM, f"out of device memory: {exc}") from exc
+            # One image alone that does not fit will not fit on a retry either.
+            code = ErrorCode.INVALID_INPUT if exc.permanent else ErrorCode.OOM
+            raise JobFailed(code, f"out of device memory: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise JobFailed(ErrorCode.INVALID_INPUT, f"malformed job: {exc!r}") from exc
         except RuntimeError as exc:

@@ -135,7 +135,7 @@ def test_unknown_parameter(step: dict[str, Any], field: str, fragment: str) -> N
     ({"op": "flip", "direction": "diagonal"}, "spec.steps[0].direction",
      "must be one of horizontal, vertical; got 'diagonal'"),
     ({"op": "resize", "scale": 2, "method": "model"}, "spec.steps[0].method", "must be one of nearest, bilinear"),
-    ({"op": "pad", "fill": "red"}, "spec.steps[0].fill", "must be a colour as #rrggbb, got 'red'"),
+    ({"op": "pad", "fill": "red"}, "spec.steps[0].fill", "must be a colour as #rrggbb or #rrggbbaa, got 'red'"),
     ({"op": "pad", "fill": "#12345"}, "spec.steps[0].fill", "must be a colour as #rrggbb"),
     ({"op": "pad", "fill": "#1234567"}, "spec.steps[0].fill", "must be a colour as #rrggbb"),
     ({"op": "pad", "fill": "#gg0000"}, "spec.steps[0].fill", "must be a colour as #rrggbb"),

@@ -1,5 +1,6 @@
-"""The GPU executor's dynamic batching, on the CPU: compatible requests share a batch,
-others do not, and every request gets exactly one answer."""
+"""The GPU executor's dynamic batching, exercised on the CPU with batching forced on:
+compatible requests share a batch, others do not, and every request gets exactly one
+answer. Without it (the CPU default) nothing waits for batch-mates."""
 
 from __future__ import annotations
 
@@ -21,9 +22,22 @@ def _image(h: int = 16, w: int = 24, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture
 def executor() -> BatchExecutor:
-    ex = BatchExecutor(torch.device("cpu"), None, max_batch=4, max_wait_ms=200.0)
+    ex = BatchExecutor(torch.device("cpu"), None, max_batch=4, max_wait_ms=200.0, batching=True)
     yield ex
     ex.close()
+
+
+def test_cpu_default_runs_each_request_at_once_without_waiting() -> None:
+    ex = BatchExecutor(torch.device("cpu"), None, max_batch=4, max_wait_ms=5000.0)
+    try:
+        assert ex.batching is False
+        image = _image()
+        result = ex.submit(INVERT, image).result(timeout=2.0)  # a 5 s batch wait would time out
+        assert result.batch_size == 1
+        assert torch.equal(result.pixels, 255 - image)
+        assert ex.copies.h2d == ex.copies.d2h == 0
+    finally:
+        ex.close()
 
 
 def test_compatible_requests_share_a_batch_and_get_their_own_result(executor: BatchExecutor) -> None:

@@ -90,7 +90,9 @@ def contrast(x: Tensor, factor: float) -> Tensor:
 
 
 def saturation(x: Tensor, factor: float) -> Tensor:
-    """ImageEnhance.Color: blend with the luma image."""
+    """ImageEnhance.Color: blend with the luma image (grey is its own luma: unchanged)."""
+    if x.shape[1] == 1:
+        return x
     return _blend(luma(x), x, factor)
 
 

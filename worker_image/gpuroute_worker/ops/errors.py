@@ -19,6 +19,12 @@ class OpError(ValueError):
 class OutOfMemory(RuntimeError):
     """The device ran out of memory even at batch 1 and the smallest tile."""
 
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        """True when the image ran alone on the device: another attempt on the same
+        kind of GPU cannot fit it either, so it is not retried."""
+
 
 def step_field(index: int, name: str | None = None) -> str:
     """The spec path of step `index`, or of its parameter `name`."""

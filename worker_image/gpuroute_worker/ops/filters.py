@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpuroute_worker.ops.channels import to_rgb
 from gpuroute_worker.ops.levels import luma
 
 BLUR_PASSES = 3
@@ -110,7 +111,7 @@ def kernel3x3(x: Tensor, kernel: tuple[tuple[float, ...], ...], offset: float = 
     reads image[y + 1] with kernel[0..2]), so rows are taken bottom-up here. Nine
     shifted multiply-adds instead of a convolution: cuDNN may run float32 convolutions
     in TF32, which would lose the exact 8-bit results. Pillow copies the outermost
-    pixels unchanged; here they are filtered too.
+    pixels unchanged, and so does this.
     """
     h, w = x.shape[-2:]
     padded = x.index_select(-2, _edge_index(h, 1, 1, x.device)).index_select(-1, _edge_index(w, 1, 1, x.device))
@@ -120,7 +121,12 @@ def kernel3x3(x: Tensor, kernel: tuple[tuple[float, ...], ...], offset: float = 
         for dx, weight in enumerate(weights):
             if weight:
                 out += weight * padded[..., dy : dy + h, dx : dx + w]
-    return out.clamp_(0.0, 1.0)
+    out.clamp_(0.0, 1.0)
+    out[..., 0, :] = x[..., 0, :]
+    out[..., h - 1, :] = x[..., h - 1, :]
+    out[..., :, 0] = x[..., :, 0]
+    out[..., :, w - 1] = x[..., :, w - 1]
+    return out
 
 
 def find_edges(x: Tensor) -> Tensor:
@@ -132,10 +138,13 @@ def emboss(x: Tensor) -> Tensor:
 
 
 def grayscale(x: Tensor) -> Tensor:
-    return luma(x).clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
+    """Colour channels -> one luma channel (Pillow's convert('L')); grey stays as it is."""
+    return luma(x).clamp(0.0, 1.0)
 
 
 def sepia(x: Tensor, amount: float) -> Tensor:
+    """Colour (grey is expanded to RGB first, as Pillow converts it) -> sepia-toned RGB."""
+    x = to_rgb(x)
     matrix = torch.tensor(SEPIA, dtype=x.dtype, device=x.device)
     toned = torch.einsum("oc,nchw->nohw", matrix, x).clamp_(0.0, 1.0)
     return torch.lerp(x, toned, amount)

@@ -26,13 +26,17 @@ def from_levels(levels: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def luma(x: Tensor) -> Tensor:
-    """(N, 3, H, W) -> (N, 1, H, W) float luma with Pillow's convert('L') weights."""
+    """(N, 3, H, W) -> (N, 1, H, W) float luma with Pillow's convert('L') weights; grey is returned as is."""
+    if x.shape[1] == 1:
+        return x
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     return (r * LUMA_R + g * LUMA_G + b * LUMA_B) / 65536.0
 
 
 def luma_levels(levels: Tensor) -> Tensor:
-    """(N, 3, H, W) int64 levels -> (N, 1, H, W) int64 luma exactly as Pillow rounds it."""
+    """(N, 3, H, W) int64 levels -> (N, 1, H, W) int64 luma exactly as Pillow rounds it; grey as is."""
+    if levels.shape[1] == 1:
+        return levels
     r, g, b = levels[:, 0:1], levels[:, 1:2], levels[:, 2:3]
     return (r * LUMA_R + g * LUMA_G + b * LUMA_B + 0x8000) >> 16
 

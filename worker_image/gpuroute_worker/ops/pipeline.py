@@ -25,6 +25,7 @@ from torch import Tensor
 
 from gpuroute.ops_catalog import MAX_DIMENSION
 from gpuroute_worker.ops import enhance, filters, resample, transforms
+from gpuroute_worker.ops.channels import join_alpha, split_alpha, to_rgb
 from gpuroute_worker.ops.errors import OpError, OutOfMemory, step_field
 from gpuroute_worker.sr.registry import ModelRegistry, UnknownModel
 from gpuroute_worker.sr.tiling import tiled_forward
@@ -126,18 +127,29 @@ def _step_shape(height: int, width: int, index: int, step: Step, models: ModelRe
     return height, width
 
 
-def output_shape(
+def step_shapes(
     height: int, width: int, steps: Sequence[Step], *, models: ModelRegistry | None = None
-) -> tuple[int, int]:
-    """(h, w) the pipeline produces from a height x width input, validating every step.
+) -> list[tuple[int, int]]:
+    """The input's (h, w) followed by every step's output (h, w), validating every step.
 
     Raises OpError for crops outside the image, sides over MAX_DIMENSION and unknown
     models. Without a registry a model step is assumed to upscale x4 (ASSUMED_MODEL_SCALE);
     with one, the model's native scale is read from its weights (once, then cached).
+    Nothing is allocated: the runtime checks these shapes against its budget before any
+    step runs (gpuroute.ops_catalog.check_budget).
     """
+    shapes = [(height, width)]
     for index, step in enumerate(steps):
         height, width = _step_shape(height, width, index, step, models)
-    return height, width
+        shapes.append((height, width))
+    return shapes
+
+
+def output_shape(
+    height: int, width: int, steps: Sequence[Step], *, models: ModelRegistry | None = None
+) -> tuple[int, int]:
+    """(h, w) the pipeline produces from a height x width input, validating every step (see step_shapes)."""
+    return step_shapes(height, width, steps, models=models)[-1]
 
 
 # ---------------------------------------------------------------------------- memory
@@ -170,6 +182,19 @@ def _tiled_with_shrinking(model: torch.nn.Module, x: Tensor, scale: int, multipl
 
 
 def _upscale_model(x: Tensor, step: Step, ctx: _Ctx) -> Tensor:
+    """Models see RGB: grey is expanded and brought back to one channel; alpha is
+    resampled on its own with the model-resize filter."""
+    colour, alpha = split_alpha(x)
+    grey = colour.shape[1] == 1
+    out = _upscale_model_rgb(to_rgb(colour).contiguous(), step, ctx)
+    if grey:
+        out = out.mean(dim=1, keepdim=True)
+    if alpha is not None:
+        alpha = resample.resize(alpha, out.shape[-2], out.shape[-1], MODEL_RESIZE_METHOD).clamp_(0.0, 1.0)
+    return join_alpha(out, alpha)
+
+
+def _upscale_model_rgb(x: Tensor, step: Step, ctx: _Ctx) -> Tensor:
     if ctx.models is None:
         raise OpError(step_field(ctx.index, "model"), "this worker serves no super-resolution models")
     name = step["model"]
@@ -200,23 +225,36 @@ def _resize(x: Tensor, step: Step, ctx: _Ctx) -> Tensor:
     return resample.resize(x, h, w, step["method"])
 
 
-_OPS: dict[str, Callable[[Tensor, Step, _Ctx], Tensor]] = {
+OpFn = Callable[[Tensor, Step, _Ctx], Tensor]
+
+
+def _colour_only(fn: OpFn) -> OpFn:
+    """Tone and colour ops change the colour channels and keep alpha (see ops.channels)."""
+
+    def run(x: Tensor, step: Step, ctx: _Ctx) -> Tensor:
+        colour, alpha = split_alpha(x)
+        return join_alpha(fn(colour, step, ctx), alpha)
+
+    return run
+
+
+_OPS: dict[str, OpFn] = {
     "upscale": _resize,
     "resize": _resize,
     "denoise": lambda x, s, c: enhance.denoise(x, s["method"], s["size"], s["radius"]),
     "sharpen": lambda x, s, c: enhance.sharpen(x, s["radius"], s["percent"], s["threshold"]),
-    "autocontrast": lambda x, s, c: enhance.autocontrast(x, s["cutoff"]),
-    "equalize": lambda x, s, c: enhance.equalize(x),
-    "gamma": lambda x, s, c: enhance.gamma(x, s["gamma"]),
-    "brightness": lambda x, s, c: enhance.brightness(x, s["factor"]),
-    "contrast": lambda x, s, c: enhance.contrast(x, s["factor"]),
-    "saturation": lambda x, s, c: enhance.saturation(x, s["factor"]),
+    "autocontrast": _colour_only(lambda x, s, c: enhance.autocontrast(x, s["cutoff"])),
+    "equalize": _colour_only(lambda x, s, c: enhance.equalize(x)),
+    "gamma": _colour_only(lambda x, s, c: enhance.gamma(x, s["gamma"])),
+    "brightness": _colour_only(lambda x, s, c: enhance.brightness(x, s["factor"])),
+    "contrast": _colour_only(lambda x, s, c: enhance.contrast(x, s["factor"])),
+    "saturation": _colour_only(lambda x, s, c: enhance.saturation(x, s["factor"])),
     "blur": lambda x, s, c: filters.gaussian_blur(x, s["radius"]),
     "edges": lambda x, s, c: filters.find_edges(x),
     "emboss": lambda x, s, c: filters.emboss(x),
-    "grayscale": lambda x, s, c: filters.grayscale(x),
-    "sepia": lambda x, s, c: filters.sepia(x, s["amount"]),
-    "invert": lambda x, s, c: filters.invert(x),
+    "grayscale": _colour_only(lambda x, s, c: filters.grayscale(x)),
+    "sepia": _colour_only(lambda x, s, c: filters.sepia(x, s["amount"])),
+    "invert": _colour_only(lambda x, s, c: filters.invert(x)),
     "crop": lambda x, s, c: transforms.crop(x, s["x"], s["y"], s["width"], s["height"]),
     "rotate": lambda x, s, c: transforms.rotate(x, s["angle"], s["expand"], s["method"], s["fill"]),
     "flip": lambda x, s, c: transforms.flip(x, s["direction"]),
@@ -225,6 +263,13 @@ _OPS: dict[str, Callable[[Tensor, Step, _Ctx], Tensor]] = {
 
 
 StepTimer = Callable[[str, float], None] | None
+
+
+def apply_step(x: Tensor, index: int, step: Step, *, models: ModelRegistry | None = None,
+               check_deadline: Deadline = None) -> Tensor:
+    """One normalized step on a (N, C, H, W) float batch (the CPU path's fallback for
+    16-bit images and model steps)."""
+    return _OPS[step["op"]](x, step, _Ctx(index, models, check_deadline))
 
 
 def _run_steps(x: Tensor, steps: Sequence[Step], models: ModelRegistry | None, check: Deadline,
@@ -265,13 +310,16 @@ def run_pipeline(
     check_deadline: Callable[[], None] | None = None,
     on_step: StepTimer = None,
 ) -> Tensor:
-    """Apply normalized `steps` to a (N, 3, H, W) float batch in [0, 1]; returns (N, 3, H', W') in [0, 1].
+    """Apply normalized `steps` to a (N, C, H, W) float batch in [0, 1]; returns (N, C', H', W') in [0, 1].
+
+    C is 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA); grayscale and sepia change the
+    colour channel count, alpha is kept through every op (see ops.channels).
 
     `check_deadline` is called between steps and between tiles and may raise to abort.
     `on_step(op, seconds)`, when given, receives each step's wall time (for metrics).
     """
-    if batch.dim() != 4 or batch.shape[1] != 3:
-        raise ValueError(f"expected a (N, 3, H, W) batch, got shape {tuple(batch.shape)}")
+    if batch.dim() != 4 or batch.shape[1] not in (1, 2, 3, 4):
+        raise ValueError(f"expected a (N, C, H, W) batch with C in 1..4, got shape {tuple(batch.shape)}")
     output_shape(batch.shape[-2], batch.shape[-1], steps, models=models)
     with torch.no_grad():
         return _run_splitting(batch.to(torch.float32), steps, models, check_deadline, on_step)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gpuroute_worker.ops.channels import has_alpha, premultiply, unpremultiply
+
 FilterFn = Callable[[np.ndarray], np.ndarray]
 
 # Above this many matrix entries (16 MiB of float32) an axis is split into bands of
@@ -142,10 +144,20 @@ def _resample_height(x: Tensor, out_h: int, method: str) -> Tensor:
 
 
 def resize(x: Tensor, out_h: int, out_w: int, method: str) -> Tensor:
-    """Resize (N, C, H, W) to (N, C, out_h, out_w) like Pillow's Image.resize."""
+    """Resize (N, C, H, W) to (N, C, out_h, out_w) like Pillow's Image.resize.
+
+    With alpha, filters other than nearest work on premultiplied colour, as Pillow's do.
+    """
     h, w = x.shape[-2:]
     if (h, w) == (out_h, out_w):
         return x
+    if method != "nearest" and has_alpha(x):
+        return unpremultiply(_resize(premultiply(x), out_h, out_w, method))
+    return _resize(x, out_h, out_w, method)
+
+
+def _resize(x: Tensor, out_h: int, out_w: int, method: str) -> Tensor:
+    h, w = x.shape[-2:]
     if method == "nearest":
         if w != out_w:
             x = x.index_select(-1, torch.from_numpy(_nearest_index(w, out_w)).to(x.device))

@@ -14,16 +14,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gpuroute.ops_catalog import parse_color
+from gpuroute.ops_catalog import parse_rgba
+from gpuroute_worker.ops.channels import has_alpha, premultiply, unpremultiply
+from gpuroute_worker.ops.levels import LUMA_B, LUMA_G, LUMA_R
 
 # Pillow's nearest path uses 16.16 fixed point while every source coordinate fits in it.
 _FIXED_LIMIT = 32768.0
 
 
-def fill_tensor(fill: str, like: Tensor) -> Tensor:
-    """#rrggbb -> (1, 3, 1, 1) float colour on `like`'s device."""
-    rgb = torch.tensor(parse_color(fill), dtype=like.dtype, device=like.device) / 255.0
-    return rgb.view(1, 3, 1, 1)
+def fill_levels(fill: str, channels: int) -> tuple[int, ...]:
+    """#rrggbb[aa] -> one 8-bit level per channel of an image with `channels` channels.
+
+    Grey images get the colour's luma (Pillow's convert('L') rounding); images without
+    alpha ignore the fill's alpha, images with alpha get it (255 for #rrggbb).
+    """
+    r, g, b, a = parse_rgba(fill)
+    if channels in (1, 2):
+        grey = (r * LUMA_R + g * LUMA_G + b * LUMA_B + 0x8000) >> 16
+        return (grey,) if channels == 1 else (grey, a)
+    return (r, g, b) if channels == 3 else (r, g, b, a)
+
+
+def fill_tensor(fill: str, like: Tensor, *, premultiplied: bool = False) -> Tensor:
+    """#rrggbb[aa] -> (1, C, 1, 1) float colour matching `like`'s channels and device."""
+    values = torch.tensor(fill_levels(fill, like.shape[1]), dtype=like.dtype, device=like.device) / 255.0
+    values = values.view(1, -1, 1, 1)
+    return premultiply(values) if premultiplied else values
 
 
 def crop(x: Tensor, left: int, top: int, width: int, height: int) -> Tensor:
@@ -135,7 +151,19 @@ def _gather(x: Tensor, yi: Tensor, xi: Tensor) -> Tensor:
 
 
 def rotate(x: Tensor, angle: float, expand: bool, method: str, fill: str) -> Tensor:
-    """Rotate counter-clockwise by `angle` degrees about the centre, like Image.rotate."""
+    """Rotate counter-clockwise by `angle` degrees about the centre, like Image.rotate.
+
+    With alpha and bilinear sampling the colour is premultiplied first, as Pillow does,
+    so transparent pixels' hidden colour does not bleed into the edges.
+    """
+    if method != "nearest" and has_alpha(x):
+        plan = rotate_plan(x.shape[-2], x.shape[-1], angle, expand)
+        if plan.kind == "affine":
+            return unpremultiply(_rotate(premultiply(x), angle, expand, method, fill, premultiplied=True))
+    return _rotate(x, angle, expand, method, fill)
+
+
+def _rotate(x: Tensor, angle: float, expand: bool, method: str, fill: str, *, premultiplied: bool = False) -> Tensor:
     h, w = x.shape[-2:]
     plan = rotate_plan(h, w, angle, expand)
     if plan.kind == "copy":
@@ -171,4 +199,4 @@ def rotate(x: Tensor, angle: float, expand: bool, method: str, fill: str) -> Ten
         top = torch.lerp(_gather(x, ya, xa), _gather(x, ya, xb), dx)
         bottom = torch.lerp(_gather(x, yb, xa), _gather(x, yb, xb), dx)
         values = torch.lerp(top, bottom, dy)
-    return torch.where(inside, values, fill_tensor(fill, x))
+    return torch.where(inside, values, fill_tensor(fill, x, premultiplied=premultiplied))

@@ -1,0 +1,280 @@
+"""The CPU path: each step where it runs fastest on one core, with Pillow's semantics.
+
+On a GPU every op is the torch code in this package. On the CPU that code (float32
+tensors, matrix-product resizing) is 3 to 14 times slower than Pillow's hand-tuned 8-bit
+C, so a worker without a GPU runs 8-bit images step by step through:
+
+- torch's uint8 channels-last kernels where they beat Pillow: bilinear and bicubic
+  resizing of RGB (F.interpolate with antialias, which uses Pillow's filter weights:
+  at most one level apart, on a few pixels in a hundred thousand);
+- Pillow itself for everything else: the ops are defined by Pillow's results, so these
+  are exact, and Pillow's alpha rules (premultiplied resampling, ImageEnhance keeping
+  alpha) come with them;
+- the torch float code for what Pillow cannot do: 16-bit images and model steps.
+
+Consecutive torch float steps stay in float between them; every other step works on
+8-bit pixels, as Pillow does. Nothing waits for batch-mates: the executor runs each CPU
+request as soon as it arrives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from torch import Tensor
+
+from gpuroute_worker.codec import MODES, from_pil, to_array, to_pil, to_tensor
+from gpuroute_worker.ops import pipeline, resample
+from gpuroute_worker.ops.filters import SEPIA
+from gpuroute_worker.ops.transforms import fill_levels
+from gpuroute_worker.sr.registry import ModelRegistry
+
+Step = dict[str, Any]
+Deadline = Callable[[], None] | None
+StepTimer = Callable[[str, float], None] | None
+
+_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+_SEPIA_MATRIX = tuple(v for row in SEPIA for v in (*row, 0.0))
+
+
+# ---------------------------------------------------------------------------- frames
+
+
+class _Frame:
+    """The image between steps: a Pillow image, a uint8/uint16 tensor or a float batch."""
+
+    def __init__(self, pixels: Tensor) -> None:
+        self._image: Image.Image | None = None
+        self._pixels: Tensor | None = pixels
+        self._float: Tensor | None = None
+        self.sixteen = pixels.dtype == torch.uint16
+
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image = to_pil(self.pixels())
+            self._pixels = self._float = None
+        return self._image
+
+    def pixels(self) -> Tensor:
+        if self._pixels is None:
+            if self._float is not None:
+                self._pixels = _quantize(self._float[0], sixteen=self.sixteen)
+            else:
+                assert self._image is not None
+                self._pixels = from_pil(self._image)
+            self._image = self._float = None
+        return self._pixels
+
+    def floats(self) -> Tensor:
+        if self._float is None:
+            pixels = self.pixels()
+            scale = 65535.0 if pixels.dtype == torch.uint16 else 255.0
+            self._float = pixels.to(torch.float32).unsqueeze(0).div_(scale)
+            self._pixels = self._image = None
+        return self._float
+
+    def set_image(self, image: Image.Image) -> None:
+        self._image, self._pixels, self._float = image, None, None
+        self.sixteen = image.mode == "I;16"
+
+    def set_pixels(self, pixels: Tensor) -> None:
+        self._image, self._pixels, self._float = None, pixels, None
+        self.sixteen = pixels.dtype == torch.uint16
+
+    def set_floats(self, x: Tensor) -> None:
+        self._image, self._pixels, self._float = None, None, x
+
+
+def _quantize(x: Tensor, *, sixteen: bool) -> Tensor:
+    """(C, H, W) float in [0, 1] -> uint8, or uint16 for grey that came in at 16 bits."""
+    if sixteen and x.shape[0] == 1:
+        levels = x.clamp(0.0, 1.0).mul(65535.0).round_().to(torch.int32)
+        return to_tensor(levels.permute(1, 2, 0).numpy().astype(np.uint16))
+    out = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return to_tensor(to_array(out))
+
+
+# ---------------------------------------------------------------------------- Pillow steps
+
+
+def _split(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    if image.mode in ("LA", "RGBA"):
+        bands = image.split()
+        colour = bands[0] if image.mode == "LA" else Image.merge("RGB", bands[:3])
+        return colour, bands[-1]
+    return image, None
+
+
+def _join(colour: Image.Image, alpha: Image.Image | None) -> Image.Image:
+    if alpha is None:
+        return colour
+    if colour.mode == "L":
+        return Image.merge("LA", (colour, alpha))
+    return Image.merge("RGBA", (*colour.split(), alpha))
+
+
+def _colour_only(fn: Callable[[Image.Image], Image.Image]) -> Callable[[Image.Image], Image.Image]:
+    # ImageOps refuses images with alpha; the worker's rule is colour changes, alpha stays.
+    def run(image: Image.Image) -> Image.Image:
+        colour, alpha = _split(image)
+        return _join(fn(colour), alpha)
+
+    return run
+
+
+def _gamma(value: float) -> Callable[[Image.Image], Image.Image]:
+    # The float op computes in ** (1 / gamma) and rounds once; this table does the same.
+    table = [round(255.0 * (i / 255.0) ** (1.0 / value)) for i in range(256)]
+    return lambda colour: colour.point(table * len(colour.getbands()))
+
+
+def _sepia(amount: float) -> Callable[[Image.Image], Image.Image]:
+    def run(colour: Image.Image) -> Image.Image:
+        rgb = colour.convert("RGB")
+        toned = rgb.convert("RGB", _SEPIA_MATRIX)
+        return Image.blend(rgb, toned, amount)
+
+    return run
+
+
+def _grayscale(colour: Image.Image) -> Image.Image:
+    return colour if colour.mode == "L" else colour.convert("L")
+
+
+def _fill(fill: str, mode: str) -> tuple[int, ...]:
+    levels = fill_levels(fill, len(mode))
+    if mode in ("LA", "RGBA") and levels[-1] < 255:
+        # Pillow resamples RGBA premultiplied and reads the fill in that space too.
+        alpha = levels[-1]
+        levels = (*((v * alpha + 127) // 255 for v in levels[:-1]), alpha)
+    return levels
+
+
+def _rotate(image: Image.Image, step: Step) -> Image.Image:
+    method = _FILTERS[step["method"]]
+    fill = fill_levels(step["fill"], len(image.mode))
+    if image.mode in ("LA", "RGBA") and method != Image.Resampling.NEAREST:
+        fill = _fill(step["fill"], image.mode)
+    return image.rotate(step["angle"], resample=method, expand=step["expand"], fillcolor=fill)
+
+
+def _pad(image: Image.Image, step: Step) -> Image.Image:
+    left, top, right, bottom = step["left"], step["top"], step["right"], step["bottom"]
+    if step["mode"] == "constant":
+        canvas = Image.new(image.mode, (image.width + left + right, image.height + top + bottom),
+                           fill_levels(step["fill"], len(image.mode)))
+        canvas.paste(image, (left, top))
+        return canvas
+    array = np.asarray(image)
+    widths = ((top, bottom), (left, right)) + (((0, 0),) if array.ndim == 3 else ())
+    mode = "edge" if step["mode"] == "edge" or min(array.shape[:2]) == 1 else "reflect"
+    return Image.fromarray(np.pad(array, widths, mode=mode))
+
+
+def _resize_pillow(image: Image.Image, step: Step) -> Image.Image:
+    h, w = resample.target_size(image.height, image.width, scale=step.get("scale"),
+                                out_width=step.get("width"), out_height=step.get("height"))
+    if (h, w) == (image.height, image.width):
+        return image
+    return image.resize((w, h), _FILTERS[step["method"]])
+
+
+def _pillow_step(step: Step) -> Callable[[Image.Image], Image.Image] | None:
+    op = step["op"]
+    table: dict[str, Callable[[], Callable[[Image.Image], Image.Image]]] = {
+        "upscale": lambda: lambda im: _resize_pillow(im, step),
+        "resize": lambda: lambda im: _resize_pillow(im, step),
+        "blur": lambda: lambda im: im.filter(ImageFilter.GaussianBlur(step["radius"])),
+        "sharpen": lambda: lambda im: im.filter(ImageFilter.UnsharpMask(step["radius"], step["percent"],
+                                                                        step["threshold"])),
+        "denoise": lambda: (lambda im: im.filter(ImageFilter.MedianFilter(step["size"])))
+        if step["method"] == "median" else (lambda im: im.filter(ImageFilter.GaussianBlur(step["radius"]))),
+        "autocontrast": lambda: _colour_only(lambda c: ImageOps.autocontrast(c, cutoff=step["cutoff"])),
+        "equalize": lambda: _colour_only(ImageOps.equalize),
+        "gamma": lambda: _colour_only(_gamma(step["gamma"])),
+        "brightness": lambda: lambda im: ImageEnhance.Brightness(im).enhance(step["factor"]),
+        "contrast": lambda: lambda im: ImageEnhance.Contrast(im).enhance(step["factor"]),
+        "saturation": lambda: lambda im: ImageEnhance.Color(im).enhance(step["factor"]),
+        "edges": lambda: lambda im: im.filter(ImageFilter.FIND_EDGES),
+        "emboss": lambda: lambda im: im.filter(ImageFilter.EMBOSS),
+        "grayscale": lambda: _colour_only(_grayscale),
+        "sepia": lambda: _colour_only(_sepia(step["amount"])),
+        "invert": lambda: _colour_only(ImageOps.invert),
+        "crop": lambda: lambda im: im.crop((step["x"], step["y"], step["x"] + step["width"],
+                                            step["y"] + step["height"])),
+        "flip": lambda: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT if step["direction"] == "horizontal"
+                                                else Image.Transpose.FLIP_TOP_BOTTOM),
+        "rotate": lambda: lambda im: _rotate(im, step),
+        "pad": lambda: lambda im: _pad(im, step),
+    }
+    if op == "upscale" and step.get("method") == "model":
+        return None
+    return table[op]() if op in table else None
+
+
+# ---------------------------------------------------------------------------- torch uint8 steps
+
+
+def _interpolate_u8(pixels: Tensor, step: Step) -> Tensor:
+    """Antialiased uint8 channels-last resize: torch's AVX2 kernel, Pillow's weights."""
+    h, w = resample.target_size(pixels.shape[1], pixels.shape[2], scale=step.get("scale"),
+                                out_width=step.get("width"), out_height=step.get("height"))
+    if (h, w) == tuple(pixels.shape[1:]):
+        return pixels
+    batch = pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(batch, size=(h, w), mode=step["method"], antialias=True, align_corners=False)
+    return out[0]
+
+
+def _uses_interpolate(step: Step, mode: str) -> bool:
+    # The uint8 kernel handles 3 (and 4) channels-last; with alpha Pillow premultiplies,
+    # which the kernel does not, so RGB only.
+    return (step["op"] in ("upscale", "resize") and step.get("method") in ("bilinear", "bicubic")
+            and mode == "RGB")
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def _mode_of(frame: _Frame) -> str:
+    if frame._image is not None:
+        return frame._image.mode
+    pixels = frame._pixels if frame._pixels is not None else frame._float
+    assert pixels is not None
+    channels = pixels.shape[-3]
+    return "I;16" if frame.sixteen and channels == 1 else MODES[channels - 1]
+
+
+def run_cpu(pixels: Tensor, steps: Sequence[Step], *, models: ModelRegistry | None = None,
+            check_deadline: Deadline = None, on_step: StepTimer = None) -> Tensor:
+    """Run normalized `steps` on one (C, H, W) uint8 (or 16-bit grey) image; returns (C', H', W').
+
+    Shapes and parameters are validated first (pipeline.output_shape), as on the GPU.
+    """
+    pipeline.output_shape(int(pixels.shape[1]), int(pixels.shape[2]), steps, models=models)
+    frame = _Frame(pixels)
+    for index, step in enumerate(steps):
+        if check_deadline is not None:
+            check_deadline()
+        started = time.perf_counter()
+        mode = _mode_of(frame)
+        pillow = None if mode == "I;16" else _pillow_step(step)
+        if _uses_interpolate(step, mode):
+            frame.set_pixels(_interpolate_u8(frame.pixels(), step))
+        elif pillow is not None:
+            frame.set_image(pillow(frame.image()))
+        else:
+            # 16-bit grey and model steps: the float torch op, as on the GPU.
+            with torch.inference_mode():
+                x = pipeline.apply_step(frame.floats(), index, step, models=models, check_deadline=check_deadline)
+            frame.set_floats(x.clamp(0.0, 1.0))
+        if on_step is not None:
+            on_step(step["op"], time.perf_counter() - started)
+    return frame.pixels()
