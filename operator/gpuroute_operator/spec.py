@@ -106,6 +106,10 @@ class JobSpec:
     """Pipeline class the router learns pool speeds under (ops_catalog.cost_class)."""
     input_pixels: int | None = None
     """Pixels of an inline input, read from its header; None when the input is a URI."""
+    background: str = "#ffffff"
+    """spec.output.background: colour (#rrggbb) transparent pixels are composited onto for JPEG."""
+    keep_metadata: bool = False
+    """spec.output.keepMetadata: carry EXIF (orientation normalised) and the ICC profile."""
 
 
 def _strings(value: Any, field: str) -> tuple[str, ...]:
@@ -130,6 +134,25 @@ def _choice(value: Any, field: str, default: str, choices: tuple[str, ...]) -> s
     if value not in choices:
         raise SpecError(field, f"must be one of {', '.join(choices)}; got {value!r}")
     return str(value)
+
+
+_BACKGROUND = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+def _background(value: Any) -> str:
+    if value is None:
+        return "#ffffff"
+    if not isinstance(value, str) or not _BACKGROUND.match(value):
+        raise SpecError("spec.output.background", f"must be a colour as #rrggbb, got {value!r}")
+    return value.lower()
+
+
+def _flag(value: Any, field: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise SpecError(field, f"must be true or false, got {value!r}")
+    return value
 
 
 def _parse_input(source: Any) -> tuple[StorageURI | None, str | None, bytes | None]:
@@ -191,6 +214,8 @@ def parse_job_spec(spec: Mapping[str, Any] | None) -> JobSpec:
         ),
         cost_class=cost_class(steps),
         input_pixels=_pixels(image_size(inline)) if inline is not None else None,
+        background=_background(output.get("background")),
+        keep_metadata=_flag(output.get("keepMetadata"), "spec.output.keepMetadata"),
     )
 
 
