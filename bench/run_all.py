@@ -31,7 +31,7 @@ from typing import Any
 from bench.common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("control_plane", "dispatch", "dataplane", "worker_ops", "operator_memory", "gpu")
+ORDER = ("control_plane", "dispatch", "dataplane", "transfers", "worker_ops", "operator_memory", "gpu")
 NAMES = (*ORDER, "routing_sim")
 
 
@@ -84,6 +84,11 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, An
 
         return m.run()
 
+    def transfers() -> dict[str, Any]:
+        from bench import transfers as m
+
+        return m.run()
+
     def worker_ops() -> dict[str, Any]:
         from bench import worker_ops as m
 
@@ -106,7 +111,8 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, An
             return {"skipped": f"bench.routing_sim not importable: {exc}"}
         return m.run(jobs=args.routing_jobs, seed=0)
 
-    return {"control_plane": control_plane, "dispatch": dispatch, "dataplane": dataplane, "worker_ops": worker_ops,
+    return {"control_plane": control_plane, "dispatch": dispatch, "dataplane": dataplane, "transfers": transfers,
+            "worker_ops": worker_ops,
             "operator_memory": operator_memory, "gpu": gpu, "routing_sim": routing_sim}
 
 
