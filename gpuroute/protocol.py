@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +38,17 @@ RECONNECT_INITIAL_S = 0.25
 """First reconnect delay of a worker that lost the operator."""
 RECONNECT_MAX_S = 8.0
 """Ceiling of the worker's exponential reconnect backoff."""
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""ZMQ_MAXMSGSIZE on every socket: larger frames drop the connection."""
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+"""ZMQ_MAXMSGSIZE on every socket: libzmq drops the connection on a larger frame before reading it
+(the largest legitimate frame is a JOB header, at most MAX_HEADER_BYTES)."""
 MAX_HEADER_BYTES = 1024 * 1024
 """A header larger than this is malformed: headers are small metadata maps."""
+MAX_STAGE_MS = 24 * 3600 * 1000.0
+"""Largest stage time a RESULT may report (a day); anything above is a lie or a bug."""
+MAX_ATTEMPT = 1000
+"""Largest attempt number in a job id (maxAttempts is far smaller)."""
+MAX_TEXT = 4096
+"""Longest free-text field (error messages, reasons) kept from a peer."""
 
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -79,25 +88,487 @@ class ProtocolError(ValueError):
     """A message that does not follow this protocol; dropped and counted, never fatal."""
 
 
-@dataclass(frozen=True)
-class Message:
-    """A decoded protocol message."""
+# ---- field checks: every value from a socket is checked for type and range ----------
 
-    kind: Kind
-    """What the message is."""
-    header: Mapping[str, Any] = field(default_factory=dict)
-    """The msgpack header, already decoded."""
-    payload: bytes | None = None
-    """Raw bytes carried by JOB messages with inline input."""
+def _text(header: Mapping[str, Any], key: str, *, max_len: int = 253, required: bool = True,
+          default: str = "") -> str:
+    value = header.get(key)
+    if value is None and not required:
+        return default
+    if not isinstance(value, str) or (required and not value) or len(value) > max_len:
+        raise ProtocolError(f"{key}: expected a string of 1 to {max_len} characters, got {_show(value)}")
+    return value
+
+
+def _int(header: Mapping[str, Any], key: str, *, low: int, high: int, required: bool = True, default: int = 0) -> int:
+    value = header.get(key)
+    if value is None and not required:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError(f"{key}: expected an integer in [{low}, {high}], got {_show(value)}")
+    return value
+
+
+def _ms(header: Mapping[str, Any], key: str) -> float:
+    value = header.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 <= value <= MAX_STAGE_MS:
+        raise ProtocolError(f"timing.{key}: expected a finite number of ms in [0, {MAX_STAGE_MS:g}], got {_show(value)}")
+    return float(value)
+
+
+def _optional_float(header: Mapping[str, Any], key: str) -> float | None:
+    value = header.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(f"{key}: expected a finite number, got {_show(value)}")
+    return float(value)
+
+
+def _bool(header: Mapping[str, Any], key: str) -> bool:
+    value = header.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _map(header: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = header.get(key)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{key}: expected a map, got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    return repr(value)[:64]
+
+
+_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+
+
+@dataclass(frozen=True, order=True)
+class AttemptId:
+    """One attempt of one ImageJob: its uid plus the attempt number (from 1)."""
+
+    uid: str
+    """metadata.uid of the ImageJob."""
+    attempt: int
+    """1 for the first dispatch, counting up."""
+
+    def __str__(self) -> str:
+        return f"{self.uid}/{self.attempt}"
+
+    @classmethod
+    def parse(cls, value: Any) -> AttemptId:
+        """A well-formed `uid/attempt` string, or ProtocolError."""
+        if not isinstance(value, str) or value.count("/") != 1:
+            raise ProtocolError(f"job: expected 'uid/attempt', got {_show(value)}")
+        uid, _, number = value.partition("/")
+        if not _UID.fullmatch(uid) or not number.isdigit() or not 1 <= int(number) <= MAX_ATTEMPT:
+            raise ProtocolError(f"job: expected 'uid/attempt' with attempt 1-{MAX_ATTEMPT}, got {_show(value)}")
+        return cls(uid, int(number))
+
+
+def routing_id_for(public_key: str, worker: str) -> bytes:
+    """The routing id a worker must use: its own Z85 public key, '/', its id (at most 255 bytes).
+
+    The operator refuses a connection whose routing id does not start with the key ZAP
+    admitted it with, so no key can occupy, or take over, another key's ids.
+    """
+    return f"{public_key}/{worker}".encode()[:255]
 
 
 def job_id(uid: str, attempt: int) -> str:
     """Identity of one attempt of an ImageJob: the uid plus the attempt number."""
-    return f"{uid}/{attempt}"
+    return str(AttemptId(uid, attempt))
 
 
-def encode(kind: Kind, header: Mapping[str, Any] | None = None, payload: bytes | None = None) -> list[bytes]:
-    """Frames for one message (without the ROUTER's routing id)."""
+def _attempt(header: Mapping[str, Any]) -> AttemptId:
+    return AttemptId.parse(header.get("job"))
+
+
+# ---- typed bodies, one per kind --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ready:
+    """A worker announces itself: first message on every connection."""
+
+    pool: str
+    """The pool the worker believes it is in; must match the pool its key was admitted for."""
+    worker: str
+    """Worker id (the pod name)."""
+    capacity: int
+    """Jobs the worker accepts at once."""
+    device: str = ""
+    """What computes: a GPU name or 'cpu'."""
+    models: tuple[str, ...] = ()
+    """Super-resolution models the worker serves."""
+    jobs: tuple[AttemptId, ...] = ()
+    """Attempts the worker still runs or has answers for (followed after an operator restart)."""
+
+
+    def to_header(self) -> dict[str, Any]:
+        return {"version": PROTOCOL_VERSION, "pool": self.pool, "worker": self.worker, "capacity": self.capacity,
+                "device": self.device, "models": list(self.models), "jobs": [str(j) for j in self.jobs]}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Ready:
+        if header.get("version") != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {_show(header.get('version'))} unsupported "
+                                f"(this side speaks {PROTOCOL_VERSION})")
+        models = header.get("models") or []
+        jobs = header.get("jobs") or []
+        if not isinstance(models, list) or len(models) > 256 or not all(isinstance(m, str) and 0 < len(m) <= 253 for m in models):
+            raise ProtocolError(f"models: expected a list of names, got {_show(models)}")
+        if not isinstance(jobs, list) or len(jobs) > 4096:
+            raise ProtocolError(f"jobs: expected a list of at most 4096 job ids, got {_show(jobs)}")
+        return cls(pool=_text(header, "pool"), worker=_text(header, "worker"),
+                   capacity=_int(header, "capacity", low=1, high=4096),
+                   device=_text(header, "device", required=False),
+                   models=tuple(models), jobs=tuple(AttemptId.parse(j) for j in jobs))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Liveness, both ways; the operator's `ping` comes back as the worker's `pong` (RTT)."""
+
+    ping: float | None = None
+    """Operator's monotonic clock when sent."""
+    pong: float | None = None
+    """The ping being answered."""
+    rtt_ms: float | None = None
+    """The operator's measured RTT to this worker, for the worker's own metrics."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {k: v for k, v in (("ping", self.ping), ("pong", self.pong), ("rttMs", self.rtt_ms)) if v is not None}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Heartbeat:
+        return cls(_optional_float(header, "ping"), _optional_float(header, "pong"), _optional_float(header, "rttMs"))
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """Where a job's input comes from: a URL, or the JOB's payload."""
+
+    url: str | None = None
+    """Presigned storage URL, or the user's https URL; None for inline input."""
+    untrusted: bool = False
+    """A user-supplied https URL: the worker applies the SSRF guard."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {"url": self.url, "untrusted": self.untrusted} if self.url else {"inline": True}
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where and how a job's output is written."""
+
+    url: str
+    """Presigned PUT URL."""
+    format: str
+    """png, jpeg or webp."""
+    quality: int = 90
+    """Encoder quality for lossy formats."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Headers the upload must carry (part of the signature)."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Encoder options from spec.output beyond format and quality (e.g. background, keepMetadata)."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {**dict(self.options), "url": self.url, "format": self.format, "quality": self.quality,
+                "headers": dict(self.headers)}
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One attempt of a job, operator to worker."""
+
+    job: AttemptId
+    """The attempt."""
+    steps: tuple[Mapping[str, Any], ...]
+    """The pipeline, as in spec.steps."""
+    input: InputSource
+    """The input."""
+    output: OutputTarget
+    """The output."""
+    timeout_s: float
+    """Seconds left before the job's deadline."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {"job": str(self.job), "steps": [dict(s) for s in self.steps], "input": self.input.to_header(),
+                "output": self.output.to_header(), "timeoutS": self.timeout_s}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> JobRequest:
+        steps = header.get("steps")
+        if not isinstance(steps, list) or not 1 <= len(steps) <= 64 or not all(isinstance(s, dict) for s in steps):
+            raise ProtocolError(f"steps: expected a list of 1 to 64 maps, got {_show(steps)}")
+        source, output = _map(header, "input"), _map(header, "output")
+        url = source.get("url")
+        if url is not None and not (isinstance(url, str) and 0 < len(url) <= 16384):
+            raise ProtocolError(f"input.url: expected a URL string, got {_show(url)}")
+        if url is None and source.get("inline") is not True:
+            raise ProtocolError("input: neither url nor inline")
+        fmt = _text(output, "format")
+        if fmt not in CONTENT_TYPES:
+            raise ProtocolError(f"output.format: expected one of {sorted(CONTENT_TYPES)}, got {_show(fmt)}")
+        headers = output.get("headers") or {}
+        if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise ProtocolError("output.headers: expected a map of strings")
+        timeout = _optional_float(header, "timeoutS")
+        options = {k: v for k, v in output.items() if k not in ("url", "format", "quality", "headers")}
+        return cls(job=_attempt(header), steps=tuple(steps),
+                   input=InputSource(url, _bool(source, "untrusted")),
+                   output=OutputTarget(_text(output, "url", max_len=16384), fmt,
+                                       _int(output, "quality", low=1, high=100, required=False, default=90),
+                                       headers, options),
+                   timeout_s=timeout if timeout is not None and timeout > 0 else 600.0)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The worker started (or is already running) an attempt."""
+
+    job: AttemptId
+    """The attempt."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {"job": str(self.job)}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Accepted:
+        return cls(_attempt(header))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A stage of an attempt began (liveness only)."""
+
+    job: AttemptId
+    """The attempt."""
+    stage: str
+    """download, decode, compute, encode or upload."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {"job": str(self.job), "stage": self.stage}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Progress:
+        return cls(_attempt(header), _text(header, "stage", max_len=32))
+
+
+STAGES = ("downloadMs", "decodeMs", "gpuMs", "encodeMs", "uploadMs")
+"""The worker's stages, in order, as reported in a RESULT's timing."""
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """Where a worker's time went, in ms; every value finite, >= 0 and bounded."""
+
+    download_ms: float = 0.0
+    """Reading the input from storage."""
+    decode_ms: float = 0.0
+    """Decoding the image."""
+    gpu_ms: float = 0.0
+    """Computing the pipeline on the device."""
+    encode_ms: float = 0.0
+    """Encoding the output."""
+    upload_ms: float = 0.0
+    """Writing the output to storage."""
+    executor_wait_ms: float = 0.0
+    """Waiting for the device (batch forming, other batches)."""
+
+    @property
+    def worker_ms(self) -> float:
+        return (self.download_ms + self.decode_ms + self.executor_wait_ms + self.gpu_ms + self.encode_ms
+                + self.upload_ms)
+
+    def stages(self) -> dict[str, float]:
+        return dict(zip(STAGES, (self.download_ms, self.decode_ms, self.gpu_ms, self.encode_ms, self.upload_ms),
+                        strict=True))
+
+    def to_header(self) -> dict[str, float]:
+        return {**self.stages(), "executorWaitMs": self.executor_wait_ms}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> StageTiming:
+        return cls(*(_ms(header, key) for key in (*STAGES, "executorWaitMs")))
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """What the worker wrote."""
+
+    bytes: int
+    """Encoded size."""
+    width: int
+    """Pixels."""
+    height: int
+    """Pixels."""
+    sha256: str
+    """Hex digest of the encoded bytes."""
+    format: str
+    """png, jpeg or webp."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "width": self.width, "height": self.height, "sha256": self.sha256,
+                "format": self.format}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> OutputInfo:
+        digest = _text(header, "sha256", max_len=64)
+        if not _SHA256.fullmatch(digest):
+            raise ProtocolError(f"output.sha256: expected 64 lowercase hex digits, got {_show(digest)}")
+        fmt = _text(header, "format", max_len=16)
+        if fmt not in CONTENT_TYPES:
+            raise ProtocolError(f"output.format: expected one of {sorted(CONTENT_TYPES)}, got {_show(fmt)}")
+        return cls(_int(header, "bytes", low=1, high=MAX_MESSAGE_BYTES * 64),
+                   _int(header, "width", low=1, high=1 << 20), _int(header, "height", low=1, high=1 << 20),
+                   digest, fmt)
+
+
+@dataclass(frozen=True)
+class Result:
+    """An attempt succeeded; its output is in storage."""
+
+    job: AttemptId
+    """The attempt."""
+    timing: StageTiming
+    """Where the worker's time went."""
+    output: OutputInfo
+    """What was written."""
+    input_width: int = 0
+    """Input pixels across (0: not reported); the operator learns pool speed per megapixel."""
+    input_height: int = 0
+    """Input pixels down."""
+    device: str = ""
+    """What computed it."""
+    cached: bool = False
+    """Answered from the worker's result cache, not computed again."""
+
+    def to_header(self) -> dict[str, Any]:
+        header: dict[str, Any] = {"job": str(self.job), "timing": self.timing.to_header(),
+                                  "output": self.output.to_header(), "device": self.device}
+        if self.input_width and self.input_height:
+            header["input"] = {"width": self.input_width, "height": self.input_height}
+        if self.cached:
+            header["cached"] = True
+        return header
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Result:
+        source = header.get("input") or {}
+        if not isinstance(source, dict):
+            raise ProtocolError(f"input: expected a map, got {_show(source)}")
+        return cls(_attempt(header), StageTiming.from_header(_map(header, "timing")),
+                   OutputInfo.from_header(_map(header, "output")),
+                   _int(source, "width", low=1, high=1 << 20, required=False),
+                   _int(source, "height", low=1, high=1 << 20, required=False),
+                   _text(header, "device", required=False), _bool(header, "cached"))
+
+
+@dataclass(frozen=True)
+class Error:
+    """An attempt failed; `code` says whether another attempt may succeed."""
+
+    job: AttemptId
+    """The attempt."""
+    code: ErrorCode
+    """Why."""
+    message: str
+    """For the user (shown in status)."""
+    rejected: bool = False
+    """Refused before it started (worker full): not an attempt."""
+
+    def to_header(self) -> dict[str, Any]:
+        header: dict[str, Any] = {"job": str(self.job), "code": self.code.value, "message": self.message}
+        if self.rejected:
+            header["rejected"] = True
+        return header
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Error:
+        try:
+            code = ErrorCode(header.get("code"))
+        except ValueError as exc:
+            raise ProtocolError(f"unknown error code {_show(header.get('code'))}") from exc
+        message = header.get("message")
+        if not isinstance(message, str):
+            raise ProtocolError(f"message: expected a string, got {_show(message)}")
+        # A long message is cut, not refused: refusing it would leave the job waiting for its timeout.
+        return cls(_attempt(header), code, message[:MAX_TEXT], _bool(header, "rejected"))
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop an attempt; nothing is written for it afterwards."""
+
+    job: AttemptId
+    """The attempt."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {"job": str(self.job)}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Cancel:
+        return cls(_attempt(header))
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """Either side ends the session (shutdown, refused, revoked)."""
+
+    reason: str = ""
+    """Why, for logs."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Disconnect:
+        return cls(_text(header, "reason", max_len=MAX_TEXT, required=False))
+
+
+Body = Ready | Heartbeat | JobRequest | Accepted | Progress | Result | Error | Cancel | Disconnect
+
+BODY_TYPES: Mapping[Kind, Any] = {
+    Kind.READY: Ready, Kind.HEARTBEAT: Heartbeat, Kind.JOB: JobRequest, Kind.ACCEPTED: Accepted,
+    Kind.PROGRESS: Progress, Kind.RESULT: Result, Kind.ERROR: Error, Kind.CANCEL: Cancel, Kind.DISCONNECT: Disconnect,
+}
+KIND_OF: Mapping[type, Kind] = {body: kind for kind, body in BODY_TYPES.items()}
+
+MAX_HEADER_BYTES_BY_KIND: Mapping[Kind, int] = {
+    Kind.READY: 256 * 1024, Kind.HEARTBEAT: 1024, Kind.JOB: MAX_HEADER_BYTES, Kind.ACCEPTED: 1024,
+    Kind.PROGRESS: 1024, Kind.RESULT: 16 * 1024, Kind.ERROR: 64 * 1024, Kind.CANCEL: 1024, Kind.DISCONNECT: 16 * 1024,
+}
+"""Largest header each kind may carry: a heartbeat is tiny, a JOB carries its pipeline and URLs."""
+MAX_INLINE_PAYLOAD_BYTES = 512 * 1024
+"""A JOB's inline payload (spec.input.inline is at most 256 KiB decoded)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded, validated protocol message."""
+
+    kind: Kind
+    """What the message is."""
+    header: Mapping[str, Any] = field(default_factory=dict)
+    """The msgpack header, already decoded and validated."""
+    payload: bytes | None = None
+    """Raw bytes carried by JOB messages with inline input."""
+    body: Any = None
+    """The typed body (Ready, Result, ...) parsed from the header."""
+
+
+def encode(kind: Kind | Body, header: Mapping[str, Any] | None = None, payload: bytes | None = None) -> list[bytes]:
+    """Frames for one message (without the ROUTER's routing id): a typed body, or a kind and header."""
+    if not isinstance(kind, Kind):
+        kind, header = KIND_OF[type(kind)], kind.to_header()
     if payload is not None and kind not in _PAYLOAD_KINDS:
         raise ProtocolError(f"{kind.name} carries no payload")
     frames = [kind.value, msgpack.packb(dict(header or {}), use_bin_type=True)]
@@ -106,45 +577,45 @@ def encode(kind: Kind, header: Mapping[str, Any] | None = None, payload: bytes |
     return frames
 
 
-_REQUIRED: Mapping[Kind, tuple[str, ...]] = {
-    Kind.READY: ("version", "pool", "worker", "capacity"),
-    Kind.JOB: ("job", "steps", "input", "output"),
-    Kind.ACCEPTED: ("job",),
-    Kind.PROGRESS: ("job", "stage"),
-    Kind.RESULT: ("job", "timing", "output"),
-    Kind.ERROR: ("job", "code", "message"),
-    Kind.CANCEL: ("job",),
-}
-
-
-def decode(frames: Sequence[bytes]) -> Message:
-    """Parse frames (without routing id) into a Message or raise ProtocolError."""
+def check_sizes(frames: Sequence[Any]) -> None:
+    """Refuse oversized frames by length alone, before anything is copied or parsed."""
     if len(frames) not in (2, 3):
         raise ProtocolError(f"expected 2 or 3 frames, got {len(frames)}")
+    kind = _kind(frames[0])
+    limit = MAX_HEADER_BYTES_BY_KIND[kind]
+    if len(frames[1]) > limit:
+        raise ProtocolError(f"{kind.name} header of {len(frames[1])} bytes exceeds {limit}")
+    if len(frames) == 3:
+        if kind not in _PAYLOAD_KINDS:
+            raise ProtocolError(f"{kind.name} must not carry a payload")
+        if len(frames[2]) > MAX_INLINE_PAYLOAD_BYTES:
+            raise ProtocolError(f"{kind.name} payload of {len(frames[2])} bytes exceeds {MAX_INLINE_PAYLOAD_BYTES}")
+
+
+def _kind(frame: Any) -> Kind:
+    raw = bytes(frame[:16]) if len(frame) > 16 else bytes(frame)
     try:
-        kind = Kind(bytes(frames[0]))
+        return Kind(raw)
     except ValueError as exc:
-        raise ProtocolError(f"unknown message kind {bytes(frames[0])[:32]!r}") from exc
+        raise ProtocolError(f"unknown message kind {raw[:16]!r}") from exc
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Parse frames (without routing id) into a validated Message or raise ProtocolError."""
+    check_sizes(frames)
+    kind = _kind(frames[0])
     raw_header = bytes(frames[1])
-    if len(raw_header) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"{kind.name} header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         header = msgpack.unpackb(raw_header, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"{kind.name} header is not valid msgpack: {exc}") from exc
     if not isinstance(header, dict):
         raise ProtocolError(f"{kind.name} header must be a map, got {type(header).__name__}")
-    missing = [key for key in _REQUIRED.get(kind, ()) if key not in header]
-    if missing:
-        raise ProtocolError(f"{kind.name} header lacks {', '.join(missing)}")
+    try:
+        body = BODY_TYPES[kind].from_header(header)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{kind.name}: {exc}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ProtocolError(f"{kind.name}: malformed header: {exc}") from exc
     payload = bytes(frames[2]) if len(frames) == 3 else None
-    if payload is not None and kind not in _PAYLOAD_KINDS:
-        raise ProtocolError(f"{kind.name} must not carry a payload")
-    if kind is Kind.READY and header["version"] != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {header['version']!r} unsupported (this side speaks {PROTOCOL_VERSION})")
-    if kind is Kind.ERROR:
-        try:
-            ErrorCode(header["code"])
-        except ValueError as exc:
-            raise ProtocolError(f"unknown error code {header['code']!r}") from exc
-    return Message(kind, header, payload)
+    return Message(kind, header, payload, body)

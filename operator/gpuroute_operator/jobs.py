@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpuroute.protocol import AttemptId
 from gpuroute_operator.kube import now_rfc3339
 from gpuroute_operator.phases import Phase, check_transition, conditions
 from gpuroute_operator.spec import JobSpec
 from gpuroute_operator.status import ObjectRef
+
+
+class Place(enum.Enum):
+    """Where a live job is; the dispatcher's indexes follow this field."""
+
+    NEW = "new"
+    QUEUED = "queued"
+    """In its pool's queue (job.pool)."""
+    UNROUTED = "unrouted"
+    """No eligible pool right now."""
+    HELD = "held"
+    """Waiting for storage signing to work again."""
+    RESUMING = "resuming"
+    """Resumed after a restart; waiting briefly for the worker that ran it to come back."""
+    RUNNING = "running"
+    """At least one attempt is out."""
+    DONE = "done"
 
 
 def parse_rfc3339(value: Any) -> float | None:
@@ -42,10 +61,13 @@ class Job:
     dispatched_at: float | None = None
     started_at: float | None = None
     completed_at: float | None = None
-    sent_monotonic: float | None = None
-    resend_current_attempt: bool = False
+    reuse_attempt: bool = False
+    """The next dispatch re-sends the current attempt (it never ran: refused, or resumed)."""
     preferred_worker: str | None = None
-    active: dict[str, bytes] = field(default_factory=dict)
+    live: set[AttemptId] = field(default_factory=set)
+    """Attempts sent and not yet answered (normally one; more after a cut-off worker)."""
+    place: Place = Place.NEW
+    """Where the job is: one field, so no two structures can disagree."""
     output: dict[str, Any] | None = None
     timing: dict[str, Any] = field(default_factory=dict)
     conditions: list[dict[str, Any]] = field(default_factory=list)
@@ -63,8 +85,8 @@ class Job:
         return ObjectRef("ImageJob", self.name, self.namespace, self.uid)
 
     @property
-    def current_job_id(self) -> str:
-        return f"{self.uid}/{self.attempts}"
+    def current_attempt(self) -> AttemptId:
+        return AttemptId(self.uid, max(1, self.attempts))
 
     def move(self, phase: Phase, *, reason: str = "", message: str = "") -> None:
         check_transition(self.phase, phase)
@@ -100,15 +122,16 @@ class Job:
         return status
 
 
-def failed_status(*, generation: int, reason: str, message: str, queued_at: float) -> dict[str, Any]:
+def failed_status(*, generation: int, reason: str, message: str, queued_at: float, now: float) -> dict[str, Any]:
     """Status of a job refused before it became a Job record (invalid spec)."""
-    now = now_rfc3339()
+    stamp = now_rfc3339(now)
     return {
         "phase": Phase.FAILED.value,
         "reason": reason,
         "message": message,
         "attempts": 0,
-        "timing": {"queuedAt": now_rfc3339(queued_at), "completedAt": now, "totalMs": 0.0},
-        "conditions": conditions(Phase.FAILED, reason=reason, message=message, now=now, generation=generation),
+        "timing": {"queuedAt": now_rfc3339(min(queued_at, now)), "completedAt": stamp,
+                   "totalMs": round(max(0.0, now - queued_at) * 1000.0, 3)},
+        "conditions": conditions(Phase.FAILED, reason=reason, message=message, now=stamp, generation=generation),
         "observedGeneration": generation,
     }

@@ -58,12 +58,15 @@ class Kube:
             raise
         return True
 
-    def post_event(self, involved: Mapping[str, str], *, type_: str, reason: str, message: str) -> None:
+    def post_event(self, involved: Mapping[str, str], *, type_: str, reason: str, message: str,
+                   name: str | None = None) -> bool:
+        """Create an Event; with `name`, at most once (False when one of that name exists)."""
         stamp = now_rfc3339()
+        naming = {"name": name} if name else {"generateName": f"{involved['name']}."}
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{involved['name']}.", "namespace": involved.get("namespace") or "default"},
+            "metadata": {**naming, "namespace": involved.get("namespace") or "default"},
             "involvedObject": dict(involved),
             "type": type_,
             "reason": reason,
@@ -74,7 +77,13 @@ class Kube:
             "lastTimestamp": stamp.split(".")[0] + "Z",
             "count": 1,
         }
-        pykube.Event(self.api(), body).create()
+        try:
+            pykube.Event(self.api(), body).create()
+        except pykube.exceptions.HTTPError as exc:
+            if name and exc.code == 409:
+                return False
+            raise
+        return True
 
     def read_secret_data(self, namespace: str, name: str) -> dict[str, str]:
         secret = pykube.Secret.objects(self.api(), namespace=namespace).get_by_name(name)

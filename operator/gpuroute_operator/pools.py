@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpuroute import protocol
+from gpuroute.protocol import AttemptId
 from gpuroute_operator.autoscaler import ScalingSpec, parse_scaling
+from gpuroute_operator.identity import Principal
 from gpuroute_operator.router import PoolView
 from gpuroute_operator.scheduler import FairQueue
 from gpuroute_operator.service_model import ServiceFit, fit_for
@@ -57,6 +58,8 @@ class PoolSpec:
     """Remote autoscaling of the pool's worker Deployment, when set."""
     endpoints: tuple[str, ...] = ()
     """Worker addresses (tcp://host:port) the operator dials; empty: workers dial the operator."""
+    max_connections_per_key: int = 1
+    """Live sessions one worker key may hold at once; more are refused."""
 
 
 _ENDPOINT = re.compile(r"tcp://(?P<host>[^\s:/]+|\[[0-9a-fA-F:.]+\]):(?P<port>[0-9]{1,5})")
@@ -90,6 +93,9 @@ def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: in
         raise PoolSpecError(f"spec.pricePerGpuHour / spec.maxInFlightPerWorker: {exc}") from exc
     if price < 0 or max_in_flight < 1:
         raise PoolSpecError("spec.pricePerGpuHour must be >= 0 and spec.maxInFlightPerWorker >= 1")
+    per_key = spec.get("maxConnectionsPerKey", 1)
+    if not isinstance(per_key, int) or isinstance(per_key, bool) or not 1 <= per_key <= 64:
+        raise PoolSpecError(f"spec.maxConnectionsPerKey: must be an integer from 1 to 64, got {per_key!r}")
     try:
         cidrs = parse_cidrs(spec.get("allowedSourceCIDRs") or (), "spec.allowedSourceCIDRs")
         scaling = parse_scaling(spec.get("scaling"), default_namespace=default_namespace)
@@ -110,6 +116,7 @@ def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: in
         generation=generation,
         scaling=scaling,
         endpoints=endpoints,
+        max_connections_per_key=per_key,
     )
 
 
@@ -119,35 +126,42 @@ def ewma(previous: float | None, sample: float) -> float:
 
 @dataclass
 class WorkerConn:
-    """One connected worker, as the operator sees it."""
+    """One registered worker session, as the operator sees it."""
 
     routing_id: bytes
-    pool: str
+    """The connection's routing id (bound to the key: see Principal.owns)."""
+    principal: Principal
+    """Who ZAP says it is."""
     worker: str
+    """Worker id from READY (the pod name), for display."""
     capacity: int
+    """Jobs it may run at once (its READY, capped by the pool's maxInFlightPerWorker)."""
     device: str
+    """What computes."""
     models: frozenset[str]
-    last_seen: float = field(default_factory=time.monotonic)
-    last_heartbeat_wall: float = field(default_factory=time.time)
+    """Models it serves."""
+    last_seen: float
+    """Clock time of its last message."""
     rtt_ms: float | None = None
-    draining: bool = False
-    jobs: dict[str, Job] = field(default_factory=dict)
-    foreign: set[str] = field(default_factory=set)
-    """Job ids the worker reported running that this operator has not attached (yet)."""
+    """Moving average of heartbeat round trips."""
+    attempts: set[AttemptId] = field(default_factory=set)
+    """Attempts sent on this connection and not answered: the only ones it may answer."""
+    foreign: set[AttemptId] = field(default_factory=set)
+    """Attempts it reported in READY that are not followed (yet); their slots are busy."""
     paused_until: float = 0.0
-    """After the worker refused a job for capacity, no dispatch to it before this time."""
+    """After it refused a job for capacity, no dispatch to it before this time."""
 
     @property
-    def free(self) -> int:
-        if self.draining or time.monotonic() < self.paused_until:
-            return 0
-        return max(0, self.capacity - len(self.jobs) - len(self.foreign))
+    def pool(self) -> str:
+        return self.principal.pool
 
-    def silent_for(self, now: float) -> float:
-        return now - self.last_seen
+    def free(self, now: float) -> int:
+        if now < self.paused_until:
+            return 0
+        return max(0, self.capacity - len(self.attempts) - len(self.foreign))
 
     def expired(self, now: float) -> bool:
-        return self.silent_for(now) > protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
+        return now - self.last_seen > protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
 
 
 @dataclass
@@ -165,11 +179,10 @@ class PoolState:
     """Moving average of output megapixels per second (shown on the status)."""
     fits: dict[str, ServiceFit] = field(default_factory=dict)
     """Worker ms against input megapixels, by cost class: what one more job of that class will take."""
-    last_heartbeat: float | None = None
 
     @property
     def busy(self) -> int:
-        return sum(len(w.jobs) for w in self.workers.values())
+        return sum(len(w.attempts) for w in self.workers.values())
 
     @property
     def rtt_ms(self) -> float | None:
@@ -178,7 +191,7 @@ class PoolState:
 
     def view(self, job_service_ms: float | None = None) -> PoolView:
         """What the router sees; `job_service_ms` is this pool's estimate for the job being routed."""
-        live = [w for w in self.workers.values() if not w.draining]
+        live = list(self.workers.values())
         return PoolView(
             name=self.spec.name, cloud=self.spec.cloud, region=self.spec.region,
             price_per_gpu_hour=self.spec.price_per_gpu_hour, spot=self.spec.spot,
@@ -202,11 +215,11 @@ class PoolState:
         fit = self.fits.get(cost_class)
         return fit.predict(mpix, shape) if fit is not None else None
 
-    def free_worker(self, preferred: str | None) -> WorkerConn | None:
-        free = [w for w in self.workers.values() if w.free > 0]
+    def free_worker(self, now: float, preferred: str | None = None) -> WorkerConn | None:
+        free = [w for w in self.workers.values() if w.free(now) > 0]
         if not free:
             return None
         for conn in free:
             if conn.worker == preferred:
                 return conn
-        return max(free, key=lambda w: (w.free, -len(w.jobs)))
+        return max(free, key=lambda w: (w.free(now), -len(w.attempts)))

@@ -11,21 +11,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+import os
+import socket as socket_module
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 import zmq.asyncio
 
 from gpuroute import protocol
-from gpuroute.protocol import Kind, Message, ProtocolError
+from gpuroute.protocol import Body, Disconnect, Kind, Message, ProtocolError
 from gpuroute_operator import metrics
 
 log = logging.getLogger(__name__)
 
 
 class MessageHandler(Protocol):
-    def on_message(self, routing_id: bytes, pool: str, message: Message) -> None: ...
+    def on_message(self, routing_id: bytes, user_id: str, message: Message) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Peer:
+    """The TCP connection behind a routing id, so the operator can close it."""
+
+    fd: int
+    """File descriptor libzmq reads the connection from (ZMQ_SRCFD of its READY)."""
+    address: str
+    """Peer address at READY; a reused descriptor of another peer is never closed."""
 
 
 class WorkerServer:
@@ -39,15 +52,19 @@ class WorkerServer:
         self._socket: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._dialed: set[str] = set()
+        self._peers: dict[bytes, _Peer] = {}
         self.endpoint = ""
 
     def start(self) -> None:
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        # A worker that reconnects with its routing id takes over its old connection
-        # at once, instead of being ignored until the dead one times out.
-        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A live routing id is never handed to a second connection: that would give it the
+        # first one's jobs. A worker that reconnects gets its id back once libzmq has dropped
+        # the dead connection, which the transport heartbeats below bound to a few seconds.
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        socket.setsockopt(zmq.HEARTBEAT_IVL, int(protocol.HEARTBEAT_INTERVAL_S * 1000))
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 1000))
         # Sends to a vanished worker raise EHOSTUNREACH instead of disappearing.
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # For dialed workers: libzmq re-dials on its own, backing off to the protocol's
@@ -100,17 +117,42 @@ class WorkerServer:
     def dialed(self) -> frozenset[str]:
         return frozenset(self._dialed)
 
-    def send(self, routing_id: bytes, kind: Kind, header: Mapping[str, Any], payload: bytes | None = None) -> bool:
+    def send(self, routing_id: bytes, body: Body, payload: bytes | None = None) -> bool:
         """Send without blocking; False if the worker is gone or its queue is full."""
         assert self._socket is not None
+        frames = protocol.encode(body, payload=payload)
         try:
-            self._socket.send_multipart([routing_id, *protocol.encode(kind, header, payload)], flags=zmq.NOBLOCK)
+            self._socket.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
             raise
-        metrics.MESSAGES.labels("out", kind.name).inc()
+        metrics.MESSAGES.labels("out", frames[0].decode()).inc()
         return True
+
+    def kick(self, routing_id: bytes, reason: str) -> None:
+        """Say DISCONNECT, then close the connection: a peer that ignores the message is cut all the same."""
+        self.send(routing_id, Disconnect(reason))
+        peer = self._peers.pop(routing_id, None)
+        if peer is None:
+            return
+        try:
+            # A duplicate of libzmq's descriptor: shutdown() ends the connection for both, and
+            # libzmq then drops the pipe and frees the routing id.
+            with socket_module.socket(fileno=os.dup(peer.fd)) as conn:
+                if _address(conn) != peer.address:
+                    return  # the descriptor now belongs to another connection
+                conn.shutdown(socket_module.SHUT_RDWR)
+        except OSError as exc:  # already closed by the peer or by libzmq
+            log.debug("closing connection of %r: %s", routing_id[:64], exc)
+
+    def _remember_peer(self, routing_id: bytes, frame: zmq.Frame) -> None:
+        try:
+            fd = int(frame.get(zmq.SRCFD))
+            with socket_module.socket(fileno=os.dup(fd)) as conn:
+                self._peers[routing_id] = _Peer(fd, _address(conn))
+        except (OSError, zmq.ZMQError, ValueError) as exc:  # inproc/ipc peers have no TCP socket to close
+            log.debug("no descriptor for %r: %s", routing_id[:64], exc)
 
     async def _receive(self) -> None:
         assert self._socket is not None
@@ -118,15 +160,26 @@ class WorkerServer:
             frames = await self._socket.recv_multipart(copy=False)
             routing_id = frames[0].bytes
             try:
-                pool = "" if self._plaintext else frames[1].get("User-Id")
+                # Sizes first, from the frame lengths alone: nothing oversized is copied.
+                protocol.check_sizes(frames[1:])
+                user_id = "" if self._plaintext else frames[1].get("User-Id")
                 message = protocol.decode([f.bytes for f in frames[1:]])
             except ProtocolError as exc:
                 metrics.REJECTED_MESSAGES.labels("malformed").inc()
                 log.warning("dropped malformed message from %r: %s", routing_id[:64], exc)
                 continue
             metrics.MESSAGES.labels("in", message.kind.name).inc()
+            if message.kind is Kind.READY:
+                self._remember_peer(routing_id, frames[1])
             try:
-                self._handler.on_message(routing_id, pool, message)
+                self._handler.on_message(routing_id, user_id, message)
             except Exception:  # a handler bug must not take the socket loop down
                 metrics.REJECTED_MESSAGES.labels("handler_error").inc()
                 log.exception("handling %s from %r failed", message.kind.name, routing_id[:64])
+
+
+def _address(conn: socket_module.socket) -> str:
+    try:
+        return str(conn.getpeername())
+    except OSError:
+        return ""

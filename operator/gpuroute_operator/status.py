@@ -15,12 +15,15 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykube
 
 from gpuroute_operator import metrics
 from gpuroute_operator.kube import ImageJobObject, Kube, WorkerPoolObject
+
+if TYPE_CHECKING:
+    from gpuroute_operator.effects import TerminalEvent
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,14 @@ class _Pending:
     status: Mapping[str, Any]
     since: float
     urgent: bool
+    event: TerminalEvent | None = None
+    """Posted once this status has been written (the terminal Event)."""
+
+
+def terminal_event_name(ref: ObjectRef) -> str:
+    """One fixed name per job: a second post of its terminal Event is refused by the API
+    server (409), so no restart or race can give a job two."""
+    return f"{ref.name[:200]}.{ref.uid}.terminal"
 
 
 class StatusWriter:
@@ -87,16 +98,24 @@ class StatusWriter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.patches_sent = 0
+        self.events_posted = 0
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="status-writer")
 
-    def update(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = False) -> None:
+    def update(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = False,
+               terminal_event: TerminalEvent | None = None) -> None:
         previous = self._pending.get(ref)
         since = previous.since if previous else time.monotonic()
-        self._pending[ref] = _Pending(status, since, urgent or (previous.urgent if previous else False))
+        self._pending[ref] = _Pending(status, since, urgent or (previous.urgent if previous else False),
+                                      terminal_event or (previous.event if previous else None))
         if urgent:
             self._wake.set()
+
+    def ensure_terminal_event(self, ref: ObjectRef, event: TerminalEvent) -> None:
+        """Post a job's terminal Event unless it exists (after a restart that may have lost it)."""
+        self._spawn(self._post_event(ref, event.reason, event.message, "Warning" if event.warning else "Normal",
+                                     name=terminal_event_name(ref)))
 
     def forget(self, ref: ObjectRef) -> None:
         """Drop unsent status of a deleted object."""
@@ -154,22 +173,30 @@ class StatusWriter:
                                                 merge_patch_status(pending.status))
             metrics.STATUS_PATCHES.labels("ok" if found else "gone").inc()
             self.patches_sent += 1
+            if found and pending.event is not None:
+                # Only now: the status that says the job ended has landed.
+                self.ensure_terminal_event(ref, pending.event)
         except (pykube.exceptions.HTTPError, pykube.exceptions.KubernetesError, OSError) as exc:
             metrics.STATUS_PATCHES.labels("error").inc()
             log.warning("status patch of %s %s/%s failed, retrying: %s", ref.kind, ref.namespace, ref.name, exc)
             await asyncio.sleep(RETRY_DELAY_S)
             # A newer status may have arrived meanwhile; it supersedes the failed one.
             if ref not in self._pending:
-                self._pending[ref] = _Pending(pending.status, time.monotonic(), True)
+                self._pending[ref] = _Pending(pending.status, time.monotonic(), True, pending.event)
+            elif pending.event is not None and self._pending[ref].event is None:
+                self._pending[ref].event = pending.event
         finally:
             self._in_flight.discard(ref)
             if ref in self._pending:
                 self._wake.set()
 
-    async def _post_event(self, ref: ObjectRef, reason: str, message: str, type_: str) -> None:
+    async def _post_event(self, ref: ObjectRef, reason: str, message: str, type_: str, *,
+                          name: str | None = None) -> None:
         try:
             async with self._slots:
-                await asyncio.to_thread(self._kube.post_event, ref.involved(), type_=type_, reason=reason, message=message)
+                await asyncio.to_thread(self._kube.post_event, ref.involved(), type_=type_, reason=reason,
+                                        message=message, name=name)
+            self.events_posted += 1
         except (pykube.exceptions.HTTPError, pykube.exceptions.KubernetesError, OSError) as exc:
             # Events are advisory: losing one must not hold up job processing.
             log.warning("event %s for %s/%s not posted: %s", reason, ref.namespace, ref.name, exc)

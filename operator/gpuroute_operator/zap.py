@@ -1,9 +1,10 @@
 """ZAP authentication for the operator's CURVE server socket (ZeroMQ RFC 27).
 
 Only public keys listed in a WorkerPool's keys Secret get in, and where the pool sets
-allowedSourceCIDRs only from those networks. The reply's User-Id is the pool's name,
-so every message a worker sends carries, in its frame metadata, the pool its key was
-admitted for: a worker cannot claim another pool.
+allowedSourceCIDRs only from those networks. The reply's User-Id names the principal:
+`<pool>/<key name>/<public key>` (see pools.Principal). Every message a worker sends
+carries it in its frame metadata, so the operator knows which pool and key each message
+came from whatever the message says: a worker cannot claim another pool.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import zmq.asyncio
 from zmq.utils import z85
 
 from gpuroute_operator import metrics
+from gpuroute_operator.identity import Principal
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,9 @@ class Admission:
     """Who may connect for one pool."""
 
     pool: str
-    """WorkerPool name, returned as the ZAP User-Id."""
+    """WorkerPool name."""
+    key: str
+    """The key's name in the pool's Secret."""
     cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     """Source networks allowed; empty allows any address."""
 
@@ -55,15 +59,19 @@ class ZapHandler:
         self._socket: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def set_pool_keys(self, pool: str, keys: Iterable[bytes], cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> None:
-        """Replace the keys admitted for `pool` (Z85 public keys)."""
+    def set_pool_keys(self, pool: str, keys: Mapping[str, bytes],
+                      cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> list[Principal]:
+        """Replace the keys admitted for `pool` (name -> Z85 public key); returns who is admitted now."""
         self._keys = {k: a for k, a in self._keys.items() if a.pool != pool}
-        for key in keys:
+        admitted = []
+        for name, key in keys.items():
             owner = self._keys.get(key)
             if owner is not None and owner.pool != pool:
                 log.error("key %s… is listed by pools %s and %s; keeping %s", key[:8].decode(), owner.pool, pool, owner.pool)
                 continue
-            self._keys[key] = Admission(pool, cidrs)
+            self._keys[key] = Admission(pool, name, cidrs)
+            admitted.append(Principal(pool, name, key.decode()))
+        return admitted
 
     def remove_pool(self, pool: str) -> None:
         self._keys = {k: a for k, a in self._keys.items() if a.pool != pool}
@@ -107,7 +115,7 @@ class ZapHandler:
                 return b"400", b"unparseable source address", ""
             if not any(ip in net for net in admission.cidrs):
                 return b"400", b"source address not allowed for pool", ""
-        return b"200", b"OK", admission.pool
+        return b"200", b"OK", Principal(admission.pool, admission.key, public.decode()).user_id
 
     async def _serve(self) -> None:
         assert self._socket is not None

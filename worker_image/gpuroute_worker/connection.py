@@ -24,7 +24,6 @@ import zmq
 import zmq.asyncio
 
 from gpuroute import protocol
-from gpuroute.ops_catalog import CATALOG
 from gpuroute.protocol import Kind, Message, ProtocolError
 from gpuroute_worker import metrics
 from gpuroute_worker.config import WorkerConfig
@@ -50,7 +49,9 @@ def make_dealer(context: zmq.asyncio.Context, config: WorkerConfig) -> zmq.async
     socket.curve_publickey = zmq.curve_public(config.secret_key)
     # Pinning: the handshake fails unless the server proves it holds this key.
     socket.curve_serverkey = config.server_public_key
-    socket.setsockopt_string(zmq.ROUTING_ID, f"{config.pool}/{config.worker_id}")
+    # The operator only accepts a routing id that starts with this worker's own key.
+    socket.setsockopt(zmq.ROUTING_ID, protocol.routing_id_for(zmq.curve_public(config.secret_key).decode(),
+                                                              config.worker_id))
     if not config.listen_endpoint:
         socket.connect(config.operator_endpoint)
         return socket
@@ -98,7 +99,7 @@ class OperatorLink:
         return f"listening on {self.config.listen_endpoint}" if self.config.listen_endpoint \
             else f"dialing {self.config.operator_endpoint}"
 
-    def send(self, kind: Kind, header: Mapping[str, Any]) -> None:
+    def send(self, kind: Kind | protocol.Body, header: Mapping[str, Any] | None = None) -> None:
         """Queue a message to the operator; while disconnected it is re-sent after READY."""
         if self._socket is None or not self._announced:
             return
@@ -106,26 +107,23 @@ class OperatorLink:
             self._socket.send_multipart(protocol.encode(kind, header), flags=zmq.NOBLOCK)
         except zmq.Again:
             # High-water mark reached: the operator is unreachable; answers are re-sent later.
-            log.warning("operator link full, %s deferred", kind.name)
+            log.warning("operator link full, %s deferred", getattr(kind, "name", type(kind).__name__))
 
     def stop(self) -> None:
         self._stopping.set()
 
-    def _ready_header(self, resending: list[str]) -> dict[str, Any]:
+    def _ready(self, resending: list[str]) -> protocol.Ready:
         running = self.runner.running_jobs() if self.runner else []
-        return {
-            "version": protocol.PROTOCOL_VERSION,
-            "pool": self.config.pool,
-            "worker": self.config.worker_id,
-            "capacity": self.config.capacity,
-            "maxBatch": self.config.max_batch,
-            "device": self.config.gpu_name,
-            "ops": sorted(CATALOG),
-            "models": sorted(self.config.models),
-            "inFlight": len(running),
-            # Jobs this worker still owns: the operator keeps them assigned instead of re-queueing.
-            "jobs": running + resending,
-        }
+        jobs = []
+        for job in dict.fromkeys(running + resending):
+            try:
+                jobs.append(protocol.AttemptId.parse(job))
+            except ProtocolError:
+                log.warning("not announcing malformed job id %r", job)
+        return protocol.Ready(pool=self.config.pool, worker=self.config.worker_id, capacity=self.config.capacity,
+                              device=self.config.gpu_name, models=tuple(sorted(self.config.models)),
+                              # Jobs this worker still owns: the operator follows them instead of re-queueing.
+                              jobs=tuple(jobs))
 
     async def run(self) -> None:
         backoff = protocol.RECONNECT_INITIAL_S
@@ -151,7 +149,7 @@ class OperatorLink:
 
     async def _goodbye(self) -> None:
         if self._socket is not None:
-            self.send(Kind.DISCONNECT, {"worker": self.config.worker_id, "reason": "shutdown"})
+            self.send(protocol.Disconnect("shutdown"))
             # Give the final message a moment on the wire; linger is 0 by design.
             await asyncio.sleep(0.05)
             self._socket.close()
@@ -162,7 +160,7 @@ class OperatorLink:
         self._announced = True
         resend_since = self._last_contact - _LIVENESS_WINDOW_S if self._last_contact else 0.0
         resend = self.runner.answers_since(resend_since) if self.runner is not None and resend_since else []
-        self.send(Kind.READY, self._ready_header([str(a.header["job"]) for a in resend]))
+        self.send(self._ready([str(a.header["job"]) for a in resend]))
         for answer in resend:
             self.send(answer.kind, answer.header)
 
@@ -209,11 +207,7 @@ class OperatorLink:
                         liveness -= 1
                         if liveness <= 0:
                             return "silent", self._registered
-                    self.send(Kind.HEARTBEAT, {
-                        "worker": self.config.worker_id,
-                        "inFlight": self.runner.in_flight if self.runner else 0,
-                        "rttMs": self._rtt_ms,
-                    })
+                    self.send(protocol.Heartbeat())
                     next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL_S
             return "stopping", self._registered
         finally:
@@ -234,13 +228,11 @@ class OperatorLink:
             return None
         if message.kind is Kind.HEARTBEAT:
             self._registered = True  # the operator only heartbeats workers it accepted
-            ping = message.header.get("ping")
-            if isinstance(ping, (int, float)):
-                self.send(Kind.HEARTBEAT, {"worker": self.config.worker_id, "pong": ping,
-                                           "inFlight": self.runner.in_flight if self.runner else 0})
-            rtt = message.header.get("rttMs")
-            if isinstance(rtt, (int, float)):
-                self._rtt_ms = float(rtt)
+            beat: protocol.Heartbeat = message.body
+            if beat.ping is not None:
+                self.send(protocol.Heartbeat(pong=beat.ping))
+            if beat.rtt_ms is not None:
+                self._rtt_ms = beat.rtt_ms
         elif message.kind is Kind.JOB and self.runner is not None:
             self.runner.handle_job(message)
         elif message.kind is Kind.CANCEL and self.runner is not None:

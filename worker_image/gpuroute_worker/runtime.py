@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuroute.ops_catalog import StepError, normalize_steps
-from gpuroute.protocol import ErrorCode, Kind, Message
+from gpuroute.protocol import MAX_TEXT, ErrorCode, Kind, Message
 from gpuroute_worker import metrics
 from gpuroute.protocol import CONTENT_TYPES
 from gpuroute_worker.codec import DecodeError, decode_image, encode_image, output_options
@@ -82,18 +82,18 @@ class JobRunner:
         job = str(message.header["job"])
         if job in self._answers:
             answer = self._answers[job]
-            self.send(answer.kind, {**answer.header, "cached": True})
+            self.send(answer.kind, {**answer.header, "cached": True} if answer.kind is Kind.RESULT else answer.header)
             return
         if job in self._tasks:
             # Already running: the answer will follow when it finishes.
-            self.send(Kind.ACCEPTED, {"job": job, "worker": self.config.worker_id})
+            self.send(Kind.ACCEPTED, {"job": job})
             return
         if len(self._tasks) >= self.config.capacity:
             # `rejected`: never started, so the operator does not count it as an attempt.
             self.send(Kind.ERROR, {"job": job, "code": ErrorCode.UNAVAILABLE.value, "rejected": True,
                                    "message": f"worker is at capacity ({self.config.capacity})"})
             return
-        self.send(Kind.ACCEPTED, {"job": job, "worker": self.config.worker_id})
+        self.send(Kind.ACCEPTED, {"job": job})
         task = asyncio.get_running_loop().create_task(self._run(job, message), name=f"job {job}")
         self._tasks[job] = task
         metrics.IN_FLIGHT.set(len(self._tasks))
@@ -135,12 +135,11 @@ class JobRunner:
             kind, header = Kind.ERROR, {"job": job, "code": ErrorCode.TIMEOUT.value, "message": "job ran past its timeout on the worker"}
             metrics.JOBS.labels(ErrorCode.TIMEOUT.value).inc()
         except JobFailed as exc:
-            kind, header = Kind.ERROR, {"job": job, "code": exc.code.value, "message": exc.message}
+            kind, header = Kind.ERROR, {"job": job, "code": exc.code.value, "message": exc.message[:MAX_TEXT]}
             metrics.JOBS.labels(exc.code.value).inc()
         finally:
             self._tasks.pop(job, None)
             metrics.IN_FLIGHT.set(len(self._tasks))
-        header = {**header, "worker": self.config.worker_id}
         self._remember(job, kind, header)
         self.send(kind, header)
 
@@ -221,7 +220,6 @@ class JobRunner:
         return {
             "job": job,
             "timing": timing,
-            "batchSize": computed.batch_size,
             "device": self.config.gpu_name,
             # The operator learns each pool's speed per input megapixel from this.
             "input": {"width": int(pixels.shape[2]), "height": int(pixels.shape[1])},

@@ -33,9 +33,9 @@ def test_properties() -> None:
     assert job.priority == "realtime"
     assert job.deadline == QUEUED_AT + 120
     assert job.ref == ObjectRef("ImageJob", "job-1", "team-a", "uid-1")
-    assert job.current_job_id == "uid-1/0"
+    assert str(job.current_attempt) == "uid-1/1"   # before the first dispatch: the one to come
     job.attempts = 3
-    assert job.current_job_id == "uid-1/3"
+    assert str(job.current_attempt) == "uid-1/3"
     assert job.phase is Phase.QUEUED
 
 
@@ -112,14 +112,14 @@ def test_extra_timing_overrides_rendered_times() -> None:
 
 def test_failed_status() -> None:
     status = failed_status(generation=4, reason="InvalidSpec", message="spec.steps: must be a list of steps",
-                           queued_at=QUEUED_AT)
+                           queued_at=QUEUED_AT, now=QUEUED_AT + 1.5)
     assert status["phase"] == "Failed"
     assert (status["reason"], status["message"]) == ("InvalidSpec", "spec.steps: must be a list of steps")
     assert status["attempts"] == 0 and status["observedGeneration"] == 4
     timing = status["timing"]
     assert timing["queuedAt"] == "2026-01-01T00:00:00.000Z"
-    assert timing["totalMs"] == 0.0
-    assert _is_recent_rfc3339(timing["completedAt"])
+    assert timing["totalMs"] == 1500.0
+    assert timing["completedAt"] == "2026-01-01T00:00:01.500Z"
     by_type = {c["type"]: c for c in status["conditions"]}
     assert (by_type["Failed"]["status"], by_type["Failed"]["reason"]) == ("True", "InvalidSpec")
     assert by_type["Failed"]["message"] == "spec.steps: must be a list of steps"

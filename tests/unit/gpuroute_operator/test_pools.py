@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from gpuroute import protocol
+from gpuroute.protocol import AttemptId
+from gpuroute_operator.identity import Principal
 from gpuroute_operator.pools import (EWMA_ALPHA, PoolSpec, PoolSpecError, PoolState, WorkerConn, ewma,
                                      parse_pool_spec)
 from gpuroute_operator.router import PoolView
@@ -107,11 +107,14 @@ def test_scaling_is_parsed() -> None:
 
 # --- live state --------------------------------------------------------------------------------
 
+NOW = 1_000_000.0
+
+
 def worker(name: str, *, capacity: int = 4, jobs: int = 0, models: frozenset[str] = frozenset(),
-           rtt_ms: float | None = None, draining: bool = False, pool: str = "gpu-a") -> WorkerConn:
-    conn = WorkerConn(routing_id=name.encode(), pool=pool, worker=name, capacity=capacity, device="cuda:0",
-                      models=models, rtt_ms=rtt_ms, draining=draining)
-    conn.jobs = {f"{name}-job{i}/1": object() for i in range(jobs)}  # type: ignore[misc]
+           rtt_ms: float | None = None, pool: str = "gpu-a") -> WorkerConn:
+    conn = WorkerConn(routing_id=name.encode(), principal=Principal(pool, name, "k" * 40), worker=name,
+                      capacity=capacity, device="cuda:0", models=models, last_seen=NOW, rtt_ms=rtt_ms)
+    conn.attempts = {AttemptId(f"{name}-job{i}", 1) for i in range(jobs)}
     return conn
 
 
@@ -135,11 +138,10 @@ def test_view_of_an_empty_pool() -> None:
                                       slots=0, busy=0, queued=0, rtt_ms=None, service_ms=None)
 
 
-def test_view_counts_live_workers_only() -> None:
+def test_view_counts_workers_slots_and_jobs() -> None:
     pool = state(
         worker("w1", capacity=4, jobs=1, models=frozenset({"x4"}), rtt_ms=10.0),
         worker("w2", capacity=2, jobs=2, models=frozenset({"x2"}), rtt_ms=20.0),
-        worker("w3", capacity=8, jobs=3, models=frozenset({"x8"}), rtt_ms=60.0, draining=True),
     )
     pool.queue.push(QJ("q1"))  # type: ignore[arg-type]
     pool.queue.push(QJ("q2", namespace="team-b"))  # type: ignore[arg-type]
@@ -147,12 +149,12 @@ def test_view_counts_live_workers_only() -> None:
     view = pool.view()
     assert view.workers == 2
     assert view.slots == 6
-    assert view.models == frozenset({"x4", "x2"})   # a draining worker's models do not count
-    assert view.busy == 6                           # ...but its jobs are still in flight
+    assert view.models == frozenset({"x4", "x2"})
+    assert view.busy == 3
     assert view.queued == 2
-    assert view.rtt_ms == pytest.approx(30.0)       # mean over workers with a measurement
+    assert view.rtt_ms == pytest.approx(15.0)       # mean over workers with a measurement
     assert view.service_ms == 123.0
-    assert pool.busy == 6
+    assert pool.busy == 3
 
 
 def test_rtt_ignores_unmeasured_workers() -> None:
@@ -198,45 +200,42 @@ def test_record_result_learns_per_pipeline_and_size() -> None:
 
 def test_worker_free_slots() -> None:
     conn = worker("w", capacity=4, jobs=1)
-    assert conn.free == 3
-    conn.foreign = {"other/1"}
-    assert conn.free == 2
-    conn.jobs.update({f"x{i}": object() for i in range(5)})  # type: ignore[misc]
-    assert conn.free == 0                                    # never negative
-    assert worker("d", draining=True).free == 0
+    assert conn.free(NOW) == 3
+    conn.foreign = {AttemptId("other", 1)}
+    assert conn.free(NOW) == 2
+    conn.attempts.update(AttemptId(f"x{i}", 1) for i in range(5))
+    assert conn.free(NOW) == 0                                    # never negative
     paused = worker("p")
-    paused.paused_until = time.monotonic() + 60
-    assert paused.free == 0
-    paused.paused_until = time.monotonic() - 1
-    assert paused.free == 4
+    paused.paused_until = NOW + 60
+    assert paused.free(NOW) == 0
+    assert paused.free(NOW + 61) == 4
 
 
 def test_free_worker_prefers_the_named_worker_if_it_has_room() -> None:
     w1, w2 = worker("w1", capacity=4, jobs=3), worker("w2", capacity=4, jobs=0)
     pool = state(w1, w2)
-    assert pool.free_worker("w1") is w1
-    assert pool.free_worker(None) is w2        # most free slots
-    assert pool.free_worker("gone") is w2
-    w1.jobs["another"] = object()  # type: ignore[assignment]
-    assert pool.free_worker("w1") is w2        # preferred is full
+    assert pool.free_worker(NOW, "w1") is w1
+    assert pool.free_worker(NOW) is w2        # most free slots
+    assert pool.free_worker(NOW, "gone") is w2
+    w1.attempts.add(AttemptId("another", 1))
+    assert pool.free_worker(NOW, "w1") is w2        # preferred is full
 
 
 def test_free_worker_tie_breaks_on_fewer_jobs() -> None:
     big, small = worker("big", capacity=8, jobs=4), worker("small", capacity=4, jobs=0)
-    assert big.free == small.free == 4
-    assert state(big, small).free_worker(None) is small
+    assert big.free(NOW) == small.free(NOW) == 4
+    assert state(big, small).free_worker(NOW) is small
 
 
-def test_free_worker_none_when_all_full_or_draining() -> None:
-    assert state().free_worker(None) is None
-    assert state(worker("w1", capacity=2, jobs=2), worker("w2", draining=True)).free_worker("w2") is None
+def test_free_worker_none_when_all_full() -> None:
+    assert state().free_worker(NOW) is None
+    assert state(worker("w1", capacity=2, jobs=2)).free_worker(NOW, "w1") is None
 
 
 def test_worker_expiry_follows_heartbeat_constants() -> None:
     limit = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
     conn = worker("w")
     now = conn.last_seen
-    assert conn.silent_for(now + 1.25) == pytest.approx(1.25)
     assert not conn.expired(now)
     assert not conn.expired(now + limit)          # exactly at the limit: still alive
     assert conn.expired(now + limit + 0.001)
@@ -244,8 +243,9 @@ def test_worker_expiry_follows_heartbeat_constants() -> None:
     assert not conn.expired(now + 10 + limit - 0.5)
 
 
-def test_fresh_worker_is_not_expired() -> None:
-    conn = worker("w")
-    assert abs(conn.last_seen - time.monotonic()) < 5
-    assert not conn.expired(time.monotonic())
-    assert dataclasses.replace(conn, last_seen=time.monotonic() - 10).expired(time.monotonic())
+def test_max_connections_per_key() -> None:
+    assert parse({}).max_connections_per_key == 1
+    assert parse({"maxConnectionsPerKey": 3}).max_connections_per_key == 3
+    for bad in (0, 65, "2", True, 1.5):
+        with pytest.raises(PoolSpecError, match="spec.maxConnectionsPerKey"):
+            parse({"maxConnectionsPerKey": bad})

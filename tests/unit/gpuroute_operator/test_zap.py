@@ -13,6 +13,7 @@ from zmq.utils import z85
 
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair
+from gpuroute_operator.identity import Principal
 from gpuroute_operator.zap import ZAP_ENDPOINT, ZAP_VERSION, Admission, ZapHandler, parse_cidrs
 
 OK = (b"200", b"OK")
@@ -21,6 +22,32 @@ OK = (b"200", b"OK")
 def _raw(pair: KeyPair) -> list[bytes]:
     """Credentials as libzmq puts them in a ZAP request: the 32-byte binary public key."""
     return [z85.decode(pair.public)]
+
+
+def _named(keys: list[bytes]) -> dict[str, bytes]:
+    """Keys as a pool Secret names them."""
+    return {f"k{index}": key for index, key in enumerate(keys)}
+
+
+def _decide(zap: ZapHandler, address: str, mechanism: bytes, credentials: list[bytes]) -> tuple[bytes, bytes, str]:
+    """zap.decide, with the User-Id cut to its pool (the principal's other parts are tested apart)."""
+    code, text, user = zap.decide(address, mechanism, credentials)
+    return code, text, user.split("/")[0]
+
+
+def test_user_id_names_pool_key_and_public_key() -> None:
+    pair = KeyPair.generate()
+    zap = ZapHandler(zmq.asyncio.Context())
+    admitted = zap.set_pool_keys("pool-a", {"gpu-7": pair.public}, ())
+    code, _, user = zap.decide("127.0.0.1", b"CURVE", _raw(pair))
+    assert code == b"200" and user == f"pool-a/gpu-7/{pair.public.decode()}"
+    assert admitted == [Principal("pool-a", "gpu-7", pair.public.decode())]
+    assert Principal.from_user_id(user) == admitted[0]
+    assert admitted[0].owns(protocol.routing_id_for(pair.public.decode(), "w1"))
+    assert not admitted[0].owns(protocol.routing_id_for(KeyPair.generate().public.decode(), "w1"))
+    assert not admitted[0].owns(b"pool-b/w1")
+    for bad in ("", "pool", "pool/key", "pool/key/short"):
+        assert Principal.from_user_id(bad) is None
 
 
 @pytest.fixture
@@ -34,18 +61,18 @@ def zap() -> ZapHandler:
 
 def test_unknown_key_refused(zap: ZapHandler) -> None:
     stranger = KeyPair.generate()
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(stranger)) == (b"400", b"unknown key", "")
-    zap.set_pool_keys("pool-a", [KeyPair.generate().public], ())
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(stranger)) == (b"400", b"unknown key", "")
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(stranger)) == (b"400", b"unknown key", "")
+    zap.set_pool_keys("pool-a", _named([KeyPair.generate().public]), ())
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(stranger)) == (b"400", b"unknown key", "")
 
 
 def test_admitted_key_gets_its_pool_as_user_id(zap: ZapHandler) -> None:
     a1, a2, b = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
-    zap.set_pool_keys("pool-a", [a1.public, a2.public], ())
-    zap.set_pool_keys("pool-b", [b.public], ())
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(a1)) == (*OK, "pool-a")
-    assert zap.decide("203.0.113.9", b"CURVE", _raw(a2)) == (*OK, "pool-a")
-    assert zap.decide("::1", b"CURVE", _raw(b)) == (*OK, "pool-b")
+    zap.set_pool_keys("pool-a", _named([a1.public, a2.public]), ())
+    zap.set_pool_keys("pool-b", _named([b.public]), ())
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(a1)) == (*OK, "pool-a")
+    assert _decide(zap, "203.0.113.9", b"CURVE", _raw(a2)) == (*OK, "pool-a")
+    assert _decide(zap, "::1", b"CURVE", _raw(b)) == (*OK, "pool-b")
     assert zap.admitted_pools() == {"pool-a": 2, "pool-b": 1}
 
 
@@ -59,62 +86,62 @@ def test_admitted_key_gets_its_pool_as_user_id(zap: ZapHandler) -> None:
 ])
 def test_non_curve_refused(zap: ZapHandler, mechanism: bytes, credentials: list[bytes] | None) -> None:
     pair = KeyPair.generate()
-    zap.set_pool_keys("pool-a", [pair.public], ())
+    zap.set_pool_keys("pool-a", _named([pair.public]), ())
     if credentials is None:
         credentials = _raw(pair) * (2 if mechanism == b"CURVE" else 1)
-    assert zap.decide("127.0.0.1", mechanism, credentials) == (b"400", b"CURVE required", "")
+    assert _decide(zap, "127.0.0.1", mechanism, credentials) == (b"400", b"CURVE required", "")
 
 
 def test_cidr_allowlist(zap: ZapHandler) -> None:
     pair, v6 = KeyPair.generate(), KeyPair.generate()
-    zap.set_pool_keys("pool-a", [pair.public], parse_cidrs(["10.1.0.0/16", "192.168.7.7/32"], "f"))
-    zap.set_pool_keys("pool-6", [v6.public], parse_cidrs(["2001:db8:1::/48"], "f"))
-    assert zap.decide("10.1.2.3", b"CURVE", _raw(pair)) == (*OK, "pool-a")
-    assert zap.decide("10.1.255.255", b"CURVE", _raw(pair)) == (*OK, "pool-a")
-    assert zap.decide("192.168.7.7", b"CURVE", _raw(pair)) == (*OK, "pool-a")
+    zap.set_pool_keys("pool-a", _named([pair.public]), parse_cidrs(["10.1.0.0/16", "192.168.7.7/32"], "f"))
+    zap.set_pool_keys("pool-6", _named([v6.public]), parse_cidrs(["2001:db8:1::/48"], "f"))
+    assert _decide(zap, "10.1.2.3", b"CURVE", _raw(pair)) == (*OK, "pool-a")
+    assert _decide(zap, "10.1.255.255", b"CURVE", _raw(pair)) == (*OK, "pool-a")
+    assert _decide(zap, "192.168.7.7", b"CURVE", _raw(pair)) == (*OK, "pool-a")
     refused = (b"400", b"source address not allowed for pool", "")
-    assert zap.decide("10.2.0.1", b"CURVE", _raw(pair)) == refused
-    assert zap.decide("192.168.7.8", b"CURVE", _raw(pair)) == refused
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(pair)) == refused
-    assert zap.decide("2001:db8:1:ff::5", b"CURVE", _raw(v6)) == (*OK, "pool-6")
-    assert zap.decide("2001:db8:2::5", b"CURVE", _raw(v6)) == refused
-    assert zap.decide("10.1.2.3", b"CURVE", _raw(v6)) == refused
-    assert zap.decide("not-an-ip", b"CURVE", _raw(pair)) == (b"400", b"unparseable source address", "")
+    assert _decide(zap, "10.2.0.1", b"CURVE", _raw(pair)) == refused
+    assert _decide(zap, "192.168.7.8", b"CURVE", _raw(pair)) == refused
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(pair)) == refused
+    assert _decide(zap, "2001:db8:1:ff::5", b"CURVE", _raw(v6)) == (*OK, "pool-6")
+    assert _decide(zap, "2001:db8:2::5", b"CURVE", _raw(v6)) == refused
+    assert _decide(zap, "10.1.2.3", b"CURVE", _raw(v6)) == refused
+    assert _decide(zap, "not-an-ip", b"CURVE", _raw(pair)) == (b"400", b"unparseable source address", "")
 
 
 def test_no_cidrs_allows_any_address(zap: ZapHandler) -> None:
     pair = KeyPair.generate()
-    zap.set_pool_keys("pool-a", [pair.public], ())
+    zap.set_pool_keys("pool-a", _named([pair.public]), ())
     for address in ("10.0.0.1", "8.8.8.8", "::1", "anything"):
-        assert zap.decide(address, b"CURVE", _raw(pair)) == (*OK, "pool-a")
+        assert _decide(zap, address, b"CURVE", _raw(pair)) == (*OK, "pool-a")
 
 
 def test_a_key_claimed_by_two_pools_stays_with_the_first(zap: ZapHandler) -> None:
     shared, own_b = KeyPair.generate(), KeyPair.generate()
-    zap.set_pool_keys("pool-a", [shared.public], ())
-    zap.set_pool_keys("pool-b", [own_b.public, shared.public], (ipaddress.ip_network("10.0.0.0/8"),))
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(shared)) == (*OK, "pool-a")
-    assert zap.decide("10.0.0.1", b"CURVE", _raw(own_b)) == (*OK, "pool-b")
+    zap.set_pool_keys("pool-a", _named([shared.public]), ())
+    zap.set_pool_keys("pool-b", _named([own_b.public, shared.public]), (ipaddress.ip_network("10.0.0.0/8"),))
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(shared)) == (*OK, "pool-a")
+    assert _decide(zap, "10.0.0.1", b"CURVE", _raw(own_b)) == (*OK, "pool-b")
     assert zap.admitted_pools() == {"pool-a": 1, "pool-b": 1}
     # Re-applying pool-b's keys changes nothing for the shared key.
-    zap.set_pool_keys("pool-b", [shared.public], ())
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(shared)) == (*OK, "pool-a")
-    assert zap.decide("10.0.0.1", b"CURVE", _raw(own_b)) == (b"400", b"unknown key", "")
+    zap.set_pool_keys("pool-b", _named([shared.public]), ())
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(shared)) == (*OK, "pool-a")
+    assert _decide(zap, "10.0.0.1", b"CURVE", _raw(own_b)) == (b"400", b"unknown key", "")
 
 
 def test_set_pool_keys_replaces_and_remove_pool_revokes(zap: ZapHandler) -> None:
     old, new, other = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
-    zap.set_pool_keys("pool-a", [old.public], ())
-    zap.set_pool_keys("pool-b", [other.public], ())
-    zap.set_pool_keys("pool-a", [new.public], ())
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(old))[:2] == (b"400", b"unknown key")
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(new)) == (*OK, "pool-a")
+    zap.set_pool_keys("pool-a", _named([old.public]), ())
+    zap.set_pool_keys("pool-b", _named([other.public]), ())
+    zap.set_pool_keys("pool-a", _named([new.public]), ())
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(old))[:2] == (b"400", b"unknown key")
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(new)) == (*OK, "pool-a")
     # CIDRs are replaced with the keys.
-    zap.set_pool_keys("pool-a", [new.public], parse_cidrs(["10.0.0.0/8"], "f"))
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(new))[0] == b"400"
+    zap.set_pool_keys("pool-a", _named([new.public]), parse_cidrs(["10.0.0.0/8"], "f"))
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(new))[0] == b"400"
     zap.remove_pool("pool-a")
-    assert zap.decide("10.0.0.1", b"CURVE", _raw(new))[:2] == (b"400", b"unknown key")
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(other)) == (*OK, "pool-b")
+    assert _decide(zap, "10.0.0.1", b"CURVE", _raw(new))[:2] == (b"400", b"unknown key")
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(other)) == (*OK, "pool-b")
     assert zap.admitted_pools() == {"pool-b": 1}
     zap.remove_pool("never-existed")
     assert zap.admitted_pools() == {"pool-b": 1}
@@ -122,10 +149,10 @@ def test_set_pool_keys_replaces_and_remove_pool_revokes(zap: ZapHandler) -> None
 
 def test_after_removal_another_pool_may_claim_the_key(zap: ZapHandler) -> None:
     shared = KeyPair.generate()
-    zap.set_pool_keys("pool-a", [shared.public], ())
+    zap.set_pool_keys("pool-a", _named([shared.public]), ())
     zap.remove_pool("pool-a")
-    zap.set_pool_keys("pool-b", [shared.public], ())
-    assert zap.decide("127.0.0.1", b"CURVE", _raw(shared)) == (*OK, "pool-b")
+    zap.set_pool_keys("pool-b", _named([shared.public]), ())
+    assert _decide(zap, "127.0.0.1", b"CURVE", _raw(shared)) == (*OK, "pool-b")
 
 
 def test_parse_cidrs() -> None:
@@ -141,7 +168,7 @@ def test_parse_cidrs() -> None:
 
 
 def test_admission_record() -> None:
-    assert Admission("p", ()) == Admission("p", ())
+    assert Admission("p", "k", ()) == Admission("p", "k", ())
 
 
 # --- Real sockets ------------------------------------------------------------------------------
@@ -181,7 +208,7 @@ async def _session(pools: dict[str, list[KeyPair]], cidrs: dict[str, tuple[str, 
     server = KeyPair.generate()
     zap = ZapHandler(context)
     for pool, keys in pools.items():
-        zap.set_pool_keys(pool, [k.public for k in keys], parse_cidrs(cidrs.get(pool, ()), "f"))
+        zap.set_pool_keys(pool, _named([k.public for k in keys]), parse_cidrs(cidrs.get(pool, ()), "f"))
     sockets: list[zmq.asyncio.Socket] = []
     received = Received()
     try:
@@ -201,7 +228,7 @@ async def _session(pools: dict[str, list[KeyPair]], cidrs: dict[str, tuple[str, 
             except TimeoutError:
                 break
             message = protocol.decode([f.bytes for f in frames[1:]])
-            received.messages.append((frames[1].get("User-Id"), message))
+            received.messages.append((frames[1].get("User-Id").split("/")[0], message))
         return received
     finally:
         for sock in sockets:
@@ -244,7 +271,7 @@ async def _ask_zap(requests: list[list[bytes]]) -> list[list[bytes] | None]:
     context = zmq.asyncio.Context()
     zap = ZapHandler(context)
     known = KeyPair.generate()
-    zap.set_pool_keys("pool-a", [known.public], ())
+    zap.set_pool_keys("pool-a", _named([known.public]), ())
     replies: list[list[bytes] | None] = []
     try:
         zap.start()
@@ -255,7 +282,8 @@ async def _ask_zap(requests: list[list[bytes]]) -> list[list[bytes] | None]:
             try:
                 await req.send_multipart([part if part != b"<known>" else z85.decode(known.public)
                                           for part in request])
-                replies.append(await asyncio.wait_for(req.recv_multipart(), timeout=SILENCE_S * 2))
+                reply = await asyncio.wait_for(req.recv_multipart(), timeout=SILENCE_S * 2)
+                replies.append([*reply[:4], reply[4].split(b"/")[0], *reply[5:]])
             except TimeoutError:
                 replies.append(None)
             finally:

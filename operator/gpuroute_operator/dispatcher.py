@@ -1,0 +1,624 @@
+"""The operator's rules, in one pure, synchronous place: jobs, attempts, worker sessions, queues.
+
+Nothing here does I/O or reads a clock: every entry point takes `now` (seconds, wall
+clock) and every outcome goes through the injected `Effects` port. That is what lets
+the unit tests, the property test and bench/routing_sim.py drive the very code the
+operator runs.
+
+Invariants this module owns (each is tested):
+- A job is in exactly one place (job.place); the pool queues and the unrouted, held and
+  resuming maps are indexes of that field, changed only by `_place`.
+- An attempt exists once it has been sent, on exactly one session: `self.attempts`,
+  `job.live` and `session.attempts` change together, only in `_open` and `_close`.
+  `job.attempts` counts up only when an attempt is sent, never back.
+- A session may only answer attempts sent on it; its pool is the one ZAP admitted its
+  key for, and its routing id must be bound to that key.
+- A job reaches one terminal phase, once; its terminal Event rides on the terminal status
+  write. Timestamps are ordered and the stage times add up to totalMs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from gpuroute import protocol
+from gpuroute.ops_catalog import models_used
+from gpuroute.protocol import (
+    Accepted, AttemptId, Cancel, Disconnect, Error, ErrorCode, Heartbeat, InputSource, JobRequest, OutputTarget,
+    Progress, Ready, Result,
+)
+from gpuroute_operator import metrics
+from gpuroute_operator.effects import Effects, TerminalEvent
+from gpuroute_operator.jobs import Job, Place
+from gpuroute_operator.phases import Phase
+from gpuroute_operator.identity import Principal
+from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn, ewma
+from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
+from gpuroute_operator.service_model import PipelinePriors
+from gpuroute_operator.spec import SpecError
+from gpuroute_operator.storage import SigningUnavailable
+
+log = logging.getLogger(__name__)
+
+Signer = Callable[[Job, float], tuple[InputSource, OutputTarget]]
+"""Signs a job's storage URLs at `now`; raises SigningUnavailable (try later) or SpecError (never)."""
+
+_RETRY_REASONS = {ErrorCode.OOM: "OutOfMemory", ErrorCode.UNAVAILABLE: "WorkerUnavailable", ErrorCode.TIMEOUT: "Timeout"}
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    """Timing rules of the dispatcher."""
+
+    reject_pause_s: float = 0.5
+    """A worker that refused a job for capacity gets no new job for this long."""
+    signing_retry_s: float = 5.0
+    """A job whose storage cannot be signed right now is tried again this often, until its timeout."""
+    resume_grace_s: float = 5.0
+    """After a restart, how long a resumed job waits for the worker that ran it to re-register
+    (workers re-register within about one heartbeat of the new leader starting)."""
+    finished_memory: int = 100_000
+    """Terminal job uids remembered, so late events and duplicate results are ignored cheaply."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What the stored status says about a job admitted after a restart."""
+
+    phase: Phase
+    """The stored phase (Dispatched or Processing)."""
+    attempts: int
+    """status.attempts: the attempt that was out."""
+    pool: str
+    """status.pool."""
+    worker: str
+    """status.worker."""
+
+
+class Dispatcher:
+    def __init__(self, effects: Effects, sign: Signer, config: DispatcherConfig | None = None) -> None:
+        self.effects = effects
+        self.sign = sign
+        self.config = config or DispatcherConfig()
+        self.jobs: dict[str, Job] = {}
+        self.pools: dict[str, PoolState] = {}
+        self.sessions: dict[bytes, WorkerConn] = {}
+        self.attempts: dict[AttemptId, bytes] = {}
+        """Every attempt out, and the session it was sent on."""
+        self.unrouted: dict[str, Job] = {}
+        self.held: dict[str, float] = {}
+        """uid -> when to try signing again."""
+        self.resuming: dict[str, tuple[float, Resume]] = {}
+        """uid -> (give up waiting at, what the status said)."""
+        self.finished: dict[str, None] = {}
+        self.priors = PipelinePriors()
+        self.counters: dict[str, int] = {}
+        """Dropped and refused messages by why (also exported as metrics)."""
+
+    # ---- pools and keys ------------------------------------------------------------------
+
+    def set_pool(self, spec: PoolSpec, now: float) -> None:
+        pool = self.pools.get(spec.name)
+        if pool is None:
+            self.pools[spec.name] = PoolState(spec)
+        else:
+            pool.spec = spec
+        self._reroute_unrouted(now)
+        self.pump(now)
+
+    def remove_pool(self, name: str, now: float) -> None:
+        pool = self.pools.pop(name, None)
+        if pool is None:
+            return
+        for conn in list(pool.workers.values()):
+            self._lose(conn, "pool deleted", now, kick=True, pool=pool)
+        for job in list(pool.queue):
+            pool.queue.remove(job.uid)
+            job.place = Place.NEW
+            self._route(job, now)
+        self.pump(now)
+
+    def set_keys(self, pool_name: str, admitted: Iterable[Principal], now: float) -> None:
+        """The pool's keys Secret now lists exactly `admitted`: sessions of other keys end."""
+        keep = set(admitted)
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            return
+        for conn in list(pool.workers.values()):
+            if conn.principal not in keep:
+                self._lose(conn, "key revoked", now, kick=True)
+        self.pump(now)
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    def admit(self, job: Job, now: float, resume: Resume | None = None, *, cancel: str | None = None) -> None:
+        """A valid ImageJob seen for the first time in this process (idempotent per uid).
+
+        `resume`: its stored status says an attempt was out (the operator restarted).
+        `cancel`: it already carries the cancel annotation; it ends Cancelled at once.
+        """
+        if job.uid in self.jobs or job.uid in self.finished:
+            return
+        self.jobs[job.uid] = job
+        metrics.JOBS_ADMITTED.labels(job.priority).inc()
+        if cancel is not None:
+            self._finish(job, Phase.CANCELLED, "CancelRequested", cancel, now)
+            return
+        if resume is not None and resume.attempts >= 1:
+            job.attempts = resume.attempts
+            job.pool = resume.pool or None
+            job.preferred_worker = resume.worker or None
+            job.move(Phase.QUEUED, reason="Resumed", message=f"resumed after an operator restart; "
+                     f"attempt {resume.attempts} was on {resume.pool}/{resume.worker}")
+            conn = self._holder_of(job.current_attempt, job, now)
+            if conn is not None:
+                self._dispatch(job, conn, now, reuse=True)
+            else:
+                job.reuse_attempt = True
+                self._place(job, Place.RESUMING, now, resume=(now + self.config.resume_grace_s, resume))
+        else:
+            job.move(Phase.QUEUED, reason="Admitted", message="waiting for a worker")
+            self._route(job, now)
+            self._publish(job)
+        self.pump(now)
+
+    def cancel(self, uid: str, message: str, now: float) -> None:
+        job = self.jobs.get(uid)
+        if job is not None:
+            self._finish(job, Phase.CANCELLED, "CancelRequested", message, now)
+
+    def forget(self, uid: str, now: float) -> None:
+        """The ImageJob was deleted: stop its work everywhere, write nothing more."""
+        job = self.jobs.pop(uid, None)
+        if job is None:
+            return
+        self._cancel_attempts(job)
+        self._place(job, Place.DONE, now)
+        self._remember_finished(uid)
+        self.effects.forget(job.ref)
+
+    def spec_changed(self, uid: str, generation: int) -> None:
+        job = self.jobs.get(uid)
+        if job is not None and generation != job.generation:
+            job.generation = generation
+            self.effects.warn(job.ref, "SpecChangeIgnored", "spec changes after admission are ignored; "
+                              "delete and re-create the ImageJob to run a new spec")
+            self._publish(job)
+
+    # ---- routing and dispatch ------------------------------------------------------------------
+
+    def needs(self, job: Job, now: float) -> JobNeeds:
+        placement = job.spec.placement
+        return JobNeeds(namespace=job.namespace, priority=job.priority, strategy=placement.strategy,
+                        timeout_s=max(0.0, job.deadline - now), pools=placement.pools,
+                        clouds=placement.clouds, regions=placement.regions, models=models_used(job.spec.steps))
+
+    def _eligible(self, job: Job, pool: PoolState, now: float) -> bool:
+        view = dataclasses.replace(pool.view(), workers=max(1, len(pool.workers)), slots=max(1, pool.view().slots))
+        return rejection(self.needs(job, now), view) is None
+
+    def _route(self, job: Job, now: float, *, front: bool = False) -> None:
+        # Every pool is scored on this job: its pipeline, and its size where known (inline
+        # input) or else the typical size of that pipeline.
+        pixels = job.spec.input_pixels
+        cost_class = job.spec.cost_class
+        mpix = self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None)
+        shape = self.priors.shape(cost_class)
+        views = [p.view(p.job_service_ms(cost_class, mpix, shape)) for p in self.pools.values()]
+        needs = self.needs(job, now)
+        decision: Decision = choose(needs, views)
+        prefer = job.pool
+        if prefer and decision.pool and prefer in self.pools and prefer != decision.pool:
+            # A re-queued job goes back to its pool if that is still eligible: its worker may hold the result.
+            alt = choose(dataclasses.replace(needs, pools=(prefer,)), views)
+            decision = alt if alt.pool else decision
+        if decision.pool is None:
+            job.reason, job.message = "NoEligiblePool", decision.reason
+            self._place(job, Place.UNROUTED, now)
+            return
+        job.pool = decision.pool
+        job.decision = decision.reason
+        self._place(job, Place.QUEUED, now, front=front)
+
+    def pump(self, now: float) -> None:
+        """Dispatch queued jobs to free workers, pool by pool."""
+        for pool in list(self.pools.values()):
+            while len(pool.queue):
+                conn = pool.free_worker(now)
+                if conn is None:
+                    break
+                job = pool.queue.pop()
+                if job is None:
+                    break
+                self._place(job, Place.NEW, now)
+                preferred = pool.free_worker(now, job.preferred_worker) if job.preferred_worker else conn
+                self._dispatch(job, preferred or conn, now)
+
+    def _dispatch(self, job: Job, conn: WorkerConn, now: float, *, reuse: bool = False) -> None:
+        reuse = reuse or job.reuse_attempt
+        number = job.attempts if reuse and job.attempts >= 1 else job.attempts + 1
+        if number > job.spec.max_attempts:
+            self._finish(job, Phase.FAILED, "MaxAttemptsExceeded",
+                         f"no attempt succeeded after {job.attempts} attempts; last: {job.message}", now)
+            return
+        attempt = AttemptId(job.uid, number)
+        try:
+            source, target = self.sign(job, now)
+        except SigningUnavailable as exc:
+            self._hold(job, str(exc), now)
+            return
+        except SpecError as exc:
+            self._finish(job, Phase.FAILED, exc.reason, str(exc), now)
+            return
+        request = JobRequest(attempt, tuple(job.spec.steps), source, target, max(1.0, job.deadline - now))
+        conn.foreign.discard(attempt)
+        if not self.effects.send(conn.routing_id, request, job.spec.inline):
+            # Never left the operator: not an attempt. The session is gone; so is its pool's claim.
+            job.reuse_attempt = reuse
+            self._lose(conn, "unreachable", now)
+            self._route(job, now, front=True)
+            return
+        job.attempts = number
+        job.reuse_attempt = False
+        self._open(job, attempt, conn)
+        first = job.dispatched_at is None
+        job.pool, job.worker, job.gpu = conn.pool, conn.worker, conn.device
+        job.dispatched_at = now
+        job.started_at = None
+        job.move(Phase.DISPATCHED, reason="Dispatched", message=f"attempt {number} sent to {conn.pool}/{conn.worker}")
+        if first:
+            metrics.DISPATCH_SECONDS.observe(max(0.0, now - job.queued_at))
+        self._publish(job)
+
+    def _hold(self, job: Job, why: str, now: float) -> None:
+        first = job.reason != "StorageUnavailable"
+        job.move(Phase.QUEUED, reason="StorageUnavailable",
+                 message=f"{why}; retrying every {self.config.signing_retry_s:g} s until timeoutSeconds")
+        self._place(job, Place.HELD, now)
+        self._publish(job)
+        if first:  # one Event per outage, not one per retry
+            metrics.JOBS_REQUEUED.labels("StorageUnavailable").inc()
+            self.effects.warn(job.ref, "StorageUnavailable", job.message)
+
+    def _requeue(self, job: Job, reason: str, message: str, now: float) -> None:
+        job.worker = None
+        job.move(Phase.QUEUED, reason=reason, message=message)
+        metrics.JOBS_REQUEUED.labels(reason).inc()
+        self._route(job, now, front=True)
+        self._publish(job)
+        self.effects.warn(job.ref, "Requeued", f"{message}; {job.decision or job.message}")
+
+    # ---- where a job is: the one place that moves it -----------------------------------------
+
+    def _place(self, job: Job, place: Place, now: float, *, front: bool = False,
+               resume: tuple[float, Resume] | None = None) -> None:
+        if job.place is Place.QUEUED:
+            for pool in self.pools.values():  # a handful of pools; job.pool may already name the next one
+                pool.queue.remove(job.uid)
+        self.unrouted.pop(job.uid, None)
+        self.held.pop(job.uid, None)
+        self.resuming.pop(job.uid, None)
+        job.place = place
+        if place is Place.QUEUED:
+            assert job.pool is not None
+            self.pools[job.pool].queue.push(job, front=front)
+        elif place is Place.UNROUTED:
+            self.unrouted[job.uid] = job
+        elif place is Place.HELD:
+            self.held[job.uid] = now + self.config.signing_retry_s
+        elif place is Place.RESUMING:
+            assert resume is not None
+            self.resuming[job.uid] = resume
+
+    # ---- attempts: the two places that open and close them -------------------------------------
+
+    def _open(self, job: Job, attempt: AttemptId, conn: WorkerConn) -> None:
+        self.attempts[attempt] = conn.routing_id
+        job.live.add(attempt)
+        conn.attempts.add(attempt)
+        self._place(job, Place.RUNNING, 0.0)
+
+    def _close(self, attempt: AttemptId) -> Job | None:
+        routing_id = self.attempts.pop(attempt, None)
+        conn = self.sessions.get(routing_id) if routing_id is not None else None
+        if conn is not None:
+            conn.attempts.discard(attempt)
+        job = self.jobs.get(attempt.uid)
+        if job is not None:
+            job.live.discard(attempt)
+        return job
+
+    def _cancel_attempts(self, job: Job, *, keep: AttemptId | None = None) -> None:
+        for attempt in list(job.live):
+            if attempt == keep:
+                continue
+            routing_id = self.attempts.get(attempt)
+            if routing_id is not None:
+                self.effects.send(routing_id, Cancel(attempt))
+            self._close(attempt)
+
+    # ---- endings ------------------------------------------------------------------------------
+
+    def _finish(self, job: Job, phase: Phase, reason: str, message: str, now: float,
+                result: Result | None = None) -> None:
+        if job.phase.terminal:
+            return
+        job.move(phase, reason=reason, message=message)
+        self._cancel_attempts(job, keep=result.job if result else None)
+        if result is not None:
+            self._close(result.job)
+        self._place(job, Place.DONE, now)
+        job.completed_at = now
+        job.timing = _timing(job, result, now)
+        self.jobs.pop(job.uid, None)
+        self._remember_finished(job.uid)
+        event = TerminalEvent(phase.value if phase is not Phase.FAILED else reason, message,
+                              warning=phase is Phase.FAILED)
+        self.effects.publish(job.ref, job.status(), urgent=True, terminal_event=event)
+        metrics.JOBS_FINISHED.labels(phase.value, reason).inc()
+
+    def _remember_finished(self, uid: str) -> None:
+        self.finished[uid] = None
+        while len(self.finished) > self.config.finished_memory:
+            del self.finished[next(iter(self.finished))]
+
+    def _publish(self, job: Job) -> None:
+        self.effects.publish(job.ref, job.status())
+
+    # ---- worker sessions ------------------------------------------------------------------------
+
+    def on_ready(self, routing_id: bytes, principal: Principal, ready: Ready, now: float) -> None:
+        pool = self.pools.get(principal.pool)
+        why = ""
+        if pool is None:
+            why = f"pool {principal.pool} does not exist"
+        elif ready.pool != principal.pool:
+            why = f"key {principal} belongs to pool {principal.pool}, READY claims pool {ready.pool}"
+        elif not principal.owns(routing_id):
+            why = f"routing id is not bound to key {principal} (expected '<public key>/<worker>')"
+        else:
+            others = [c for c in pool.workers.values()
+                      if c.principal == principal and c.routing_id != routing_id]
+            if len(others) >= pool.spec.max_connections_per_key:
+                why = (f"key {principal} already has {len(others)} live connection(s) "
+                       f"(spec.maxConnectionsPerKey={pool.spec.max_connections_per_key})")
+        if why or pool is None:
+            self._count("bad_ready")
+            log.warning("refused READY from key %s: %s", principal, why)
+            self.effects.kick(routing_id, why)
+            return
+        old = self.sessions.get(routing_id)
+        carried: set[AttemptId] = set()
+        if old is not None:
+            # The same worker on a new connection: it keeps the attempts it still has.
+            carried = set(old.attempts) & set(ready.jobs)
+            old.attempts -= carried
+            self._lose(old, "reconnected", now)
+        conn = WorkerConn(routing_id, principal, ready.worker,
+                          min(ready.capacity, pool.spec.max_in_flight_per_worker), ready.device,
+                          frozenset(ready.models), last_seen=now)
+        conn.attempts = carried
+        for attempt in carried:
+            self.attempts[attempt] = routing_id
+        # Attempts it runs that this operator does not follow (it restarted, or they ended):
+        # their slots are busy until answered or adopted.
+        conn.foreign = set(ready.jobs) - carried
+        pool.workers[routing_id] = conn
+        self.sessions[routing_id] = conn
+        metrics.WORKERS.labels(pool.spec.name).set(len(pool.workers))
+        log.info("worker %s joined pool %s with key %s (%s, capacity %d)", conn.worker, pool.spec.name,
+                 principal.key, conn.device, conn.capacity)
+        self.effects.send(routing_id, Heartbeat(ping=now))
+        for attempt in sorted(conn.foreign):
+            job = self.jobs.get(attempt.uid)
+            if job is not None and self._may_adopt(job, attempt, conn, now):
+                self._dispatch(job, conn, now, reuse=True)
+        self._reroute_unrouted(now)
+        self.pump(now)
+
+    def _may_adopt(self, job: Job, attempt: AttemptId, conn: WorkerConn, now: float) -> bool:
+        """A worker's claim to be running `attempt` is believed only if it is the job's current
+        attempt, nothing else runs it, and the job may run in the worker's authenticated pool."""
+        return (not job.phase.terminal and not job.live and job.attempts == attempt.attempt
+                and job.place in (Place.NEW, Place.RESUMING, Place.QUEUED, Place.UNROUTED, Place.HELD)
+                and conn.pool in self.pools and self._eligible(job, self.pools[conn.pool], now))
+
+    def _holder_of(self, attempt: AttemptId, job: Job, now: float) -> WorkerConn | None:
+        for conn in self.sessions.values():
+            if attempt in conn.foreign and self._may_adopt(job, attempt, conn, now):
+                return conn
+        return None
+
+    def on_message(self, routing_id: bytes, principal: Principal, body: object, now: float) -> None:
+        """Every message after READY."""
+        conn = self.sessions.get(routing_id)
+        if conn is None:
+            if not isinstance(body, Disconnect):
+                # Unknown peer (this operator restarted, or expired it): ask it to register again.
+                self._count("unregistered")
+                self.effects.send(routing_id, Disconnect("register again"))
+            return
+        if conn.principal != principal:
+            self._count("identity_mismatch")
+            log.warning("dropped %s on %r: sent with key %s, session belongs to %s",
+                        type(body).__name__, routing_id[:64], principal, conn.principal)
+            return
+        conn.last_seen = now
+        if isinstance(body, Heartbeat):
+            if body.pong is not None and body.pong <= now:
+                conn.rtt_ms = ewma(conn.rtt_ms, (now - body.pong) * 1000.0)
+        elif isinstance(body, (Accepted, Progress, Result, Error)):
+            if body.job in conn.foreign and isinstance(body, (Result, Error)):
+                conn.foreign.discard(body.job)  # an attempt nobody follows ended: its slot is free
+            if body.job not in conn.attempts:
+                self._count("foreign_attempt")
+                log.warning("dropped %s for %s from key %s: that attempt was not sent on this connection",
+                            type(body).__name__, body.job, principal)
+                return
+            if isinstance(body, Accepted):
+                self._accepted(conn, body, now)
+            elif isinstance(body, Result):
+                self.on_result(conn, body, now)
+            elif isinstance(body, Error):
+                self.on_error(conn, body, now)
+        elif isinstance(body, Disconnect):
+            self._lose(conn, "shut down", now)
+        else:
+            self._count("unexpected_kind")
+        self.pump(now)
+
+    def _accepted(self, conn: WorkerConn, body: Accepted, now: float) -> None:
+        job = self.jobs.get(body.job.uid)
+        if job is not None and job.phase is Phase.DISPATCHED and body.job == job.current_attempt:
+            job.started_at = now
+            job.move(Phase.PROCESSING, reason="Processing", message=f"running on {conn.pool}/{conn.worker}")
+            self._publish(job)
+
+    def on_result(self, conn: WorkerConn, result: Result, now: float) -> None:
+        job = self.jobs.get(result.job.uid)
+        if job is None or job.phase.terminal:
+            self._close(result.job)
+            self._count("duplicate_result")
+            return
+        pool = self.pools.get(conn.pool)
+        if pool is not None and not result.cached:
+            input_pixels = result.input_width * result.input_height
+            worker_ms = result.timing.worker_ms
+            pool.record_result(worker_ms, result.output.width * result.output.height,
+                               cost_class=job.spec.cost_class, input_pixels=input_pixels)
+            if input_pixels:
+                self.priors.add(job.spec.cost_class, input_pixels / 1e6, worker_ms)
+        job.pool, job.worker, job.gpu = conn.pool, conn.worker, result.device or conn.device
+        job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
+        message = (f"{result.output.width}x{result.output.height} {result.output.format} "
+                   f"written to {job.spec.output.uri}")
+        metrics.E2E_SECONDS.labels(conn.pool).observe(max(0.0, now - job.queued_at))
+        self._finish(job, Phase.COMPLETED, "Succeeded", message, now, result=result)
+
+    def on_error(self, conn: WorkerConn, error: Error, now: float) -> None:
+        job = self._close(error.job)
+        if job is None or job.phase.terminal or job.live:
+            return  # gone, or another attempt is still out and will decide
+        if error.rejected:
+            # Refused before it started (worker full): not an attempt. Pause that worker briefly
+            # so the job is not bounced straight back to it.
+            conn.paused_until = now + self.config.reject_pause_s
+            job.reuse_attempt = error.job == job.current_attempt
+            job.move(Phase.QUEUED, reason="WorkerBusy", message=f"{conn.pool}/{conn.worker} was full")
+            self._route(job, now, front=True)
+            self._publish(job)
+            return
+        text = f"{conn.pool}/{conn.worker}: {error.message}"
+        reason = _RETRY_REASONS.get(error.code, "WorkerCancelled")
+        if error.code is ErrorCode.INVALID_INPUT:
+            self._finish(job, Phase.FAILED, "InvalidInput", error.message, now)
+        elif job.attempts >= job.spec.max_attempts:
+            self._finish(job, Phase.FAILED, reason, f"{text} (after {job.attempts} attempts)", now)
+        else:
+            self._requeue(job, reason, text, now)
+
+    def on_lost(self, routing_id: bytes, why: str, now: float, *, kick: bool = False) -> None:
+        conn = self.sessions.get(routing_id)
+        if conn is not None:
+            self._lose(conn, why, now, kick=kick)
+            self.pump(now)
+
+    def _lose(self, conn: WorkerConn, why: str, now: float, *, kick: bool = False,
+              pool: PoolState | None = None) -> None:
+        if self.sessions.get(conn.routing_id) is not conn:
+            return
+        del self.sessions[conn.routing_id]
+        pool = pool or self.pools.get(conn.pool)
+        if pool is not None:
+            pool.workers.pop(conn.routing_id, None)
+            metrics.WORKERS.labels(conn.pool).set(len(pool.workers))
+        metrics.WORKER_DISCONNECTS.labels(conn.pool, why.split()[0]).inc()
+        if kick:
+            self.effects.kick(conn.routing_id, why)
+        log.warning("worker %s of pool %s %s; re-queueing %d jobs", conn.worker, conn.pool, why, len(conn.attempts))
+        for attempt in sorted(conn.attempts):
+            job = self._close(attempt)
+            if job is not None and not job.live and not job.phase.terminal:
+                self._requeue(job, "WorkerLost", f"worker {conn.pool}/{conn.worker} {why} during attempt {job.attempts}", now)
+        if pool is not None and not pool.workers:
+            # Jobs waiting in this pool may now be better off elsewhere.
+            for job in list(pool.queue):
+                self._route(job, now)
+
+    # ---- time passing -----------------------------------------------------------------------------
+
+    def tick(self, now: float, *, heartbeat: bool = True) -> None:
+        """Liveness, deadlines, retries; then dispatch what can go."""
+        for conn in list(self.sessions.values()):
+            if conn.expired(now):
+                self._lose(conn, f"silent for {now - conn.last_seen:.1f}s", now, kick=True)
+            elif heartbeat and not self.effects.send(conn.routing_id, Heartbeat(ping=now, rtt_ms=conn.rtt_ms)):
+                self._lose(conn, "unreachable", now)
+        self.expire(now)
+        for uid, retry_at in list(self.held.items()):
+            if retry_at <= now:
+                self._route(self.jobs[uid], now)
+        for uid, (give_up_at, _resume) in list(self.resuming.items()):
+            if give_up_at <= now:
+                job = self.jobs[uid]
+                job.reuse_attempt = False  # the worker that had it did not come back
+                self._route(job, now)
+        self._reroute_unrouted(now)
+        self.pump(now)
+
+    def expire(self, now: float) -> None:
+        for job in [j for j in self.jobs.values() if now > j.deadline]:
+            self._finish(job, Phase.FAILED, "Timeout",
+                         f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})", now)
+
+    def _reroute_unrouted(self, now: float) -> None:
+        for job in list(self.unrouted.values()):
+            self._route(job, now)
+
+    def waiting_for(self, pool: PoolState, now: float) -> int:
+        """Unrouted jobs this pool could take if it had workers: demand that scales it up from zero."""
+        view = dataclasses.replace(pool.view(), workers=1, slots=1)
+        return sum(1 for job in self.unrouted.values() if rejection(self.needs(job, now), view) is None)
+
+    def _count(self, why: str) -> None:
+        self.counters[why] = self.counters.get(why, 0) + 1
+        metrics.REJECTED_MESSAGES.labels(why).inc()
+
+
+def _timing(job: Job, result: Result | None, now: float) -> dict[str, float]:
+    """Durations for the terminal status, with the timestamps made consistent with them.
+
+    Stage times come from the worker (for a cached answer, the original ones). The
+    worker's stages end when the result arrives, so they start `worker_ms` earlier; the
+    dispatch and queue times fill what is left. Each timestamp is clamped into order, so
+    queuedAt <= dispatchedAt <= startedAt <= completedAt and the parts add up to totalMs.
+    """
+    completed = now
+    if result is None:
+        dispatched = job.dispatched_at
+        job.queued_at = min(job.queued_at, completed)
+        if dispatched is not None:
+            job.dispatched_at = min(max(dispatched, job.queued_at), completed)
+        if job.started_at is not None:
+            job.started_at = min(max(job.started_at, job.dispatched_at or job.queued_at), completed)
+        return {"totalMs": round((completed - job.queued_at) * 1000.0, 3)}
+    stages = result.timing
+    started = completed - stages.worker_ms / 1000.0
+    dispatched = min(job.dispatched_at if job.dispatched_at is not None else started, started)
+    queued = min(job.queued_at, dispatched)
+    job.queued_at, job.dispatched_at, job.started_at = queued, dispatched, started
+    queue_ms = (dispatched - queued) * 1000.0 + stages.executor_wait_ms
+    network_ms = (started - dispatched) * 1000.0
+    return {
+        # Queueing happens twice: in the operator, and on the worker waiting for its device.
+        "queueMs": round(queue_ms, 3),
+        "networkMs": round(network_ms, 3),
+        **{key: round(value, 3) for key, value in stages.stages().items()},
+        "totalMs": round((completed - queued) * 1000.0, 3),
+    }
+
+
+__all__ = ["Dispatcher", "DispatcherConfig", "Resume", "Signer", "protocol"]

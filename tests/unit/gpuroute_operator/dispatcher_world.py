@@ -1,0 +1,154 @@
+"""A small world for driving the real Dispatcher in tests: pools, keys, workers, jobs, a clock.
+
+Nothing here re-implements a rule: it builds inputs (principals, READY, RESULT, ERROR
+bodies, ImageJob specs), feeds them to the dispatcher, and reads what it recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from gpuroute.protocol import (
+    AttemptId, Error, ErrorCode, InputSource, JobRequest, OutputInfo, OutputTarget, Ready, Result, StageTiming,
+    routing_id_for,
+)
+from gpuroute_operator.dispatcher import Dispatcher, DispatcherConfig
+from gpuroute_operator.effects import RecordingEffects
+from gpuroute_operator.identity import Principal
+from gpuroute_operator.jobs import Job, parse_rfc3339
+from gpuroute_operator.pools import parse_pool_spec
+from gpuroute_operator.spec import parse_job_spec
+from gpuroute_operator.status import ObjectRef
+from gpuroute_operator.storage import SigningUnavailable
+
+T0 = 1_800_000_000.0
+GOOD_SHA = "a" * 64
+"""The digest honest workers report in this world."""
+
+
+def key_for(pool: str, worker: str) -> str:
+    """A stand-in Z85 public key (40 characters), one per worker."""
+    return f"{pool}-{worker}".ljust(40, "K")[:40]
+
+
+class World:
+    def __init__(self, pools: Mapping[str, Mapping[str, Any]] | None = None,
+                 config: DispatcherConfig | None = None) -> None:
+        self.now = T0
+        self.effects = RecordingEffects()
+        self.signing_down = False
+        self.config = config or DispatcherConfig()
+        self.pool_specs = {name: parse_pool_spec(name, {"cloud": "c", "region": name, "pricePerGpuHour": 1.0,
+                                                          "workerKeysSecretRef": {"name": f"{name}-keys"},
+                                                          **(spec or {})},
+                                                 generation=1, default_namespace="gpuroute-system")
+                           for name, spec in (pools or {"pool-a": {}, "pool-b": {}}).items()}
+        self.dispatcher = self._new_dispatcher()
+
+    def _new_dispatcher(self) -> Dispatcher:
+        dispatcher = Dispatcher(self.effects, self._sign, self.config)
+        for spec in self.pool_specs.values():
+            dispatcher.set_pool(spec, self.now)
+        return dispatcher
+
+    def restart(self) -> None:
+        """A new operator process: no memory, same API server (the recorded statuses)."""
+        self.dispatcher = self._new_dispatcher()
+
+    def _sign(self, job: Job, now: float) -> tuple[InputSource, OutputTarget]:
+        if self.signing_down:
+            raise SigningUnavailable("spec.input.uri", "no credentials")
+        return InputSource(f"https://storage.test/in/{job.uid}?sig=x"), OutputTarget(
+            f"https://storage.test/out/{job.uid}?sig=y", "png")
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    # ---- workers ------------------------------------------------------------------------
+
+    def principal(self, pool: str, worker: str) -> Principal:
+        return Principal(pool, worker, key_for(pool, worker))
+
+    def routing_id(self, pool: str, worker: str) -> bytes:
+        return routing_id_for(key_for(pool, worker), worker)
+
+    def connect(self, pool: str, worker: str, *, capacity: int = 2, jobs: tuple[AttemptId, ...] = (),
+                claims: str | None = None, principal: Principal | None = None,
+                routing_id: bytes | None = None) -> bytes:
+        routing_id = routing_id or self.routing_id(pool, worker)
+        self.dispatcher.on_ready(routing_id, principal or self.principal(pool, worker),
+                                 Ready(pool=claims or pool, worker=worker, capacity=capacity, device="cpu", jobs=jobs),
+                                 self.now)
+        return routing_id
+
+    def send(self, routing_id: bytes, body: object, principal: Principal | None = None) -> None:
+        session = self.dispatcher.sessions.get(routing_id)
+        who = principal or (session.principal if session else Principal("pool-a", "nobody", "N" * 40))
+        self.dispatcher.on_message(routing_id, who, body, self.now)
+
+    def result(self, attempt: AttemptId, *, sha: str = GOOD_SHA, cached: bool = False, gpu_ms: float = 30.0) -> Result:
+        return Result(attempt, StageTiming(5.0, 2.0, gpu_ms, 3.0, 4.0, 1.0), OutputInfo(100, 8, 8, sha, "png"),
+                      16, 16, "cpu", cached)
+
+    def error(self, attempt: AttemptId, code: ErrorCode = ErrorCode.UNAVAILABLE, *, rejected: bool = False) -> Error:
+        return Error(attempt, code, f"{code.value} happened", rejected)
+
+    # ---- jobs -----------------------------------------------------------------------------
+
+    def body(self, uid: str, **spec: Any) -> dict[str, Any]:
+        full = {"input": {"uri": "s3://bucket/in.png"}, "output": {"uri": f"s3://bucket/{uid}.png"},
+                "steps": [{"op": "invert"}], "timeoutSeconds": 600, "maxAttempts": 3, **spec}
+        return {"metadata": {"uid": uid, "name": f"job-{uid}", "namespace": "team-a", "generation": 1},
+                "spec": full, "status": dict(self.effects.statuses.get(self.ref(uid), {}))}
+
+    def ref(self, uid: str) -> ObjectRef:
+        return ObjectRef("ImageJob", f"job-{uid}", "team-a", uid)
+
+    def submit(self, uid: str, **spec: Any) -> None:
+        from gpuroute_operator.admission import Admitted, admit
+        from gpuroute_operator.storage import StorageGrants
+
+        outcome = admit(self.body(uid, **spec), StorageGrants(("s3://bucket/",), ("s3://bucket/",)), self.now)
+        if isinstance(outcome, Admitted):
+            self.dispatcher.admit(outcome.job, self.now, outcome.resume, cancel=outcome.cancel)
+
+    def job(self, uid: str, **spec: Any) -> Job:
+        full = {"input": {"uri": "s3://bucket/in.png"}, "output": {"uri": f"s3://bucket/{uid}.png"},
+                "steps": [{"op": "invert"}], **spec}
+        return Job(uid, "team-a", f"job-{uid}", 1, parse_job_spec(full), self.now)
+
+    # ---- what happened ----------------------------------------------------------------------
+
+    def requests(self, to: bytes | None = None) -> list[JobRequest]:
+        return self.effects.sent(JobRequest, to)
+
+    def status(self, uid: str) -> Mapping[str, Any]:
+        return self.effects.statuses.get(self.ref(uid), {})
+
+    def terminal_events(self, uid: str) -> list[Any]:
+        return self.effects.terminal_events.get(self.ref(uid), [])
+
+    def kicked(self) -> list[bytes]:
+        return [r.args["routing_id"] for r in self.effects.log if r.kind == "kick"]
+
+
+def timing_violations(status: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a terminal status's timing (empty when consistent)."""
+    timing = status.get("timing") or {}
+    stamps = [parse_rfc3339(timing.get(k)) for k in ("queuedAt", "dispatchedAt", "startedAt", "completedAt")]
+    present = [s for s in stamps if s is not None]
+    problems = []
+    if any(b < a - 0.0015 for a, b in zip(present, present[1:], strict=False)):
+        problems.append(f"timestamps out of order: {timing}")
+    total = timing.get("totalMs")
+    parts = [timing.get(k, 0.0) for k in ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs",
+                                           "uploadMs")]
+    if total is None or not all(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0 for p in [*parts, total]):
+        problems.append(f"durations missing, negative or not finite: {timing}")
+    elif sum(parts) > total + 0.05:
+        problems.append(f"stages add up to {sum(parts):.3f} ms, more than totalMs {total}")
+    if status.get("phase") == "Completed" and not (isinstance(status.get("attempts"), int) and status["attempts"] >= 1):
+        problems.append(f"completed with attempts {status.get('attempts')!r}")
+    return problems
