@@ -1,7 +1,7 @@
 """GPU figures (device machine only): per-op GPU time, batching gain, super-resolution.
 
-- Per op: `run_pipeline` on a 1024x1024 image already on the GPU (as the executor runs
-  it after the host-to-device copy, uint8 -> float -> uint8 included), ms per output
+- Per op: `run_pipeline` on a 1024x1024 image, host-to-device copy of its uint8 pixels,
+  uint8 -> float -> uint8 and the copy back included (as the executor runs it), ms per output
   megapixel; baseline: Pillow doing the same op on one CPU core of the same machine.
 - Batching: images/s of one pipeline (sharpen, then bicubic 0.5x) at batch 1, 8 and 32
   for 256^2 and 1024^2 inputs; baseline: batch 1 (unbatched).
@@ -10,6 +10,13 @@
   PReLU), random weights at the published shapes, tiled as the worker tiles
   (pipeline.DEFAULT_TILE, TILE_PAD); fp32, fp16 and bf16; baseline: fp32. Random weights
   may overflow in fp16: the time is what is measured, not the picture.
+
+Copies: every figure's call goes host -> device -> host as the executor does it
+(executor.to_device_floats / to_host_levels: uint8 pixels up, uint8 levels down), and
+the result lists host-to-device and device-to-host copies and bytes per image
+(`copies`), so a change that adds a transfer shows. No nvJPEG decode path: torchvision
+is not a dependency (its CPU build pins one torch release each, which would fight the
+CUDA image's torch); decode stays on CPU threads.
 
 GPU times come from CUDA events around `repeats` calls after a warm-up. Without CUDA,
 `run()` returns a skip note and measures nothing. `run(device="cpu", ...)` with tiny
@@ -32,6 +39,7 @@ from PIL import Image
 from bench.common import best_of, row
 from bench.worker_ops import OPS as CPU_OPS
 from gpuroute.ops_catalog import normalize_steps
+from gpuroute_worker.executor import CopyStats, to_device_floats, to_host_levels
 from gpuroute_worker.ops import run_pipeline
 
 BATCH_STEPS = [{"op": "sharpen"}, {"op": "resize", "scale": 0.5, "method": "bicubic"}]
@@ -58,22 +66,29 @@ def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], Any]], 
     return cuda_time if device.type == "cuda" else cpu_time
 
 
-def _quantized(pixels: torch.Tensor, steps: Sequence[Any]) -> torch.Tensor:
-    # The executor's work around run_pipeline: uint8 -> float in [0, 1] -> pipeline -> uint8.
-    out = run_pipeline(pixels.to(torch.float32).div_(255.0), steps)
-    return out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+COPIES = CopyStats()
+"""Host-device copies made by every timed call so far."""
+_CALLS = [0]
+
+
+def _quantized(pixels: torch.Tensor, steps: Sequence[Any], device: torch.device | None = None) -> torch.Tensor:
+    # The executor's work: uint8 up to the device, float pipeline, uint8 levels back down.
+    _CALLS[0] += 1
+    target = device or pixels.device
+    out = run_pipeline(to_device_floats(list(pixels.cpu()), target, COPIES), steps)
+    return to_host_levels(out, sixteen=False, stats=COPIES)
 
 
 def _per_op(device: torch.device, size: int, timed: Callable[[Callable[[], Any]], float], pillow_repeats: int,
             out: dict[str, Any]) -> None:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).unsqueeze(0).to(device)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).unsqueeze(0)  # on the host, as decoded
     for name, (step, reference) in CPU_OPS.items():
         steps = normalize_steps([step])
-        result = _quantized(pixels, steps)
+        result = _quantized(pixels, steps, device)
         out_mpix = result.shape[-1] * result.shape[-2] / 1e6
-        gpu_s = timed(partial(_quantized, pixels, steps))
+        gpu_s = timed(partial(_quantized, pixels, steps, device))
         pillow_s = best_of(partial(reference, image), pillow_repeats)
         out["ops"][name] = {"ms_per_mpix": round(gpu_s * 1000 / out_mpix, 4),
                             "pillow_ms_per_mpix": round(pillow_s * 1000 / out_mpix, 3)}
@@ -88,8 +103,8 @@ def _batching(device: torch.device, sizes: Sequence[int], batches: Sequence[int]
         rates: dict[int, float] = {}
         for batch in batches:
             # Allocated outside the timed call: only the pipeline is measured.
-            pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-            rates[batch] = batch / timed(partial(_quantized, pixels, steps))
+            pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+            rates[batch] = batch / timed(partial(_quantized, pixels, steps, device))
             del pixels
         out["batching"][f"{size}^2"] = {f"batch {b}": round(r, 1) for b, r in rates.items()}
         base = min(batches)
@@ -152,7 +167,14 @@ def run(*, device: str | None = None, op_size: int = 1024, batch_sizes: Sequence
         out["cuda"] = torch.version.cuda
         out["cudnn"] = torch.backends.cudnn.version()
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    before = (COPIES.h2d, COPIES.d2h, COPIES.h2d_bytes, COPIES.d2h_bytes)
+    calls_before = _CALLS[0]
     _per_op(dev, op_size, _timer(dev, repeats), 3, out)
+    calls = max(1, _CALLS[0] - calls_before)
+    out["copies"] = {"per_call_h2d": round((COPIES.h2d - before[0]) / calls, 2),
+                     "per_call_d2h": round((COPIES.d2h - before[1]) / calls, 2),
+                     "h2d_bytes_per_call": round((COPIES.h2d_bytes - before[2]) / calls),
+                     "d2h_bytes_per_call": round((COPIES.d2h_bytes - before[3]) / calls)}
     _batching(dev, batch_sizes, batches, _timer(dev, repeats), out)
     _super_resolution(dev, sr_frame, dtypes, rrdb_blocks, _timer(dev, sr_repeats), out)
     out["seconds"] = round(time.perf_counter() - started, 1)

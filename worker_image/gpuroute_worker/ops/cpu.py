@@ -233,6 +233,25 @@ def _interpolate_u8(pixels: Tensor, step: Step) -> Tensor:
     return out[0]
 
 
+def _tensor_step(step: Step, pixels: Tensor) -> Tensor | None:
+    """Exact uint8 tensor versions of ops too cheap to pay a Pillow round trip for."""
+    op = step["op"]
+    if op == "crop":
+        return pixels[:, step["y"]: step["y"] + step["height"], step["x"]: step["x"] + step["width"]]
+    if pixels.dtype != torch.uint8:
+        return None  # torch has no uint16 kernels for these: the float path handles 16-bit
+    if op == "flip":
+        out = pixels.flip(-1 if step["direction"] == "horizontal" else -2)
+    elif op == "invert":
+        out = pixels.clone()
+        colour = out[:-1] if pixels.shape[0] in (2, 4) else out
+        torch.sub(255, colour, out=colour)
+    else:
+        return None
+    # Keep the (H, W, C) layout Pillow and the encoder read without another copy.
+    return to_tensor(out.permute(1, 2, 0).contiguous().numpy())
+
+
 def _uses_interpolate(step: Step, mode: str) -> bool:
     # The uint8 kernel handles 3 (and 4) channels-last; with alpha Pillow premultiplies,
     # which the kernel does not, so RGB only.
@@ -266,7 +285,10 @@ def run_cpu(pixels: Tensor, steps: Sequence[Step], *, models: ModelRegistry | No
         started = time.perf_counter()
         mode = _mode_of(frame)
         pillow = None if mode == "I;16" else _pillow_step(step)
-        if _uses_interpolate(step, mode):
+        quick = _tensor_step(step, frame._pixels) if frame._pixels is not None else None
+        if quick is not None:
+            frame.set_pixels(quick)
+        elif _uses_interpolate(step, mode):
             frame.set_pixels(_interpolate_u8(frame.pixels(), step))
         elif pillow is not None:
             frame.set_image(pillow(frame.image()))
