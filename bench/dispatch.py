@@ -132,7 +132,7 @@ def _https_server(sink_url: str, cert: Path, key: Path) -> ThreadingHTTPServer:
 
         def do_POST(self) -> None:  # noqa: N802
             data = self.rfile.read(int(self.headers["Content-Length"]))
-            pixels = decode_image(data, max_bytes=64 << 20, max_pixels=64_000_000)
+            pixels = decode_image(data, max_bytes=64 << 20, max_pixels=64_000_000).pixels
             with torch.inference_mode():
                 out = run_pipeline(pixels.unsqueeze(0).to(torch.float32).div_(255.0), steps)
                 quantized = out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)[0]
