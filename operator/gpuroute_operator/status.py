@@ -1,11 +1,9 @@
 """Coalesced status writes and Events, off the event loop.
 
-Callers hand over the whole desired status of an object; the writer keeps only the
-latest per object and sends it once the first unsent change is `coalesce_s` old, or
-at once when marked urgent (terminal phases). A job that goes Dispatched → Processing
-within a few hundred ms therefore costs one patch, and the terminal patch always
-carries the full timing. At most one patch per object is in flight, so patches to an
-object are never reordered. Writes run in threads (pykube is blocking).
+Which writes are due is decided by coalesce.Coalescer (pure); this module sends them.
+A job's terminal Event is posted only after its terminal status write has landed, under
+a name fixed per job, so it is posted at most once. Writes run in threads (pykube is
+blocking).
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pykube
 
 from gpuroute_operator import metrics
+from gpuroute_operator.coalesce import Coalescer, Pending
 from gpuroute_operator.kube import ImageJobObject, Kube, WorkerPoolObject
 
 if TYPE_CHECKING:
@@ -72,15 +71,6 @@ def merge_patch_status(status: Mapping[str, Any]) -> dict[str, Any]:
 _KINDS: Mapping[str, type[pykube.objects.APIObject]] = {"ImageJob": ImageJobObject, "WorkerPool": WorkerPoolObject}
 
 
-@dataclass
-class _Pending:
-    status: Mapping[str, Any]
-    since: float
-    urgent: bool
-    event: TerminalEvent | None = None
-    """Posted once this status has been written (the terminal Event)."""
-
-
 def terminal_event_name(ref: ObjectRef) -> str:
     """One fixed name per job: a second post of its terminal Event is refused by the API
     server (409), so no restart or race can give a job two."""
@@ -90,9 +80,7 @@ def terminal_event_name(ref: ObjectRef) -> str:
 class StatusWriter:
     def __init__(self, kube: Kube, *, coalesce_s: float = 0.3, concurrency: int = 8) -> None:
         self._kube = kube
-        self._coalesce_s = coalesce_s
-        self._pending: dict[ObjectRef, _Pending] = {}
-        self._in_flight: set[ObjectRef] = set()
+        self._coalescer: Coalescer[ObjectRef] = Coalescer(coalesce_s)
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -105,10 +93,7 @@ class StatusWriter:
 
     def update(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = False,
                terminal_event: TerminalEvent | None = None) -> None:
-        previous = self._pending.get(ref)
-        since = previous.since if previous else time.monotonic()
-        self._pending[ref] = _Pending(status, since, urgent or (previous.urgent if previous else False),
-                                      terminal_event or (previous.event if previous else None))
+        self._coalescer.offer(ref, status, now=time.monotonic(), urgent=urgent, event=terminal_event)
         if urgent:
             self._wake.set()
 
@@ -119,22 +104,21 @@ class StatusWriter:
 
     def forget(self, ref: ObjectRef) -> None:
         """Drop unsent status of a deleted object."""
-        self._pending.pop(ref, None)
+        self._coalescer.forget(ref)
 
     def event(self, ref: ObjectRef, reason: str, message: str, *, warning: bool = False) -> None:
         self._spawn(self._post_event(ref, reason, message, "Warning" if warning else "Normal"))
 
     @property
     def backlog(self) -> int:
-        return len(self._pending) + len(self._in_flight)
+        return len(self._coalescer) + self._coalescer.in_flight
 
     async def flush(self, timeout_s: float = 10.0) -> None:
         """Send everything pending now; used at shutdown."""
         deadline = time.monotonic() + timeout_s
-        for pending in self._pending.values():
-            pending.urgent = True
+        self._coalescer.urge_all()
         self._wake.set()
-        while (self._pending or self._tasks) and time.monotonic() < deadline:
+        while (len(self._coalescer) or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
@@ -153,24 +137,24 @@ class StatusWriter:
 
     async def _run(self) -> None:
         while True:
+            now = time.monotonic()
+            next_due = self._coalescer.next_due(now)
+            timeout = self._coalescer.window_s if next_due is None else max(0.0, next_due - now)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._coalesce_s / 3)
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
             except TimeoutError:
                 pass
             self._wake.clear()
-            now = time.monotonic()
-            due = [ref for ref, p in self._pending.items()
-                   if ref not in self._in_flight and (p.urgent or now - p.since >= self._coalesce_s)]
-            for ref in due:
-                pending = self._pending.pop(ref)
-                self._in_flight.add(ref)
+            for ref, pending in self._coalescer.take_due(time.monotonic()):
                 self._spawn(self._write(ref, pending))
 
-    async def _write(self, ref: ObjectRef, pending: _Pending) -> None:
+    async def _write(self, ref: ObjectRef, pending: Pending) -> None:
+        ok = False
         try:
             async with self._slots:
                 found = await asyncio.to_thread(self._kube.patch_status, _KINDS[ref.kind], ref.namespace, ref.name,
                                                 merge_patch_status(pending.status))
+            ok = True
             metrics.STATUS_PATCHES.labels("ok" if found else "gone").inc()
             self.patches_sent += 1
             if found and pending.event is not None:
@@ -180,15 +164,9 @@ class StatusWriter:
             metrics.STATUS_PATCHES.labels("error").inc()
             log.warning("status patch of %s %s/%s failed, retrying: %s", ref.kind, ref.namespace, ref.name, exc)
             await asyncio.sleep(RETRY_DELAY_S)
-            # A newer status may have arrived meanwhile; it supersedes the failed one.
-            if ref not in self._pending:
-                self._pending[ref] = _Pending(pending.status, time.monotonic(), True, pending.event)
-            elif pending.event is not None and self._pending[ref].event is None:
-                self._pending[ref].event = pending.event
         finally:
-            self._in_flight.discard(ref)
-            if ref in self._pending:
-                self._wake.set()
+            self._coalescer.done(ref, pending, ok=ok, now=time.monotonic())
+            self._wake.set()
 
     async def _post_event(self, ref: ObjectRef, reason: str, message: str, type_: str, *,
                           name: str | None = None) -> None:
