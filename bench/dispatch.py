@@ -166,7 +166,7 @@ class _SocketSide:
         (folder / "server.key").write_bytes(server_keys.public + b"\n")
         self.context = zmq.asyncio.Context()
         self.zap = ZapHandler(self.context)
-        self.zap.set_pool_keys("bench", [worker_keys.public], ())
+        self.zap.set_pool_keys("bench", {"bench-worker": worker_keys.public}, ())
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
@@ -219,7 +219,7 @@ class _SocketSide:
         elapsed = time.perf_counter() - started
         if message.kind is Kind.ERROR:
             raise RuntimeError(f"worker failed the bench job: {dict(message.header)}")
-        return elapsed, float(message.header["timing"].get("workerMs", 0.0)) / 1000.0
+        return elapsed, message.body.timing.worker_ms / 1000.0
 
     def log_tail(self) -> str:
         try:

@@ -51,7 +51,7 @@ MAX_TEXT = 4096
 """Longest free-text field (error messages, reasons) kept from a peer."""
 
 
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "avif": "image/avif"}
 """Output formats a JOB may ask for, with the Content-Type the upload carries."""
 
 

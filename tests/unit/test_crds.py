@@ -319,7 +319,7 @@ def test_imagejob_spec_fields(imagejob: dict[str, Any]) -> None:
     assert _at(schema, "spec.input.inline")["maxLength"] == 4 * math.ceil(256 * 1024 / 3) == 349528
     assert {tuple(c["required"]) for c in _at(schema, "spec.input")["oneOf"]} == {("uri",), ("inline",)}
     out = _at(schema, "spec.output")
-    assert out["properties"]["format"]["enum"] == ["png", "jpeg", "webp"]
+    assert out["properties"]["format"]["enum"] == ["png", "jpeg", "webp", "avif"]
     assert out["properties"]["format"]["default"] == "png"
     quality = out["properties"]["quality"]
     assert (quality["minimum"], quality["maximum"], quality["default"]) == (1, 100, 90)

@@ -241,4 +241,5 @@ def test_constants() -> None:
     assert protocol.RECONNECT_INITIAL_S < protocol.RECONNECT_MAX_S
     assert protocol.MAX_HEADER_BYTES < protocol.MAX_MESSAGE_BYTES
     assert all(limit <= protocol.MAX_MESSAGE_BYTES for limit in protocol.MAX_HEADER_BYTES_BY_KIND.values())
-    assert protocol.CONTENT_TYPES == {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+    assert protocol.CONTENT_TYPES == {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
+                                      "avif": "image/avif"}

@@ -134,7 +134,7 @@ def test_spec_itself_required(value: Any) -> None:
     ({"output": {"uri": "s3://Bad_Bucket/x"}}, "spec.output.uri", "is not s3://bucket/key"),
     ({"output": {"uri": "https://example.com/out.png"}}, "spec.output.uri", "is not s3://bucket/key"),
     ({"output": {"uri": "s3://bucket-a/x", "format": "gif"}}, "spec.output.format",
-     "must be one of png, jpeg, webp; got 'gif'"),
+     "must be one of png, jpeg, webp, avif; got 'gif'"),
     ({"output": {"uri": "s3://bucket-a/x", "format": "PNG"}}, "spec.output.format", "must be one of"),
     ({"output": {"uri": "s3://bucket-a/x", "quality": 0}}, "spec.output.quality",
      "must be an integer from 1 to 100, got 0"),
