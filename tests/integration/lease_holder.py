@@ -1,6 +1,6 @@
 """A process that contends for a Lease with gpuroute's LeaderElector, for the tests.
 
-    python lease_holder.py KUBECONFIG NAMESPACE LEASE IDENTITY
+    python lease_holder.py KUBECONFIG NAMESPACE LEASE IDENTITY [POD_NAME]
 
 Prints "LEADING" once it holds the Lease; on SIGTERM it releases the Lease, prints
 "RELEASED" and exits 0; on lost leadership it exits 3 as the operator would (with 1).
@@ -16,10 +16,11 @@ import threading
 from gpuroute_operator.leader import LeaderElectionConfig, LeaderElector, kube_api_client
 
 
-def main(kubeconfig: str, namespace: str, lease: str, identity: str) -> int:
+def main(kubeconfig: str, namespace: str, lease: str, identity: str, pod_name: str = "") -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    elector = LeaderElector(kube_api_client(kubeconfig), LeaderElectionConfig(lease, namespace, identity))
+    elector = LeaderElector(kube_api_client(kubeconfig), LeaderElectionConfig(lease, namespace, identity,
+                                                                                     pod_name=pod_name))
     if not elector.wait_until_leading(stop):
         return 0
     print("LEADING", flush=True)
@@ -36,4 +37,4 @@ def main(kubeconfig: str, namespace: str, lease: str, identity: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:5]))
+    sys.exit(main(*sys.argv[1:6]))

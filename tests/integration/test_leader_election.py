@@ -29,11 +29,11 @@ TAKEOVER_GOAL_S = 5.0
 class Holder:
     """One lease_holder.py process; its stdout lines are collected by a thread."""
 
-    def __init__(self, control_plane: ControlPlane, lease: str, identity: str) -> None:
+    def __init__(self, control_plane: ControlPlane, lease: str, identity: str, pod: str = "") -> None:
         self.identity = identity
         self.lines: list[str] = []
         self.popen = subprocess.Popen(
-            [sys.executable, str(HOLDER), control_plane.kubeconfig, NAMESPACE, lease, identity],
+            [sys.executable, str(HOLDER), control_plane.kubeconfig, NAMESPACE, lease, identity, pod],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -182,3 +182,55 @@ def test_a_leader_that_could_not_renew_exits_when_it_wakes(
     time.sleep(1.5)
     assert (_spec(control_plane, lease).holder_identity or "") == "new"
     assert new.popen.poll() is None
+
+
+def test_the_leader_labels_its_own_pod_for_the_service(
+        control_plane: ControlPlane, lease: str, holders: list[Holder]) -> None:
+    """The socket Service selects gpuroute.io/leader=true: only the leader's pod carries
+    it, a restarted replica clears a label its predecessor left, a release clears it."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from gpuroute_operator.leader import LEADER_LABEL
+
+    with control_plane.api_client() as api:
+        core = client.CoreV1Api(api)
+        # No controller-manager here: the ServiceAccount admission needs "default" to exist.
+        try:
+            core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": "default"}})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        pods = {}
+        for name in ("pod-a", "pod-b"):
+            pods[name] = f"{name}-{uuid.uuid4().hex[:6]}"
+            # Pods are only objects here (no scheduler or kubelet); "pod-b" starts with a
+            # stale leader label, as after its container was restarted.
+            labels = {LEADER_LABEL: "true"} if name == "pod-b" else {}
+            core.create_namespaced_pod(NAMESPACE, {
+                "metadata": {"name": pods[name], "labels": labels},
+                "spec": {"automountServiceAccountToken": False,
+                         "containers": [{"name": "c", "image": "example.invalid/none"}]}})
+
+        def labelled() -> set[str]:
+            return {p.metadata.name for p in core.list_namespaced_pod(NAMESPACE).items
+                    if (p.metadata.labels or {}).get(LEADER_LABEL) == "true" and p.metadata.name in pods.values()}
+
+        def wait_labelled(expected: set[str]) -> None:
+            deadline = time.monotonic() + 5
+            while labelled() != expected:
+                assert time.monotonic() < deadline, f"leader-labelled pods {labelled()}, expected {expected}"
+                time.sleep(0.05)
+
+        a = Holder(control_plane, lease, "a", pods["pod-a"])
+        holders.append(a)
+        _wait_holder(control_plane, lease, {"a"}, timeout=30)
+        b = Holder(control_plane, lease, "b", pods["pod-b"])
+        holders.append(b)
+        wait_labelled({pods["pod-a"]})
+        a.popen.send_signal(signal.SIGTERM)
+        assert a.popen.wait(10) == 0
+        _wait_holder(control_plane, lease, {"b"}, timeout=5)
+        wait_labelled({pods["pod-b"]})
+        for pod in pods.values():
+            core.delete_namespaced_pod(pod, NAMESPACE, grace_period_seconds=0)

@@ -4,6 +4,7 @@ load and every job still completes exactly once (issue 9, standby operator)."""
 from __future__ import annotations
 
 import hashlib
+import signal
 import io
 import time
 import urllib.request
@@ -118,3 +119,32 @@ def test_leader_sigkill_under_load_every_job_completes_exactly_once(stack: Local
             problems.append(f"{name}: {len(reasons)} terminal Events {reasons}")
     assert takeover < TAKEOVER_GOAL_S, f"takeover took {takeover:.2f}s"
     assert not problems, "\n".join(problems) + f"\nnew leader log:\n{stack.operators[new_leader].log_tail(60)}"
+
+
+# Not silent: measured on the engine at commit 529ae41, a SIGTERMed operator logs
+# "Operator is stopping" and then keeps serving for over 40 s, with or without leader
+# election (kopf.operator() never returns, so nothing after it runs: no release), and
+# the kubelet's SIGKILL ends it; the Lease then expires 3 s later. strict: once the
+# engine stops on SIGTERM this passes and the marker must go.
+@pytest.mark.xfail(strict=True, reason="engine: the operator does not stop on SIGTERM (kopf.operator() never "
+                                       "returns), so the Lease is released only by expiry after the SIGKILL")
+def test_a_stopped_leader_hands_over_at_once_and_jobs_keep_completing(stack: LocalStack) -> None:
+    """A rolling update or drain: SIGTERM, kopf's cleanup, then the Lease is released,
+    so the follower takes over without waiting for it to expire."""
+    leader = stack.wait_for_leader()
+    process = stack.operators[leader]
+    process.signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    new_leader = stack.wait_for_leader(other_than=leader, timeout=15)
+    handover = time.monotonic() - stopped
+    assert process.popen.wait(15) == 0, process.log_tail()
+    print(f"\n{leader} stopped; {new_leader} took over in {handover:.2f}s")
+    assert "released Lease" in process.log_tail(50), process.log_tail(50)
+    # kopf's cleanup takes a moment; still far below waiting for expiry plus a poll.
+    assert handover < 3.0
+    stack.start_replica()
+    names = [f"after-stop-{i}" for i in range(4)]
+    for name in names:
+        stack.create_job(NS, name, _spec(name, slow=False))
+    jobs = stack.wait_for_jobs(NS, names, timeout=120)
+    assert {j["status"]["phase"] for j in jobs.values()} == {"Completed"}
