@@ -227,6 +227,7 @@ class ControlPlane:
         self._etcd_url: str | None = None
         self._kubeconfig: Path | None = None
         self._ca_file: Path | None = None
+        self._apiserver_argv: list[str] = []
         self.startup_seconds: float | None = None
         """Wall time of the last successful start(), for reports and regressions."""
 
@@ -327,6 +328,22 @@ class ControlPlane:
             raise
         self.startup_seconds = time.monotonic() - started
         return self
+
+    def restart_apiserver(self, *, down_s: float = 0.0, timeout: float = 60.0) -> None:
+        """Stop kube-apiserver (etcd keeps every object), wait `down_s`, start it again on the
+        same port with the same certificates: what clients see during an apiserver upgrade."""
+        child = next((c for c in self._children if c.name == "kube-apiserver"), None)
+        if child is None:
+            raise ControlPlaneError(f"control plane {self.config.name!r} has no kube-apiserver running")
+        _terminate(child.popen, self.config.stop_timeout)
+        child.log_file.close()
+        self._children.remove(child)
+        time.sleep(down_s)
+        apiserver = self._spawn("kube-apiserver", self._apiserver_argv)
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        self._wait_http(apiserver, f"https://127.0.0.1:{self.port}/readyz", time.monotonic() + timeout, unverified)
 
     def stop(self) -> None:
         """Stop kube-apiserver, then etcd; remove the workdir only if start() made it."""
@@ -432,9 +449,7 @@ class ControlPlane:
             ],
         )
         self._wait_http(etcd, f"{client_url}/health", deadline, ssl_context=None)
-        apiserver = self._spawn(
-            "kube-apiserver",
-            [
+        self._apiserver_argv = [
                 str(assets / "kube-apiserver"),
                 f"--etcd-servers={client_url}",
                 "--bind-address=127.0.0.1",
@@ -455,8 +470,8 @@ class ControlPlane:
                 # ServiceAccount; the plugin would reject every Pod for lack of one.
                 "--disable-admission-plugins=ServiceAccount",
                 *self.config.extra_apiserver_args,
-            ],
-        )
+        ]
+        apiserver = self._spawn("kube-apiserver", self._apiserver_argv)
         self._port = api_port
         self._etcd_url = client_url
         # The serving cert only exists once the apiserver has written it, so readiness

@@ -153,16 +153,21 @@ class Dispatcher:
             job.preferred_worker = resume.worker or None
             job.move(Phase.QUEUED, reason="Resumed", message=f"resumed after an operator restart; "
                      f"attempt {resume.attempts} was on {resume.pool}/{resume.worker}")
-            conn = self._holder_of(job.current_attempt, job, now)
-            if conn is not None:
-                self._dispatch(job, conn, now, reuse=True)
+            holder = self._holder_of(job, now)
+            if holder is not None:
+                self._dispatch(job, holder[0], now, number=holder[1].attempt)
             else:
                 job.reuse_attempt = True
                 self._place(job, Place.RESUMING, now, resume=(now + self.config.resume_grace_s, resume))
         else:
             job.move(Phase.QUEUED, reason="Admitted", message="waiting for a worker")
-            self._route(job, now)
-            self._publish(job)
+            holder = self._holder_of(job, now)
+            if holder is not None:
+                # Its Dispatched status never landed before a restart, but a worker has it.
+                self._dispatch(job, holder[0], now, number=holder[1].attempt)
+            else:
+                self._route(job, now)
+                self._publish(job)
         self.pump(now)
 
     def cancel(self, uid: str, message: str, now: float) -> None:
@@ -237,9 +242,11 @@ class Dispatcher:
                 preferred = pool.free_worker(now, job.preferred_worker) if job.preferred_worker else conn
                 self._dispatch(job, preferred or conn, now)
 
-    def _dispatch(self, job: Job, conn: WorkerConn, now: float, *, reuse: bool = False) -> None:
-        reuse = reuse or job.reuse_attempt
-        number = job.attempts if reuse and job.attempts >= 1 else job.attempts + 1
+    def _dispatch(self, job: Job, conn: WorkerConn, now: float, *, number: int | None = None) -> None:
+        """Send the job's next attempt (or attempt `number`, one a worker already holds) to `conn`."""
+        reuse = number is not None or job.reuse_attempt
+        if number is None:
+            number = job.attempts if reuse and job.attempts >= 1 else job.attempts + 1
         if number > job.spec.max_attempts:
             self._finish(job, Phase.FAILED, "MaxAttemptsExceeded",
                          f"no attempt succeeded after {job.attempts} attempts; last: {job.message}", now)
@@ -415,21 +422,26 @@ class Dispatcher:
         for attempt in sorted(conn.foreign):
             job = self.jobs.get(attempt.uid)
             if job is not None and self._may_adopt(job, attempt, conn, now):
-                self._dispatch(job, conn, now, reuse=True)
+                self._dispatch(job, conn, now, number=attempt.attempt)
         self._reroute_unrouted(now)
         self.pump(now)
 
     def _may_adopt(self, job: Job, attempt: AttemptId, conn: WorkerConn, now: float) -> bool:
-        """A worker's claim to be running `attempt` is believed only if it is the job's current
-        attempt, nothing else runs it, and the job may run in the worker's authenticated pool."""
-        return (not job.phase.terminal and not job.live and job.attempts == attempt.attempt
+        """A worker's claim to hold `attempt` is believed only if it is the job's current attempt
+        or the next one (whose Dispatched status may not have landed before a restart), nothing
+        else runs the job, and the job may run in the worker's authenticated pool. A claim can
+        therefore neither burn a job's attempts nor pull it out of its placement."""
+        return (not job.phase.terminal and not job.live
+                and attempt.attempt in (job.attempts, job.attempts + 1)
+                and attempt.attempt <= job.spec.max_attempts
                 and job.place in (Place.NEW, Place.RESUMING, Place.QUEUED, Place.UNROUTED, Place.HELD)
                 and conn.pool in self.pools and self._eligible(job, self.pools[conn.pool], now))
 
-    def _holder_of(self, attempt: AttemptId, job: Job, now: float) -> WorkerConn | None:
+    def _holder_of(self, job: Job, now: float) -> tuple[WorkerConn, AttemptId] | None:
         for conn in self.sessions.values():
-            if attempt in conn.foreign and self._may_adopt(job, attempt, conn, now):
-                return conn
+            for attempt in sorted(conn.foreign, reverse=True):
+                if attempt.uid == job.uid and self._may_adopt(job, attempt, conn, now):
+                    return conn, attempt
         return None
 
     def on_message(self, routing_id: bytes, principal: Principal, body: object, now: float) -> None:

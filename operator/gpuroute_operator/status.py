@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 RETRY_DELAY_S = 1.0
 """Delay before a failed patch (API server unavailable) is tried again."""
+TERMINAL_EVENT_TRIES = 30
+"""A terminal Event is tried this often (backing off to 5 s): about two minutes of API outage."""
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,18 @@ class StatusWriter:
 
     async def _post_event(self, ref: ObjectRef, reason: str, message: str, type_: str, *,
                           name: str | None = None) -> None:
-        try:
-            async with self._slots:
-                await asyncio.to_thread(self._kube.post_event, ref.involved(), type_=type_, reason=reason,
-                                        message=message, name=name)
-            self.events_posted += 1
-        except (pykube.exceptions.HTTPError, pykube.exceptions.KubernetesError, OSError) as exc:
-            # Events are advisory: losing one must not hold up job processing.
-            log.warning("event %s for %s/%s not posted: %s", reason, ref.namespace, ref.name, exc)
+        # A named (terminal) Event is tried until it lands: posting it again is harmless.
+        # Other Events are advisory: one try, so an API outage never piles them up.
+        tries = TERMINAL_EVENT_TRIES if name else 1
+        for attempt in range(1, tries + 1):
+            try:
+                async with self._slots:
+                    await asyncio.to_thread(self._kube.post_event, ref.involved(), type_=type_, reason=reason,
+                                            message=message, name=name)
+                self.events_posted += 1
+                return
+            except (pykube.exceptions.HTTPError, pykube.exceptions.KubernetesError, OSError) as exc:
+                log.warning("event %s for %s/%s not posted (try %d of %d): %s", reason, ref.namespace, ref.name,
+                            attempt, tries, exc)
+                if attempt < tries:
+                    await asyncio.sleep(RETRY_DELAY_S * min(attempt, 5))

@@ -18,6 +18,8 @@ OP_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BATCH_SIZE = Histogram("gpuroute_worker_batch_size", "Requests per executed batch.", buckets=(1, 2, 4, 8, 16, 32, 64))
+ANSWERED_AGAIN = Counter("gpuroute_worker_answered_again_total",
+                         "JOBs answered without computing: from the result cache, or joined while running.", ["how"])
 IN_FLIGHT = Gauge("gpuroute_worker_in_flight", "Jobs accepted and not yet answered.")
 GPU_MEMORY_BYTES = Gauge("gpuroute_worker_gpu_memory_bytes", "GPU memory allocated by torch after the last batch.")
 REJECTED_MESSAGES = Counter("gpuroute_worker_rejected_messages_total", "Messages dropped because they did not parse.", ["reason"])

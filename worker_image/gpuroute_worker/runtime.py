@@ -82,10 +82,12 @@ class JobRunner:
         job = str(message.header["job"])
         if job in self._answers:
             answer = self._answers[job]
+            metrics.ANSWERED_AGAIN.labels("cache").inc()
             self.send(answer.kind, {**answer.header, "cached": True} if answer.kind is Kind.RESULT else answer.header)
             return
         if job in self._tasks:
             # Already running: the answer will follow when it finishes.
+            metrics.ANSWERED_AGAIN.labels("joined").inc()
             self.send(Kind.ACCEPTED, {"job": job})
             return
         if len(self._tasks) >= self.config.capacity:

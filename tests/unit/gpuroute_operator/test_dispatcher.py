@@ -382,6 +382,28 @@ def test_resume_gives_up_waiting_and_starts_a_new_attempt(world: World) -> None:
     assert _only_request(world, w2).job == AttemptId("j1", 2)
 
 
+def test_a_job_whose_dispatched_status_was_lost_is_adopted_not_recomputed(world: World) -> None:
+    world.connect("pool-a", "w1")
+    world.submit("j1")
+    first = world.requests()[-1]
+    world.effects.statuses.pop(world.ref("j1"))      # the operator died before any write landed
+    world.restart()
+    world.effects.clear()
+    w1 = world.connect("pool-a", "w1", jobs=(first.job,))
+    w2 = world.connect("pool-a", "w2")
+    world.submit("j1")
+    assert _only_request(world).job == first.job and world.requests(w1) and not world.requests(w2)
+    world.send(w1, world.result(first.job, cached=True))
+    assert (world.status("j1")["phase"], world.status("j1")["attempts"]) == ("Completed", 1)
+
+
+def test_a_claimed_attempt_cannot_burn_attempts(world: World) -> None:
+    world.submit("j1")
+    w1 = world.connect("pool-a", "w1", jobs=(AttemptId("j1", 3),))
+    request = _only_request(world, w1)
+    assert request.job == AttemptId("j1", 1)            # the claim was not believed
+
+
 def test_a_worker_cannot_adopt_a_job_of_another_pool(world: World) -> None:
     world.connect("pool-b", "b1")
     world.submit("pinned", placement={"pools": ["pool-b"]})
