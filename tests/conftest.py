@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 TESTS_DIR = Path(__file__).resolve().parent
 # Folder under tests/ -> marker added to every test collected there.
-_FOLDER_MARKERS = {"integration": "integration", "e2e": "e2e"}
+_FOLDER_MARKERS = {"integration": "integration", "e2e": "e2e", "chaos": "chaos"}
 _CONTROL_PLANE_FIXTURES = {"control_plane", "kube_api"}
 _assets_key = pytest.StashKey["Path | Exception"]()
 

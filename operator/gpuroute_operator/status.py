@@ -143,7 +143,11 @@ class StatusWriter:
             next_due = self._coalescer.next_due(now)
             timeout = self._coalescer.window_s if next_due is None else max(0.0, next_due - now)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 a cancellation that races
+                # wait_for's timeout comes out as TimeoutError, which this loop would swallow,
+                # and the operator would never finish stopping on SIGTERM.
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -121,13 +121,6 @@ def test_leader_sigkill_under_load_every_job_completes_exactly_once(stack: Local
     assert not problems, "\n".join(problems) + f"\nnew leader log:\n{stack.operators[new_leader].log_tail(60)}"
 
 
-# Not silent: measured on the engine at commit 529ae41, a SIGTERMed operator logs
-# "Operator is stopping" and then keeps serving for over 40 s, with or without leader
-# election (kopf.operator() never returns, so nothing after it runs: no release), and
-# the kubelet's SIGKILL ends it; the Lease then expires 3 s later. strict: once the
-# engine stops on SIGTERM this passes and the marker must go.
-@pytest.mark.xfail(strict=True, reason="engine: the operator does not stop on SIGTERM (kopf.operator() never "
-                                       "returns), so the Lease is released only by expiry after the SIGKILL")
 def test_a_stopped_leader_hands_over_at_once_and_jobs_keep_completing(stack: LocalStack) -> None:
     """A rolling update or drain: SIGTERM, kopf's cleanup, then the Lease is released,
     so the follower takes over without waiting for it to expire."""

@@ -141,7 +141,9 @@ class OperatorLink:
             else:
                 log.warning("operator silent for %.1fs; reconnecting in %.2fs", _LIVENESS_WINDOW_S, backoff)
             try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+                # asyncio.timeout: on 3.11 wait_for can turn a racing cancellation into TimeoutError.
+                async with asyncio.timeout(backoff):
+                    await self._stopping.wait()
             except TimeoutError:
                 pass
             backoff = min(backoff * 2, protocol.RECONNECT_MAX_S)

@@ -6,22 +6,32 @@ bodies, ImageJob specs), feeds them to the dispatcher, and reads what it recorde
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from gpuroute.protocol import (
-    AttemptId, Error, ErrorCode, InputSource, JobRequest, OutputInfo, OutputTarget, Ready, Result, StageTiming,
-    routing_id_for,
-)
 from gpuroute_operator.dispatcher import Dispatcher, DispatcherConfig
 from gpuroute_operator.effects import RecordingEffects
 from gpuroute_operator.identity import Principal
-from gpuroute_operator.jobs import Job, parse_rfc3339
+from gpuroute_operator.jobs import Job
 from gpuroute_operator.pools import parse_pool_spec
 from gpuroute_operator.spec import parse_job_spec
 from gpuroute_operator.status import ObjectRef
 from gpuroute_operator.storage import SigningUnavailable
+
+from gpuroute.protocol import (
+    AttemptId,
+    Error,
+    ErrorCode,
+    InputSource,
+    JobRequest,
+    OutputInfo,
+    OutputTarget,
+    Ready,
+    Result,
+    StageTiming,
+    routing_id_for,
+)
+from tests.invariants import timing_violations  # noqa: F401  (re-exported for the dispatcher tests)
 
 T0 = 1_800_000_000.0
 GOOD_SHA = "a" * 64
@@ -132,23 +142,3 @@ class World:
 
     def kicked(self) -> list[bytes]:
         return [r.args["routing_id"] for r in self.effects.log if r.kind == "kick"]
-
-
-def timing_violations(status: Mapping[str, Any]) -> list[str]:
-    """What is wrong with a terminal status's timing (empty when consistent)."""
-    timing = status.get("timing") or {}
-    stamps = [parse_rfc3339(timing.get(k)) for k in ("queuedAt", "dispatchedAt", "startedAt", "completedAt")]
-    present = [s for s in stamps if s is not None]
-    problems = []
-    if any(b < a - 0.0015 for a, b in zip(present, present[1:], strict=False)):
-        problems.append(f"timestamps out of order: {timing}")
-    total = timing.get("totalMs")
-    parts = [timing.get(k, 0.0) for k in ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs",
-                                           "uploadMs")]
-    if total is None or not all(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0 for p in [*parts, total]):
-        problems.append(f"durations missing, negative or not finite: {timing}")
-    elif sum(parts) > total + 0.05:
-        problems.append(f"stages add up to {sum(parts):.3f} ms, more than totalMs {total}")
-    if status.get("phase") == "Completed" and not (isinstance(status.get("attempts"), int) and status["attempts"] >= 1):
-        problems.append(f"completed with attempts {status.get('attempts')!r}")
-    return problems
