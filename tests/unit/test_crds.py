@@ -395,7 +395,7 @@ def test_workerpool_fields(workerpool: dict[str, Any]) -> None:
     spec = _at(schema, "spec")["properties"]
     assert set(spec) == {
         "cloud", "region", "gpu", "pricePerGpuHour", "spot", "workerKeysSecretRef",
-        "allowedSourceCIDRs", "endpoints", "maxInFlightPerWorker", "allowedNamespaces",
+        "allowedSourceCIDRs", "endpoints", "maxInFlightPerWorker", "maxConnectionsPerKey", "allowedNamespaces",
         "models", "scaling",
     }
     assert set(spec["gpu"]["properties"]) == {"model", "memoryGiB"}
