@@ -423,7 +423,7 @@ def test_workerpool_fields(workerpool: dict[str, Any]) -> None:
     assert set(status["pipelines"]["items"]["properties"]) == {"costClass", "jobs", "overheadMs", "msPerMpix"}
     assert status["phase"]["enum"] == ["Available", "Degraded", "Unavailable"]
     assert set(status["workers"]["items"]["properties"]) == {
-        "id", "gpu", "capacity", "inFlight", "rttMs", "lastHeartbeat",
+        "id", "key", "gpu", "capacity", "inFlight", "rttMs", "lastHeartbeat",
     }
     assert "Available" in status["conditions"]["items"]["properties"]["type"]["description"]
 
