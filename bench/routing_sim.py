@@ -1,19 +1,23 @@
-"""Routing simulation (issue #3): the real router and fair queue against a synthetic trace.
+"""Routing simulation (issues #3, #9): the operator's own Dispatcher against a synthetic trace.
 
 `python -m bench.routing_sim [JOBS] [SEED]` replays one trace under every policy below and
-prints Markdown tables. Everything gpuroute decides here is decided by the operator's own
-code: `gpuroute_operator.router.choose` on `PoolView`s built by the real
-`gpuroute_operator.pools.PoolState.view()` (live queue length, busy slots, heartbeat RTT,
-the per-pipeline fit of worker time against input size and the EWMA of all service
-times, updated through `PoolState.record_result` exactly as the engine does), and jobs
-wait in the real `FairQueue`.
-The simulation replaces only the clock, the network and the GPUs.
+prints Markdown tables. For gpuroute the simulation drives the operator's dispatcher
+directly (`gpuroute_operator.dispatcher.Dispatcher`, the code the operator runs), with
+no copy of any of its rules: ImageJobs go in through `Dispatcher.admit`, workers register
+with `on_ready`, answer heartbeats and deliver RESULTs through `on_message`, and the clock
+moves the dispatcher through `tick` every `TICK_S` (the engine's period). Routing, the
+fair queues, dispatch, the preferred pool of a re-queued job, liveness, failover,
+timeouts and max attempts are all the dispatcher's; what it wants done arrives at
+`SimEffects`, the effects port: a JOB starts simulated GPU work, a CANCEL stops it, and a
+job's outcome is read from the terminal status it publishes. The simulation replaces
+only the clock, the network, the GPUs and storage signing (instant dummy URLs).
 
-Service-time estimates come from the engine's own `PoolState` fits (`service_model.py`:
-worker time against input megapixels per pipeline, pools compared on the same job). As
-in the operator, a job's size is known only for inline inputs: realtime jobs here are
-inline uploads (size read from the header), batch jobs read from object storage (size
-unknown: the pipeline's typical size from `PipelinePriors`).
+Service-time estimates are the dispatcher's own (`PoolState` fits, `service_model.py`:
+worker time against input megapixels per pipeline, pools compared on the same job),
+learned from the StageTiming in each simulated RESULT. As in the operator, a job's size
+is known only for inline inputs: realtime jobs here stand for inline uploads (their
+spec carries input_pixels, as read from the header), batch jobs read from object storage
+(size unknown: the pipeline's typical size from `PipelinePriors`).
 
 The trace (`make_trace`): Poisson arrivals with short bursts (rate x5 for 3 s, every
 ~25 s on average) from four namespaces mixing realtime and batch work, plus one namespace
@@ -24,12 +28,13 @@ and RTT; one is a spot pool, and it FAILS at `FAIL_AT_S` (every worker gone at o
 
 Policies, all over the same trace and the same per-job service-time noise:
 
-- gpuroute (per-job strategies, or every job forced to fastest / cheapest / balanced),
-  with the engine's failover: a worker silent for HEARTBEAT_LIVENESS heartbeats is lost,
-  its in-flight jobs are re-routed at the front of a queue (one more attempt at their
-  next dispatch), and once the pool has no workers its queued jobs are re-routed too.
-  During the ~3.7 s before detection the router still sees the dead pool's workers and
-  keeps routing (and the engine dispatching) to it, as the real operator would.
+- gpuroute (per-job strategies, or every job forced to fastest / cheapest / balanced as
+  spec.placement.strategy): the Dispatcher. When the spot pool fails its workers stop
+  answering and heartbeating; the dispatcher's own liveness check finds them silent
+  (HEARTBEAT_LIVENESS missed heartbeats, checked on its tick), re-queues their jobs and,
+  once the pool has no workers, re-routes its queue. Until then the router still sees
+  the dead pool's workers and keeps routing (and dispatching) to it, as the operator
+  would. On recovery the workers send READY again.
 - round-robin: a plain load balancer over the pools, in turn, skipping pools its health
   check (the same 3 missed 1 s beats) has marked down, and pools the job's placement
   excludes. Jobs wait in each pool's own FIFO (no priorities, no namespace fairness).
@@ -57,17 +62,21 @@ Policies, all over the same trace and the same per-job service-time noise:
   Neither MultiKueue variant pays Kueue's own admission latency (generous).
 
 Two scenarios over the same trace: the failed pool returns at RECOVER_AT_S, or never does.
-A third section checks the router's own numbers (estimated vs actual cost and completion
-time) and runs two counterfactuals that change only what the views show the router, to
-size what better inputs would still gain without touching router.py.
+A third section checks the router's own numbers (the estimate it writes into
+status.decision against the actual cost and completion time) and runs two
+counterfactuals that change only what the views show the router (a filter in front of
+`router.choose`, for those runs only), to size what better inputs would still gain.
 
-Outcomes, the same rule for every policy. A job is `completed` if its result arrives by
-its deadline (arrival + timeout); `past_deadline` if the system ends it at its deadline
-(the operator's Timeout; a Kubernetes Job's activeDeadlineSeconds for the baselines);
-`failed` if it ran out of attempts; and `lost` if it never reaches any of these before
-the run ends, which happens only to jobs a failed cluster holds out of the dispatcher's
-sight (nobody can time them out, re-run them, or report them). The run ends one second
-after the last deadline in the trace: nothing after that could finish on time.
+Outcomes. A job is `completed` if its result arrives by its deadline (arrival + timeout);
+`past_deadline` if the system ends it at its deadline (a Kubernetes Job's
+activeDeadlineSeconds for the baselines); `failed` if it ran out of attempts. For gpuroute
+these are the dispatcher's terminal statuses (Completed; Failed with reason Timeout;
+any other Failed), so its deadline is checked on its tick: a result up to TICK_S after
+the deadline still completes, as in the operator. A job is `lost` if it never reaches any
+of these before the run ends, which happens only to jobs a failed cluster holds out of
+the dispatcher's sight (nobody can time them out, re-run them, or report them). The run
+ends one second after the last deadline in the trace: nothing after that could finish
+on time.
 Latency percentiles are over completed jobs (arrival to result at the dispatcher).
 
 Cost: GPU-seconds used times the pool's price per GPU-hour. A worker is one GPU shared
@@ -82,21 +91,33 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import logging
 import math
 import random
+import re
 import statistics
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpuroute import protocol
-from gpuroute_operator.pools import PoolState, WorkerConn, ewma, parse_pool_spec
-from gpuroute_operator.router import JobNeeds, PoolView, choose, estimate
-from gpuroute_operator.service_model import PipelinePriors
-from gpuroute_operator.spec import DEFAULT_MAX_ATTEMPTS
+from gpuroute.protocol import (
+    AttemptId, Body, Cancel, Disconnect, Heartbeat, InputSource, JobRequest, OutputInfo, OutputTarget, Ready, Result,
+    StageTiming, routing_id_for,
+)
+from gpuroute_operator import dispatcher as dispatcher_module
+from gpuroute_operator.dispatcher import Dispatcher
+from gpuroute_operator.effects import TerminalEvent
+from gpuroute_operator.engine import EngineConfig
+from gpuroute_operator.identity import Principal
+from gpuroute_operator.jobs import Job
+from gpuroute_operator.pools import parse_pool_spec
+from gpuroute_operator.router import Decision, JobNeeds, PoolView, choose, estimate
+from gpuroute_operator.spec import Placement, parse_job_spec
+from gpuroute_operator.status import ObjectRef
 
 # ---- scenario ----------------------------------------------------------------------------
 
@@ -117,9 +138,14 @@ BACKGROUND_SPAN_S = 80.0
 BULK_WINDOW_S = (20.0, 35.0)
 """When the bulk namespace submits them."""
 EU_REGIONS = ("westeurope", "eu-west-1", "europe-west4")
-COST_CLASS = "enhance>upscale(method=model)"
-"""Every trace job runs one pipeline; its pools differ in speed, its jobs in size."""
 """placement.regions of jobs whose data must stay in the EU."""
+PIPELINE_MODEL = "realesrgan-x4"
+"""The super-resolution model the pipeline needs; every simulated worker serves it."""
+PIPELINE_SPEC = parse_job_spec({
+    "input": {"uri": "s3://sim-input/image.png"}, "output": {"uri": "s3://sim-output/image.png"},
+    "steps": [{"op": "denoise"}, {"op": "upscale", "method": "model", "model": PIPELINE_MODEL, "scale": 4}]})
+"""Every trace job runs this one pipeline (one cost class): pools differ in speed, jobs in size.
+Each job's priority, timeout, placement and known size are set on a copy of it."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +268,7 @@ def make_trace(jobs: int, seed: int) -> list[TraceJob]:
 # ---- simulation state shared by every policy ----------------------------------------------
 
 
-@dataclass(eq=False)  # identity equality: FairQueue.remove and deque.remove compare jobs
+@dataclass(eq=False)  # identity equality: the baselines' deque.remove compares jobs
 class SimJob:
     """A job's state during one policy's run."""
 
@@ -275,7 +301,10 @@ class Attempt:
     started: float
     service_ms: float
     rtt_ms: float
-    conn: WorkerConn | None = None
+    routing_id: bytes = b""
+    """gpuroute: the worker session it was sent on."""
+    attempt: AttemptId | None = None
+    """gpuroute: the dispatcher's id for it."""
     dead: bool = False
     """Its pool failed under it (or it was sent to a dead pool): no result will come."""
     charged: bool = False
@@ -291,7 +320,6 @@ class Simulation:
         self.models = {m.name: m for m in scenario.pools}
         self.alive = {m.name: True for m in scenario.pools}
         self.jobs = [SimJob(t, t.uid, t.namespace, t.priority) for t in trace]
-        self.rng = random.Random(seed * 7919 + 17)  # heartbeat RTT jitter: same stream for every policy
         self.events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self.seq = itertools.count()
         self.now = 0.0
@@ -306,7 +334,7 @@ class Simulation:
         self.dirty: set[str] = set()
         """Pools whose queue or free slots changed since the last pump."""
         self.down: set[str] = set()
-        """Pools the heartbeat / health check has declared gone (baselines; gpuroute uses WorkerConn.expired)."""
+        """Pools the health check has declared gone (baselines; gpuroute: the dispatcher's own liveness)."""
 
     # ---- event loop -------------------------------------------------------------------
 
@@ -346,7 +374,7 @@ class Simulation:
             if alive:
                 self.last_heard[name] = self.now
             elif self.now - self.last_heard[name] > DETECT_AFTER_S:
-                self.down.add(name)  # a health check's verdict, on the same rule as WorkerConn.expired
+                self.down.add(name)  # a health check's verdict, on the operator's liveness rule
         self.on_tick()
         if self.now + protocol.HEARTBEAT_INTERVAL_S <= self.horizon:
             self.at(self.now + protocol.HEARTBEAT_INTERVAL_S, self.tick)
@@ -354,11 +382,15 @@ class Simulation:
     # ---- attempts, outcomes and cost --------------------------------------------------
 
     def start_attempt(self, job: SimJob, pool: str) -> Attempt:
-        model = self.models[pool]
         job.attempts += 1
         job.pool = pool
-        att = Attempt(job, pool, f"{job.uid}/{job.attempts}", self.now, model.service_ms(job.t.mpix, job.t.noise),
-                      model.rtt_ms * (0.9 + 0.2 * (job.t.noise * 1000.0 % 1.0)))
+        return self.run_attempt(job, pool, f"{job.uid}/{job.attempts}")
+
+    def run_attempt(self, job: SimJob, pool: str, job_id: str, routing_id: bytes = b"") -> Attempt:
+        """The GPU side of one attempt: its result comes back after RTT + service time, unless the pool is dead."""
+        model = self.models[pool]
+        att = Attempt(job, pool, job_id, self.now, model.service_ms(job.t.mpix, job.t.noise),
+                      model.rtt_ms * (0.9 + 0.2 * (job.t.noise * 1000.0 % 1.0)), routing_id)
         if self.alive[pool]:
             self.at(self.now + (att.rtt_ms + att.service_ms) / 1000.0, self.result, att)
         else:
@@ -461,179 +493,305 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-# ---- gpuroute: the real router, fair queue and pool state ------------------------------------
+# ---- gpuroute: the operator's Dispatcher, driven directly -------------------------------------
+
+
+def _engine_tick_s() -> float:
+    default = next(f.default for f in dataclasses.fields(EngineConfig) if f.name == "tick_s")
+    assert isinstance(default, float)
+    return default
+
+
+TICK_S = _engine_tick_s()
+"""The engine's housekeeping period (EngineConfig.tick_s): Dispatcher.tick runs this often."""
+_ESTIMATE = re.compile(r"est\. (?P<ms>[0-9.]+) ms, \$(?P<usd>[0-9.]+)")
+"""The router's estimate inside status.decision (router.choose writes it there)."""
+
+
+def sign_urls(job: Job, now: float) -> tuple[InputSource, OutputTarget]:
+    """The dispatcher's signer: storage is not simulated, so every job signs at once with dummy URLs."""
+    return (InputSource(f"https://storage.sim/in/{job.uid}"),
+            OutputTarget(f"https://storage.sim/out/{job.uid}", job.spec.output_format))
+
+
+@dataclass(frozen=True)
+class SimWorker:
+    """One simulated worker process: its key (ZAP is not simulated: it is taken as authenticated)."""
+
+    pool: str
+    name: str
+    principal: Principal
+    routing_id: bytes
+    """routing_id_for(its public key, its name), as the worker sets it."""
+    slots: int
+    """The capacity it announces in READY."""
+
+
+class SimEffects:
+    """The dispatcher's Effects port in the simulation: sends reach simulated workers, statuses are recorded.
+
+    Nothing is decided here. A JOB starts the simulated GPU work and a CANCEL stops it; a
+    live worker answers a ping with a pong and registers again when told to (DISCONNECT,
+    kick), as the worker process does; a dead one does nothing. Terminal statuses (with
+    their Event) are the only source of each job's outcome.
+    """
+
+    def __init__(self, sim: GpurouteSim) -> None:
+        self.sim = sim
+        self.counts: Counter[str] = Counter()
+        """Effects by kind: bodies sent by type, publish, kick, forget, warn:<reason>."""
+        self.terminal: dict[str, tuple[Mapping[str, Any], TerminalEvent]] = {}
+        """uid -> its terminal status and Event, as published."""
+
+    def send(self, routing_id: bytes, body: Body, payload: bytes | None = None) -> bool:
+        self.counts[type(body).__name__] += 1
+        self.sim.deliver(routing_id, body)
+        return True  # a vanished peer's socket still takes messages: only silence reveals it
+
+    def kick(self, routing_id: bytes, reason: str) -> None:
+        self.counts["kick"] += 1
+        self.sim.reconnect(routing_id)
+
+    def publish(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = False,
+                terminal_event: TerminalEvent | None = None) -> None:
+        self.counts["publish"] += 1
+        self.sim.observe(ref.uid, status)
+        if terminal_event is not None:
+            if ref.uid in self.terminal:
+                raise RuntimeError(f"{ref.uid}: a second terminal status {status['phase']}")
+            self.terminal[ref.uid] = (status, terminal_event)
+            self.sim.finish(ref.uid, status, terminal_event)
+
+    def forget(self, ref: ObjectRef) -> None:
+        self.counts["forget"] += 1
+
+    def warn(self, ref: ObjectRef, reason: str, message: str) -> None:
+        self.counts[f"warn:{reason}"] += 1
+        if reason == "Requeued":
+            self.sim.by_uid[ref.uid].rerouted = True
+
+
+class CounterfactualDispatcher(Dispatcher):
+    """The real Dispatcher, noting which job it is routing; used only for the counterfactual runs.
+
+    `Dispatcher._route` asks `needs(job)` just before it calls `router.choose(needs, views)`;
+    knowing the job lets a counterfactual change what the views show for it. No rule is
+    overridden: `needs` returns what the Dispatcher's own does.
+    """
+
+    routing: Job | None = None
+    """The job whose needs were asked last: the one being routed."""
+
+    def needs(self, job: Job, now: float) -> JobNeeds:
+        self.routing = job
+        return super().needs(job, now)
 
 
 class GpurouteSim(Simulation):
-    """The engine's routing, dispatch, failover and timeouts over the real PoolState/FairQueue."""
+    """gpuroute: the operator's own `Dispatcher` makes every decision; this class plays the clock and the workers."""
 
     def __init__(self, trace: Sequence[TraceJob], scenario: Scenario, seed: int, *, strategy: str | None,
                  counterfactual: str | None = None) -> None:
         super().__init__(trace, scenario, seed)
         self.strategy = strategy
         self.label = f"gpuroute, all {strategy}" if strategy else "gpuroute, per-job strategies"
-        # Counterfactuals for the report only (router.py untouched): change what the views show.
-        # "realtime-queue": a realtime job sees only the realtime part of each queue (what FairQueue
-        # serves before it). "oracle-service": every pool's estimate for the job is its true
-        # noise-free service time, and its typical job the true mean: perfect knowledge of speed,
-        # to size what the learned fits still miss.
+        # Counterfactuals for the report only (router.py and dispatcher.py untouched): change what
+        # the views show the router. "realtime-queue": a realtime job sees only the realtime part
+        # of each queue (what FairQueue serves before it). "oracle-service": every pool's estimate
+        # for the job is its true noise-free service time, and its typical job the true mean:
+        # perfect knowledge of speed, to size what the learned fits still miss.
         self.counterfactual = counterfactual
         if counterfactual:
             self.label += f" [{counterfactual}]"
         mean_mpix = statistics.fmean(t.mpix for t in trace) if trace else 1.0
         self.true_service = {m.name: m.service_ms(mean_mpix, 1.0) for m in scenario.pools}
-        self.models = {m.name: m for m in scenario.pools}
-        self.priors = PipelinePriors()
-        self.pools: dict[str, PoolState] = {}
+        self.rng = random.Random(seed * 7919 + 17)  # heartbeat RTT jitter: same stream for every strategy
+        self.by_uid = {j.uid: j for j in self.jobs}
+        self.effects = SimEffects(self)
+        self.dispatcher: Dispatcher = (CounterfactualDispatcher if counterfactual else Dispatcher)(
+            self.effects, sign_urls)
+        self.running: dict[AttemptId, Attempt] = {}
+        """Attempts a simulated worker has been sent and not finished, stopped or lost."""
+        self.last_beat = -math.inf
+        self.decisions: dict[str, str] = {}
+        """uid -> the last status.decision seen (a new one is a new routing decision)."""
+        self.workers: dict[bytes, SimWorker] = {}
         for m in scenario.pools:
             body = {"cloud": m.cloud, "region": m.region, "pricePerGpuHour": m.price_per_gpu_hour, "spot": m.spot,
-                    "maxInFlightPerWorker": m.slots_per_worker}
-            spec = parse_pool_spec(m.name, body, generation=1, default_namespace="gpuroute-system")
-            self.pools[m.name] = PoolState(spec)
-            self._connect_workers(m, generation=0)
-        self.unrouted: dict[str, SimJob] = {}
-        self.active: dict[str, Attempt] = {}
-        """Current attempt of each dispatched job, by uid."""
+                    "maxInFlightPerWorker": m.slots_per_worker, "workerKeysSecretRef": {"name": f"{m.name}-keys"}}
+            self.dispatcher.set_pool(parse_pool_spec(m.name, body, generation=1, default_namespace="gpuroute-system"),
+                                     self.now)
+            for i in range(m.workers):
+                name = f"w{i}"
+                key = f"{m.name}-{name}".ljust(40, "K")[:40]  # a stand-in Z85 public key, one per worker
+                worker = SimWorker(m.name, name, Principal(m.name, name, key), routing_id_for(key, name),
+                                   m.slots_per_worker)
+                self.workers[worker.routing_id] = worker
+        for worker in self.workers.values():
+            self.ready(worker)
 
-    def _connect_workers(self, model: PoolModel, *, generation: int) -> None:
-        pool = self.pools[model.name]
-        for i in range(model.workers):
-            rid = f"{model.name}/w{i}/{generation}".encode()
-            pool.workers[rid] = WorkerConn(routing_id=rid, pool=model.name, worker=f"w{i}",
-                                           capacity=model.slots_per_worker, device="gpu", models=frozenset(),
-                                           last_seen=self.now, last_heartbeat_wall=self.now)
-        self.dirty.add(model.name)
+    def run(self) -> dict[str, Any]:
+        if self.counterfactual is None:
+            return super().run()
+        # The dispatcher calls the router through its module's `choose`; a counterfactual run
+        # puts its view filter in front of the real one for this run only.
+        real = dispatcher_module.choose
+        dispatcher_module.choose = self._counterfactual_choose
+        try:
+            return super().run()
+        finally:
+            dispatcher_module.choose = real
 
-    # ---- routing (engine._route) ----------------------------------------------------------
-
-    def route(self, job: SimJob, *, front: bool = False) -> None:
-        needs = JobNeeds(namespace=job.namespace, priority=job.priority, strategy=self.strategy or job.t.strategy,
-                         timeout_s=max(0.0, job.t.deadline - self.now), regions=job.t.regions)
-        known = job.t.mpix if job.priority == "realtime" else None  # inline upload: size from its header
-        mpix = self.priors.expected_mpix(COST_CLASS, known)
-        shape = self.priors.shape(COST_CLASS)
-        views = [p.view(p.job_service_ms(COST_CLASS, mpix, shape)) for p in self.pools.values()]
+    def _counterfactual_choose(self, job: JobNeeds, pools: Sequence[PoolView]) -> Decision:
+        """router.choose's signature: the dispatcher calls it as `choose(needs, views)`."""
         if self.counterfactual == "realtime-queue" and job.priority == "realtime":
-            views = [dataclasses.replace(v, queued=self.pools[v.name].queue.count("realtime")) for v in views]
+            pools = [dataclasses.replace(v, queued=self.dispatcher.pools[v.name].queue.count("realtime"))
+                     for v in pools]
         elif self.counterfactual == "oracle-service":
-            views = [dataclasses.replace(v, service_ms=self.true_service[v.name],
-                                         job_service_ms=self.models[v.name].service_ms(job.t.mpix, 1.0))
-                     for v in views]
-        decision = choose(needs, views)
-        if decision.pool is None:
-            job.pool = None
-            self.unrouted[job.uid] = job
-            return
-        self.unrouted.pop(job.uid, None)
-        job.pool, job.routed_at = decision.pool, self.now
-        job.expected_ms = decision.estimate.expected_ms if decision.estimate else None
-        job.expected_usd = decision.estimate.cost_usd if decision.estimate else None
-        self.pools[decision.pool].queue.push(job, front=front)
-        self.dirty.add(decision.pool)
+            assert isinstance(self.dispatcher, CounterfactualDispatcher) and self.dispatcher.routing is not None
+            mpix = self.by_uid[self.dispatcher.routing.uid].t.mpix
+            pools = [dataclasses.replace(v, service_ms=self.true_service[v.name],
+                                         job_service_ms=self.models[v.name].service_ms(mpix, 1.0)) for v in pools]
+        return choose(job, pools)
+
+    # ---- what the operator is told: ImageJobs, READY, heartbeats, results -------------------------
+
+    def job_record(self, job: SimJob) -> Job:
+        """The trace job as an admitted ImageJob. Realtime jobs stand for inline uploads: the
+        operator knows their size (input_pixels, read from the header); batch inputs are URIs."""
+        t = job.t
+        spec = dataclasses.replace(
+            PIPELINE_SPEC, priority=t.priority, timeout_s=int(t.timeout_s),
+            placement=Placement(regions=t.regions, strategy=self.strategy or t.strategy),
+            input_pixels=round(t.mpix * 1e6) if t.priority == "realtime" else None)
+        return Job(t.uid, t.namespace, t.uid, 1, spec, self.now)
 
     def arrive(self, job: SimJob) -> None:
-        self.route(job)
+        self.dispatcher.admit(self.job_record(job), self.now)
 
-    def pump(self) -> None:
-        """engine.pump: dispatch queued jobs to free workers, for the pools that changed."""
-        while self.dirty:
-            pool = self.pools[self.next_dirty()]
-            while len(pool.queue):
-                conn = pool.free_worker(None)
-                if conn is None:
-                    break
-                job = pool.queue.pop()
-                if job is None:
-                    break
-                self.dispatch(job, conn)
+    def ready(self, worker: SimWorker) -> None:
+        self.dispatcher.on_ready(worker.routing_id, worker.principal,
+                                 Ready(worker.pool, worker.name, worker.slots, "gpu", (PIPELINE_MODEL,)), self.now)
 
-    def dispatch(self, job: SimJob, conn: WorkerConn) -> None:
-        if job.attempts >= DEFAULT_MAX_ATTEMPTS:
-            self.settle(job, FAILED)  # MaxAttemptsExceeded
-            return
-        att = self.start_attempt(job, conn.pool)
-        att.conn = conn
-        conn.jobs[att.job_id] = job  # type: ignore[assignment]  # the engine stores its Job here
-        self.active[job.uid] = att
-
-    # ---- results, timeouts (engine._job_result, engine._expire_deadlines) -------------------
-
-    def result(self, att: Attempt) -> None:
-        if att.dead or att.conn is None or att.conn.jobs.pop(att.job_id, None) is None:
-            return  # cancelled, or its worker was declared lost: the engine drops it
-        self.active.pop(att.job.uid, None)
-        pool = self.pools[att.pool]
-        pixels = int(att.job.t.mpix * 1e6)
-        pool.record_result(att.service_ms, pixels, cost_class=COST_CLASS, input_pixels=pixels)
-        self.priors.add(COST_CLASS, att.job.t.mpix, att.service_ms)
-        self.complete(att)
-        self.dirty.add(att.pool)
+    def tick(self) -> None:
+        """The engine's tick loop: every TICK_S, with a heartbeat every HEARTBEAT_INTERVAL_S."""
+        beat = self.now - self.last_beat >= protocol.HEARTBEAT_INTERVAL_S
+        if beat:
+            self.last_beat = self.now
+        self.dispatcher.tick(self.now, heartbeat=beat)
+        if self.now + TICK_S <= self.horizon:
+            self.at(self.now + TICK_S, self.tick)
 
     def deadline(self, job: SimJob) -> None:
-        if job.outcome != PENDING:
-            return
-        att = self.active.pop(job.uid, None)
-        if att is not None and att.conn is not None and att.conn.jobs.pop(att.job_id, None) is not None:
-            self.charge(att, self.now)  # CANCEL sent: the worker stops it
-            self.dirty.add(att.pool)
-        self.unrouted.pop(job.uid, None)
-        for pool in self.pools.values():
-            pool.queue.remove(job.uid)
-        self.settle(job, PAST_DEADLINE)
+        pass  # the dispatcher times jobs out itself (Dispatcher.expire, on its tick)
 
-    # ---- failure and failover (engine._heartbeat, engine._worker_lost) ---------------------
+    # ---- the workers' side (called through SimEffects) ---------------------------------------
+
+    def deliver(self, routing_id: bytes, body: Body) -> None:
+        worker = self.workers[routing_id]
+        if isinstance(body, JobRequest):
+            job = self.by_uid[body.job.uid]
+            job.attempts = body.job.attempt
+            att = self.run_attempt(job, worker.pool, str(body.job), routing_id)
+            att.attempt = body.job
+            self.running[body.job] = att
+        elif isinstance(body, Cancel):
+            cancelled = self.running.pop(body.job, None)
+            if cancelled is not None:
+                self.charge(cancelled, self.now)  # the worker stops it: GPU time up to now
+                cancelled.dead = True
+        elif isinstance(body, Heartbeat):
+            if body.ping is not None and self.alive[worker.pool]:
+                rtt_s = self.models[worker.pool].rtt_ms * self.rng.lognormvariate(0.0, 0.1) / 1000.0
+                self.at(self.now + rtt_s, self.pong, worker, body.ping)
+        elif isinstance(body, Disconnect):
+            self.reconnect(routing_id)
+
+    def pong(self, worker: SimWorker, ping: float) -> None:
+        if self.alive[worker.pool]:  # a pong still in flight when the pool died never arrives
+            self.dispatcher.on_message(worker.routing_id, worker.principal, Heartbeat(pong=ping), self.now)
+
+    def reconnect(self, routing_id: bytes) -> None:
+        """Told to go (or that it is unknown): a live worker connects again and sends READY."""
+        worker = self.workers[routing_id]
+        if self.alive[worker.pool]:
+            self.at(self.now + self.models[worker.pool].rtt_ms / 1000.0, self.ready, worker)
+
+    def result(self, att: Attempt) -> None:
+        if att.dead or att.attempt is None or self.running.get(att.attempt) is not att:
+            return  # stopped by a CANCEL, or its pool died under it: no answer
+        del self.running[att.attempt]
+        self.charge(att, self.now)
+        pixels = max(1, round(att.job.t.mpix * 1e6))
+        width = max(1, round(math.sqrt(pixels)))
+        height = max(1, round(pixels / width))
+        result = Result(att.attempt, StageTiming(gpu_ms=att.service_ms),
+                        OutputInfo(width * height, 4 * width, 4 * height, "0" * 64, "png"), width, height, "gpu")
+        worker = self.workers[att.routing_id]
+        self.dispatcher.on_message(att.routing_id, worker.principal, result, self.now)
+
+    # ---- the pool failing and returning ----------------------------------------------------------
 
     def fail(self) -> None:
-        # The workers vanish; the operator learns only from missing heartbeats.
-        self.alive[self.scenario.failing] = False
-        self.fail_pool_attempts([a for a in self.active.values() if a.pool == self.scenario.failing])
+        # The workers vanish without a word; the operator learns only from missing pongs.
+        name = self.scenario.failing
+        self.alive[name] = False
+        self.fail_pool_attempts([a for a in self.running.values() if a.pool == name and not a.dead])
 
     def recover(self) -> None:
         name = self.scenario.failing
         self.alive[name] = True
-        self._connect_workers(self.models[name], generation=1)  # fresh READY from each worker
-        self._reroute_unrouted()
+        for worker in self.workers.values():
+            if worker.pool == name:
+                self.ready(worker)
 
-    def on_tick(self) -> None:
-        for name, pool in self.pools.items():
-            model = self.models[name]
-            for conn in list(pool.workers.values()):
-                if self.alive[name]:
-                    conn.last_seen = self.now
-                    conn.rtt_ms = ewma(conn.rtt_ms, model.rtt_ms * self.rng.lognormvariate(0.0, 0.1))
-                elif conn.expired(self.now):
-                    self._worker_lost(pool, conn)
-        self._reroute_unrouted()
+    # ---- what the operator says: statuses and their terminal Events --------------------------------
 
-    def _worker_lost(self, pool: PoolState, conn: WorkerConn) -> None:
-        """engine._worker_lost, step by step: the order decides where the jobs go."""
-        del pool.workers[conn.routing_id]
-        for job in list(conn.jobs.values()):
-            sim_job: SimJob = job  # type: ignore[assignment]
-            self.active.pop(sim_job.uid, None)
-            if sim_job.outcome == PENDING:
-                sim_job.rerouted = True
-                self.route(sim_job, front=True)  # _requeue: front of whichever queue the router picks
-        conn.jobs.clear()
-        if not pool.workers:
-            for sim_job in list(pool.queue):
-                pool.queue.remove(sim_job.uid)
-                sim_job.rerouted = True
-                self.route(sim_job)
-        self.dirty.add(pool.spec.name)
+    def observe(self, uid: str, status: Mapping[str, Any]) -> None:
+        """Every status write: where the job is, and the router's latest decision and estimate."""
+        job = self.by_uid[uid]
+        pool = status.get("pool") or None
+        if pool is not None and job.pool is not None and pool != job.pool:
+            job.rerouted = True  # moved to another pool's queue (its pool lost every worker)
+        job.pool = pool or job.pool
+        decision = status.get("decision") or ""
+        if decision and decision != self.decisions.get(uid):
+            self.decisions[uid] = decision
+            match = _ESTIMATE.search(decision)
+            job.expected_usd = float(match["usd"]) if match else None
+            # The dispatcher writes a Queued status right after each decision it makes on admission
+            # or re-queueing; a decision first seen later (a queue moved when its pool lost every
+            # worker) was made at a moment the status does not tell, so its time estimate is not
+            # compared with the actual time.
+            known = status.get("phase") == "Queued"
+            job.routed_at = self.now
+            job.expected_ms = float(match["ms"]) if match and known else None
 
-    def _reroute_unrouted(self) -> None:
-        for job in list(self.unrouted.values()):
-            self.route(job)
+    def finish(self, uid: str, status: Mapping[str, Any], event: TerminalEvent) -> None:
+        job = self.by_uid[uid]
+        if status["phase"] == "Completed":
+            outcome = COMPLETED
+        elif status["phase"] == "Failed":
+            outcome = PAST_DEADLINE if event.reason == "Timeout" else FAILED
+        else:
+            raise RuntimeError(f"{uid}: terminal phase {status['phase']} ({event.reason}) in a run that cancels nothing")
+        self.settle(job, outcome)
+        job.attempts = int(status["attempts"])
+        if outcome == COMPLETED:
+            self.pool_done[status["pool"]] += 1
 
     def idle_slots(self) -> int:
         # A job stays in the queue it was routed to; this counts capacity that could have taken one
         # of them (ignoring placement, so a slight overcount where EU-only jobs wait).
-        free = {n: self.models[n].slots - p.busy for n, p in self.pools.items() if self.alive[n] and p.workers}
-        waiting = [n for n, p in self.pools.items() if len(p.queue)]
+        pools = self.dispatcher.pools
+        waiting = [n for n, p in pools.items() if len(p.queue)]
         if not waiting:
             return 0
-        return sum(f for n, f in free.items() if f > 0 and any(w != n for w in waiting))
+        free = 0
+        for name, pool in pools.items():
+            if self.alive[name] and pool.workers and any(w != name for w in waiting):
+                free += max(0, sum(w.capacity for w in pool.workers.values()) - pool.busy)
+        return free
 
 
 # ---- baselines -----------------------------------------------------------------------------
@@ -911,7 +1069,7 @@ def router_diagnostics(trace: Sequence[TraceJob], scenario: Scenario, seed: int)
     sim = GpurouteSim(trace, scenario, seed, strategy=None)
     row = sim.run()
     out: dict[str, Any] = {"estimated_vs_actual_per_pool": {}}
-    for name in sim.pools:
+    for name in sim.models:
         done = [j for j in sim.jobs if j.outcome == COMPLETED and j.pool == name and j.expected_usd is not None]
         estimated, actual = sum(j.expected_usd for j in done), sum(j.usd for j in done)  # type: ignore[misc]
         out["estimated_vs_actual_per_pool"][name] = {
@@ -1027,6 +1185,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+    # Each simulated pool failure makes the dispatcher log one warning per lost worker, per run.
+    logging.getLogger(dispatcher_module.__name__).setLevel(logging.ERROR)
     jobs = int(argv[1]) if len(argv) > 1 else 10_000
     seed = int(argv[2]) if len(argv) > 2 else 0
     print(markdown(run(jobs=jobs, seed=seed)))

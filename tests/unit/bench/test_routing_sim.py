@@ -1,16 +1,24 @@
 """The routing simulation accounts for every job, survives a pool failure, and orders the strategies.
 
-Every assertion is on the simulation's own outputs (the real router, FairQueue and PoolState
-drive it); a small trace keeps the run to a few seconds.
+Every assertion is on the simulation's own outputs; for gpuroute those come from the
+operator's own Dispatcher, driven directly (checked below). A small trace keeps the run
+to a few seconds.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 
-from bench.routing_sim import FAILING, POLICIES, GpurouteSim, MultiKueueSim, Scenario, TraceJob, markdown, run
+from bench import routing_sim
+from bench.routing_sim import (
+    FAILING, POLICIES, CounterfactualDispatcher, GpurouteSim, MultiKueueSim, Scenario, TraceJob, markdown, run,
+)
+from gpuroute_operator import dispatcher as dispatcher_module
+from gpuroute_operator import router
+from gpuroute_operator.dispatcher import Dispatcher
 
 JOBS = 2_000
 GPUROUTE = ("gpuroute-mix", "gpuroute-fastest", "gpuroute-cheapest", "gpuroute-balanced")
@@ -74,11 +82,49 @@ def test_markdown_prints_every_policy_with_ratios(out: dict[str, Any]) -> None:
     assert "| round-robin | " in text and " 1.00x " in text
 
 
+def test_router_checks_read_the_dispatchers_estimates(out: dict[str, Any]) -> None:
+    # The estimates are read back from status.decision: a change in its wording must not
+    # silently empty the report.
+    diag = out["diagnostics"]
+    assert 0.3 < diag["realtime_actual_over_expected_median"] < 3.0
+    ratios = [v["ratio"] for v in diag["estimated_vs_actual_per_pool"].values() if v["jobs"]]
+    assert ratios and all(0.3 < r < 3.0 for r in ratios), diag
+
+
 def _job(uid: str, arrival: float, *, mpix: float = 5.0) -> TraceJob:
     return TraceJob(uid, "team-a", "batch", "cheapest", arrival, 300.0, mpix, 1.0)
 
 
-def test_failover_requeues_in_flight_jobs_like_the_engine() -> None:
+def test_gpuroute_runs_the_operators_dispatcher_unmodified() -> None:
+    trace = [_job(f"j{i}", 0.1 + i * 0.05) for i in range(40)]
+    sim = GpurouteSim(trace, Scenario(fail_at_s=0.5, recover_at_s=None), 0, strategy=None)
+    assert type(sim.dispatcher) is Dispatcher and sim.dispatcher.effects is sim.effects
+    row = sim.run()
+    # Every outcome is a terminal status the dispatcher published through the effects port.
+    assert set(sim.effects.terminal) == {j.uid for j in sim.jobs}
+    for job in sim.jobs:
+        status, event = sim.effects.terminal[job.uid]
+        assert (status["phase"], event.reason, job.outcome) == ("Completed", "Completed", "completed")
+        assert status["attempts"] == job.attempts and status["pool"] == job.pool
+    assert row["completed"] == 40
+    # Each attempt was a JOB the dispatcher sent; the learning it did came from the RESULTs.
+    assert sim.effects.counts["JobRequest"] == sum(j.attempts for j in sim.jobs)
+    assert any(p.fits for p in sim.dispatcher.pools.values())
+    # No engine logic is kept in the bench: the structures it used to copy are not even imported.
+    for name in ("PoolState", "WorkerConn", "FairQueue", "PipelinePriors", "ewma", "DEFAULT_MAX_ATTEMPTS"):
+        assert not hasattr(routing_sim, name), name
+
+
+def test_counterfactuals_only_filter_what_the_router_sees() -> None:
+    # The one subclass overrides no rule: it notes the job being routed and returns the real needs.
+    assert {k for k in vars(CounterfactualDispatcher) if not k.startswith("__")} == {"needs", "routing"}
+    trace = [_job(f"j{i}", 0.1 + i * 0.05) for i in range(20)]
+    sim = GpurouteSim(trace, Scenario(), 0, strategy=None, counterfactual="oracle-service")
+    assert sim.run()["completed"] == 20
+    assert dispatcher_module.choose is router.choose  # restored after the run
+
+
+def test_failover_requeues_in_flight_jobs_through_the_dispatcher() -> None:
     # 15 cheapest batch jobs: the spot pool (10 single-slot workers) takes them all, runs 10 and
     # queues 5; it dies at 0.5 s, before any finishes. Missing heartbeats expose it after 3 s.
     trace = [_job(f"j{i}", 0.1 + i * 0.001) for i in range(15)]
@@ -91,9 +137,41 @@ def test_failover_requeues_in_flight_jobs_like_the_engine() -> None:
     # The ten in flight were sent once to the dead pool, so they completed on their second attempt;
     # the five still queued there were re-routed without ever being sent.
     assert sorted(j.attempts for j in sim.jobs) == [1] * 5 + [2] * 10
-    # The router's measurements came from the real PoolState: results fed the EWMA.
-    assert all(p.service_ms is None or p.service_ms > 0 for p in sim.pools.values())
-    assert sum(p.service_ms is not None for p in sim.pools.values()) >= 1
+    assert sim.effects.counts["warn:Requeued"] == 10 and sim.effects.counts["kick"] == 10
+    # The router's measurements are the dispatcher's own PoolState, fed by the RESULTs.
+    pools = sim.dispatcher.pools
+    assert all(p.service_ms is None or p.service_ms > 0 for p in pools.values())
+    assert sum(p.service_ms is not None for p in pools.values()) >= 1
+    assert not pools[FAILING].workers
+
+
+def test_workers_back_before_detection_re_register_and_their_jobs_are_re_sent() -> None:
+    # The spot pool's workers restart at 2 s, before the 3 s of silence that would expose them:
+    # their READY (with no jobs) replaces the old sessions, whose attempts are re-queued.
+    trace = [_job(f"j{i}", 0.1 + i * 0.001) for i in range(10)]
+    sim = GpurouteSim(trace, Scenario(fail_at_s=0.5, recover_at_s=2.0), 0, strategy=None)
+    row = sim.run()
+    assert row["completed"] == 10 and row["lost"] == 0
+    assert sim.effects.counts["kick"] == 0 and sim.effects.counts["warn:Requeued"] == 10
+    assert sorted(j.attempts for j in sim.jobs) == [2] * 10
+    assert all(j.finished_at is not None and j.finished_at > 2.0 for j in sim.jobs)
+
+
+def test_a_job_with_no_pool_left_times_out_by_the_dispatchers_clock() -> None:
+    # Pinned to the spot pool's region; the pool dies under it and never returns. The dispatcher
+    # finds the worker silent, has nowhere to send the job, and fails it at its deadline.
+    job = TraceJob("pinned", "team-a", "realtime", "fastest", 0.1, 5.0, 20.0, 1.0, ("us-east-1",))
+    sim = GpurouteSim([job], Scenario(fail_at_s=0.5, recover_at_s=None), 0, strategy=None)
+    row = sim.run()
+    assert row["past_deadline"] == 1 and row["realtime_past_deadline"] == 1 and row["completed"] == 0
+    status, event = sim.effects.terminal["pinned"]
+    assert (status["phase"], event.reason, status["attempts"]) == ("Failed", "Timeout", 1)
+    finished = sim.jobs[0].finished_at
+    assert finished is not None and 5.1 < finished <= 5.1 + routing_sim.TICK_S
+    # Its one attempt (sent at 0.1 s, 2 s of work) ran on the spot GPU until the pool died at 0.5 s:
+    # charged that long (less half its 0.9 x 70 ms round trip), no more.
+    spot = sim.models[FAILING]
+    assert math.isclose(row["gpu_usd"], spot.usd((0.5 - 0.1) * 1000.0 - 0.9 * spot.rtt_ms / 2.0))
 
 
 def test_multikueue_holds_jobs_of_a_lost_cluster_until_worker_lost_timeout() -> None:
