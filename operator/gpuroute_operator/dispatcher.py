@@ -20,6 +20,7 @@ Invariants this module owns (each is tested):
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ class Dispatcher:
         self.resuming: dict[str, tuple[float, Resume]] = {}
         """uid -> (give up waiting at, what the status said)."""
         self.finished: dict[str, None] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        """(deadline, uid) of live jobs, earliest first: expiry never scans every job."""
         self.priors = PipelinePriors()
         self.counters: dict[str, int] = {}
         """Dropped and refused messages by why (also exported as metrics)."""
@@ -143,6 +146,7 @@ class Dispatcher:
         if job.uid in self.jobs or job.uid in self.finished:
             return
         self.jobs[job.uid] = job
+        heapq.heappush(self._deadlines, (job.deadline, job.uid))
         metrics.JOBS_ADMITTED.labels(job.priority).inc()
         if cancel is not None:
             self._finish(job, Phase.CANCELLED, "CancelRequested", cancel, now)
@@ -151,7 +155,7 @@ class Dispatcher:
             job.attempts = resume.attempts
             job.pool = resume.pool or None
             job.preferred_worker = resume.worker or None
-            job.move(Phase.QUEUED, reason="Resumed", message=f"resumed after an operator restart; "
+            job.move(Phase.QUEUED, at=now, reason="Resumed", message=f"resumed after an operator restart; "
                      f"attempt {resume.attempts} was on {resume.pool}/{resume.worker}")
             holder = self._holder_of(job, now)
             if holder is not None:
@@ -160,7 +164,7 @@ class Dispatcher:
                 job.reuse_attempt = True
                 self._place(job, Place.RESUMING, now, resume=(now + self.config.resume_grace_s, resume))
         else:
-            job.move(Phase.QUEUED, reason="Admitted", message="waiting for a worker")
+            job.move(Phase.QUEUED, at=now, reason="Admitted", message="waiting for a worker")
             holder = self._holder_of(job, now)
             if holder is not None:
                 # Its Dispatched status never landed before a restart, but a worker has it.
@@ -202,7 +206,8 @@ class Dispatcher:
                         clouds=placement.clouds, regions=placement.regions, models=models_used(job.spec.steps))
 
     def _eligible(self, job: Job, pool: PoolState, now: float) -> bool:
-        view = dataclasses.replace(pool.view(), workers=max(1, len(pool.workers)), slots=max(1, pool.view().slots))
+        view = pool.view()
+        view = dataclasses.replace(view, workers=max(1, view.workers), slots=max(1, view.slots))
         return rejection(self.needs(job, now), view) is None
 
     def _route(self, job: Job, now: float, *, front: bool = False) -> None:
@@ -275,14 +280,14 @@ class Dispatcher:
         job.pool, job.worker, job.gpu = conn.pool, conn.worker, conn.device
         job.dispatched_at = now
         job.started_at = None
-        job.move(Phase.DISPATCHED, reason="Dispatched", message=f"attempt {number} sent to {conn.pool}/{conn.worker}")
+        job.move(Phase.DISPATCHED, at=now, reason="Dispatched", message=f"attempt {number} sent to {conn.pool}/{conn.worker}")
         if first:
             metrics.DISPATCH_SECONDS.observe(max(0.0, now - job.queued_at))
         self._publish(job)
 
     def _hold(self, job: Job, why: str, now: float) -> None:
         first = job.reason != "StorageUnavailable"
-        job.move(Phase.QUEUED, reason="StorageUnavailable",
+        job.move(Phase.QUEUED, at=now, reason="StorageUnavailable",
                  message=f"{why}; retrying every {self.config.signing_retry_s:g} s until timeoutSeconds")
         self._place(job, Place.HELD, now)
         self._publish(job)
@@ -292,7 +297,7 @@ class Dispatcher:
 
     def _requeue(self, job: Job, reason: str, message: str, now: float) -> None:
         job.worker = None
-        job.move(Phase.QUEUED, reason=reason, message=message)
+        job.move(Phase.QUEUED, at=now, reason=reason, message=message)
         metrics.JOBS_REQUEUED.labels(reason).inc()
         self._route(job, now, front=True)
         self._publish(job)
@@ -353,7 +358,7 @@ class Dispatcher:
                 result: Result | None = None) -> None:
         if job.phase.terminal:
             return
-        job.move(phase, reason=reason, message=message)
+        job.move(phase, at=now, reason=reason, message=message)
         self._cancel_attempts(job, keep=result.job if result else None)
         if result is not None:
             self._close(result.job)
@@ -439,6 +444,8 @@ class Dispatcher:
 
     def _holder_of(self, job: Job, now: float) -> tuple[WorkerConn, AttemptId] | None:
         for conn in self.sessions.values():
+            if not conn.foreign:
+                continue
             for attempt in sorted(conn.foreign, reverse=True):
                 if attempt.uid == job.uid and self._may_adopt(job, attempt, conn, now):
                     return conn, attempt
@@ -480,13 +487,14 @@ class Dispatcher:
             self._lose(conn, "shut down", now)
         else:
             self._count("unexpected_kind")
-        self.pump(now)
+        if not isinstance(body, (Heartbeat, Progress)):
+            self.pump(now)  # a slot may have freed; heartbeats change nothing to dispatch
 
     def _accepted(self, conn: WorkerConn, body: Accepted, now: float) -> None:
         job = self.jobs.get(body.job.uid)
         if job is not None and job.phase is Phase.DISPATCHED and body.job == job.current_attempt:
             job.started_at = now
-            job.move(Phase.PROCESSING, reason="Processing", message=f"running on {conn.pool}/{conn.worker}")
+            job.move(Phase.PROCESSING, at=now, reason="Processing", message=f"running on {conn.pool}/{conn.worker}")
             self._publish(job)
 
     def on_result(self, conn: WorkerConn, result: Result, now: float) -> None:
@@ -519,7 +527,7 @@ class Dispatcher:
             # so the job is not bounced straight back to it.
             conn.paused_until = now + self.config.reject_pause_s
             job.reuse_attempt = error.job == job.current_attempt
-            job.move(Phase.QUEUED, reason="WorkerBusy", message=f"{conn.pool}/{conn.worker} was full")
+            job.move(Phase.QUEUED, at=now, reason="WorkerBusy", message=f"{conn.pool}/{conn.worker} was full")
             self._route(job, now, front=True)
             self._publish(job)
             return
@@ -559,6 +567,7 @@ class Dispatcher:
             # Jobs waiting in this pool may now be better off elsewhere.
             for job in list(pool.queue):
                 self._route(job, now)
+                self._publish(job)
 
     # ---- time passing -----------------------------------------------------------------------------
 
@@ -582,13 +591,19 @@ class Dispatcher:
         self.pump(now)
 
     def expire(self, now: float) -> None:
-        for job in [j for j in self.jobs.values() if now > j.deadline]:
-            self._finish(job, Phase.FAILED, "Timeout",
-                         f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})", now)
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, uid = heapq.heappop(self._deadlines)
+            job = self.jobs.get(uid)
+            if job is not None:  # else it ended already
+                self._finish(job, Phase.FAILED, "Timeout",
+                             f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})",
+                             now)
 
     def _reroute_unrouted(self, now: float) -> None:
         for job in list(self.unrouted.values()):
             self._route(job, now)
+            if job.place is not Place.UNROUTED:
+                self._publish(job)
 
     def waiting_for(self, pool: PoolState, now: float) -> int:
         """Unrouted jobs this pool could take if it had workers: demand that scales it up from zero."""

@@ -88,12 +88,13 @@ class Job:
     def current_attempt(self) -> AttemptId:
         return AttemptId(self.uid, max(1, self.attempts))
 
-    def move(self, phase: Phase, *, reason: str = "", message: str = "") -> None:
+    def move(self, phase: Phase, *, at: float, reason: str = "", message: str = "") -> None:
+        """Change phase at clock time `at` (conditions' lastTransitionTime)."""
         check_transition(self.phase, phase)
         self.phase = phase
         self.reason = reason
         self.message = message
-        self.conditions = conditions(phase, reason=reason, message=message, now=now_rfc3339(),
+        self.conditions = conditions(phase, reason=reason, message=message, now=now_rfc3339(at),
                                      generation=self.generation, previous=self.conditions)
 
     def status(self) -> dict[str, Any]:

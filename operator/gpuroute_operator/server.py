@@ -50,6 +50,7 @@ class WorkerServer:
         self._handler = handler
         self._plaintext = plaintext
         self._socket: zmq.asyncio.Socket | None = None
+        self._sender: zmq.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._dialed: set[str] = set()
         self._peers: dict[bytes, _Peer] = {}
@@ -79,6 +80,10 @@ class WorkerServer:
         socket.bind(self._bind)
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = socket
+        # Sends go through a synchronous shadow of the same socket: an asyncio socket's
+        # non-blocking send reports EHOSTUNREACH/EAGAIN in a Future nobody awaits, so a
+        # vanished worker would look reachable. Same thread, same libzmq socket.
+        self._sender = zmq.Socket.shadow(socket.underlying)
         self._task = asyncio.get_running_loop().create_task(self._receive(), name="worker-server")
         log.info("listening for workers on %s (%s)", self.endpoint, "PLAINTEXT, dev only" if self._plaintext else "CURVE")
 
@@ -119,10 +124,10 @@ class WorkerServer:
 
     def send(self, routing_id: bytes, body: Body, payload: bytes | None = None) -> bool:
         """Send without blocking; False if the worker is gone or its queue is full."""
-        assert self._socket is not None
+        assert self._sender is not None
         frames = protocol.encode(body, payload=payload)
         try:
-            self._socket.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
+            self._sender.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False

@@ -104,7 +104,10 @@ class OperatorLink:
         if self._socket is None or not self._announced:
             return
         try:
-            self._socket.send_multipart(protocol.encode(kind, header), flags=zmq.NOBLOCK)
+            # A synchronous shadow of the socket: the asyncio socket would report EAGAIN in
+            # an unawaited Future instead of raising it here.
+            zmq.Socket.shadow(self._socket.underlying).send_multipart(protocol.encode(kind, header),
+                                                                       flags=zmq.NOBLOCK)
         except zmq.Again:
             # High-water mark reached: the operator is unreachable; answers are re-sent later.
             log.warning("operator link full, %s deferred", getattr(kind, "name", type(kind).__name__))

@@ -50,17 +50,18 @@ def test_fresh_status() -> None:
 
 def test_move_updates_phase_reason_and_conditions() -> None:
     job = make_job()
-    job.move(Phase.DISPATCHED, reason="Dispatched", message="to gpu-a/w1")
+    job.move(Phase.DISPATCHED, at=QUEUED_AT + 1, reason="Dispatched", message="to gpu-a/w1")
     assert (job.phase, job.reason, job.message) == (Phase.DISPATCHED, "Dispatched", "to gpu-a/w1")
     by_type = {c["type"]: c for c in job.conditions}
     assert by_type["Dispatched"]["status"] == "True"
     assert by_type["Succeeded"]["status"] == "Unknown"
     assert all(c["observedGeneration"] == 2 for c in job.conditions)
-    assert all(_is_recent_rfc3339(c["lastTransitionTime"]) for c in job.conditions)
+    # The transition time is the clock the caller passes, never the wall clock read here.
+    assert all(c["lastTransitionTime"] == "2026-01-01T00:00:01.000Z" for c in job.conditions)
     first_failed_time = by_type["Failed"]["lastTransitionTime"]
 
-    job.move(Phase.PROCESSING)
-    job.move(Phase.COMPLETED, reason="Succeeded", message="done")
+    job.move(Phase.PROCESSING, at=QUEUED_AT + 1)
+    job.move(Phase.COMPLETED, at=QUEUED_AT + 1, reason="Succeeded", message="done")
     by_type = {c["type"]: c for c in job.conditions}
     assert by_type["Succeeded"]["status"] == "True"
     assert by_type["Succeeded"]["reason"] == "Succeeded"
@@ -71,10 +72,10 @@ def test_move_updates_phase_reason_and_conditions() -> None:
 
 def test_move_refuses_forbidden_transitions_and_leaves_the_job_alone() -> None:
     job = make_job()
-    job.move(Phase.FAILED, reason="Timeout", message="late")
+    job.move(Phase.FAILED, at=QUEUED_AT + 1, reason="Timeout", message="late")
     before = (job.phase, job.reason, job.message, list(job.conditions))
     with pytest.raises(TransitionError, match="Failed cannot become Queued"):
-        job.move(Phase.QUEUED, reason="Retry")
+        job.move(Phase.QUEUED, at=QUEUED_AT + 1, reason="Retry")
     assert (job.phase, job.reason, job.message, job.conditions) == before
 
 
@@ -88,7 +89,7 @@ def test_status_after_a_full_run() -> None:
     job.completed_at = QUEUED_AT + 2.0
     job.timing = {"totalMs": 500.0, "gpuMs": 12.5}
     job.output = {"uri": "s3://bucket-a/out.png", "width": 8, "height": 8}
-    job.move(Phase.DISPATCHED)
+    job.move(Phase.DISPATCHED, at=QUEUED_AT + 1)
     status = job.status()
     assert status["timing"] == {
         "queuedAt": "2026-01-01T00:00:00.000Z",
