@@ -78,10 +78,13 @@ class ErrorCode(str, enum.Enum):
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    """Trusted storage refused a presigned URL (403: expired, or signed with rotated
+    credentials): the operator signs again and re-sends once without spending an attempt."""
 
     @property
     def retryable(self) -> bool:
-        return self in (ErrorCode.OOM, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE)
+        return self in (ErrorCode.OOM, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.EXPIRED)
 
 
 class ProtocolError(ValueError):

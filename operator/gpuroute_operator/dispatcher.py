@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 Signer = Callable[[Job, float], tuple[InputSource, OutputTarget]]
 """Signs a job's storage URLs at `now`; raises SigningUnavailable (try later) or SpecError (never)."""
 
-_RETRY_REASONS = {ErrorCode.OOM: "OutOfMemory", ErrorCode.UNAVAILABLE: "WorkerUnavailable", ErrorCode.TIMEOUT: "Timeout"}
+_RETRY_REASONS = {ErrorCode.OOM: "OutOfMemory", ErrorCode.UNAVAILABLE: "WorkerUnavailable", ErrorCode.TIMEOUT: "Timeout",
+                  ErrorCode.EXPIRED: "StorageURLRejected"}
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class Dispatcher:
         job = self.jobs.get(uid)
         if job is not None and generation != job.generation:
             job.generation = generation
-            self.effects.warn(job.ref, "SpecChangeIgnored", "spec changes after admission are ignored; "
+            self._warn(job, "SpecChangeIgnored", "spec changes after admission are ignored; "
                               "delete and re-create the ImageJob to run a new spec")
             self._publish(job)
 
@@ -293,7 +294,7 @@ class Dispatcher:
         self._publish(job)
         if first:  # one Event per outage, not one per retry
             metrics.JOBS_REQUEUED.labels("StorageUnavailable").inc()
-            self.effects.warn(job.ref, "StorageUnavailable", job.message)
+            self._warn(job, "StorageUnavailable", job.message)
 
     def _requeue(self, job: Job, reason: str, message: str, now: float) -> None:
         job.worker = None
@@ -301,7 +302,7 @@ class Dispatcher:
         metrics.JOBS_REQUEUED.labels(reason).inc()
         self._route(job, now, front=True)
         self._publish(job)
-        self.effects.warn(job.ref, "Requeued", f"{message}; {job.decision or job.message}")
+        self._warn(job, "Requeued", f"{message}; {job.decision or job.message}")
 
     # ---- where a job is: the one place that moves it -----------------------------------------
 
@@ -367,9 +368,12 @@ class Dispatcher:
         job.timing = _timing(job, result, now)
         self.jobs.pop(job.uid, None)
         self._remember_finished(job.uid)
-        event = TerminalEvent(phase.value if phase is not Phase.FAILED else reason, message,
-                              warning=phase is Phase.FAILED)
-        self.effects.publish(job.ref, job.status(), urgent=True, terminal_event=event)
+        if job.batch is not None:
+            self.effects.item(job, terminal=True)
+        else:
+            event = TerminalEvent(phase.value if phase is not Phase.FAILED else reason, message,
+                                  warning=phase is Phase.FAILED)
+            self.effects.publish(job.ref, job.status(), urgent=True, terminal_event=event)
         metrics.JOBS_FINISHED.labels(phase.value, reason).inc()
 
     def _remember_finished(self, uid: str) -> None:
@@ -377,8 +381,16 @@ class Dispatcher:
         while len(self.finished) > self.config.finished_memory:
             del self.finished[next(iter(self.finished))]
 
+    def _warn(self, job: Job, reason: str, message: str) -> None:
+        # A batch item's troubles show in its batch's counts and manifest, not as one Event each.
+        if job.batch is None:
+            self.effects.warn(job.ref, reason, message)
+
     def _publish(self, job: Job) -> None:
-        self.effects.publish(job.ref, job.status())
+        if job.batch is not None:
+            self.effects.item(job, terminal=False)
+        else:
+            self.effects.publish(job.ref, job.status())
 
     # ---- worker sessions ------------------------------------------------------------------------
 
@@ -528,6 +540,14 @@ class Dispatcher:
             conn.paused_until = now + self.config.reject_pause_s
             job.reuse_attempt = error.job == job.current_attempt
             job.move(Phase.QUEUED, at=now, reason="WorkerBusy", message=f"{conn.pool}/{conn.worker} was full")
+            self._route(job, now, front=True)
+            self._publish(job)
+            return
+        if error.code is ErrorCode.EXPIRED and not job.resigned:
+            # The URL, not the attempt, failed: sign again and re-send the same attempt, once.
+            job.resigned = True
+            job.reuse_attempt = error.job == job.current_attempt
+            job.move(Phase.QUEUED, at=now, reason="Resigning", message=f"{conn.pool}/{conn.worker}: {error.message}")
             self._route(job, now, front=True)
             self._publish(job)
             return

@@ -12,8 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from typing import TYPE_CHECKING
+
 from gpuroute.protocol import Body
 from gpuroute_operator.status import ObjectRef
+
+if TYPE_CHECKING:
+    from gpuroute_operator.jobs import Job
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class Effects(Protocol):
     def warn(self, ref: ObjectRef, reason: str, message: str) -> None:
         """A Warning Event about a problem (not a phase change)."""
 
+    def item(self, job: Job, *, terminal: bool) -> None:
+        """A batch item changed (job.batch is set): its batch aggregates it, nothing is written per item."""
+
 
 @dataclass
 class Recorded:
@@ -67,6 +75,7 @@ class RecordingEffects:
         self.unreachable: set[bytes] = set()
         self.statuses: dict[ObjectRef, Mapping[str, Any]] = {}
         self.terminal_events: dict[ObjectRef, list[TerminalEvent]] = {}
+        self.items: dict[str, Mapping[str, Any]] = {}
 
     def send(self, routing_id: bytes, body: Body, payload: bytes | None = None) -> bool:
         if routing_id in self.unreachable:
@@ -89,6 +98,10 @@ class RecordingEffects:
 
     def warn(self, ref: ObjectRef, reason: str, message: str) -> None:
         self.log.append(Recorded("warn", {"ref": ref, "reason": reason, "message": message}))
+
+    def item(self, job: Job, *, terminal: bool) -> None:
+        self.items[job.uid] = job.status()
+        self.log.append(Recorded("item", {"uid": job.uid, "batch": job.batch, "terminal": terminal}))
 
     def sent(self, kind: type | None = None, to: bytes | None = None) -> list[Any]:
         """Bodies sent, optionally of one type and to one peer."""

@@ -63,6 +63,11 @@ class Job:
     completed_at: float | None = None
     reuse_attempt: bool = False
     """The next dispatch re-sends the current attempt (it never ran: refused, or resumed)."""
+    batch: str | None = None
+    """uid of the batch ImageJob this is an item of; None for a single-image ImageJob. Items
+    have no resource of their own: their batch aggregates them (effects.item)."""
+    resigned: bool = False
+    """Storage already refused one of its URLs and it was signed again (done at most once)."""
     preferred_worker: str | None = None
     live: set[AttemptId] = field(default_factory=set)
     """Attempts sent and not yet answered (normally one; more after a cut-off worker)."""

@@ -97,6 +97,7 @@ def test_error_code_enum_value_in_header() -> None:
     (ErrorCode.TIMEOUT, True),
     (ErrorCode.UNAVAILABLE, True),
     (ErrorCode.CANCELLED, False),
+    (ErrorCode.EXPIRED, True),
 ])
 def test_error_code_retryable(code: ErrorCode, retryable: bool) -> None:
     assert code.retryable is retryable

@@ -197,6 +197,19 @@ def test_a_retry_can_succeed(world: World) -> None:
     assert (world.status("j1")["phase"], world.status("j1")["attempts"]) == ("Completed", 2)
 
 
+def test_a_rejected_url_is_signed_again_once_without_spending_an_attempt(world: World) -> None:
+    w1 = world.connect("pool-a", "w1")
+    world.submit("j1", maxAttempts=2)
+    world.send(w1, world.error(world.requests()[-1].job, ErrorCode.EXPIRED))
+    again = world.requests()[-1]
+    assert again.job == AttemptId("j1", 1) and len(world.requests()) == 2   # same attempt, new URLs
+    world.send(w1, world.error(again.job, ErrorCode.EXPIRED))               # twice: now it costs an attempt
+    assert world.requests()[-1].job == AttemptId("j1", 2)
+    world.send(w1, world.error(world.requests()[-1].job, ErrorCode.EXPIRED))
+    status = world.status("j1")
+    assert (status["phase"], status["reason"], status["attempts"]) == ("Failed", "StorageURLRejected", 2)
+
+
 def test_invalid_input_fails_at_once(world: World) -> None:
     w1 = world.connect("pool-a", "w1")
     world.submit("j1")
