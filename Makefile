@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv assets browser test demo bench clean
+.PHONY: venv assets browser lint test demo bench clean
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 # torch==2.13.0 first: it is the CPU build these machines carry; an unpinned torch
@@ -27,7 +27,13 @@ browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-test: venv assets browser
+# Style, types and the import contract (the shared gpuroute package imports neither side).
+lint: venv
+	$(VENV)/bin/ruff check operator gpuroute worker_image bench tests
+	$(VENV)/bin/mypy operator/gpuroute_operator gpuroute
+	$(VENV)/bin/lint-imports
+
+test: venv assets browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv assets

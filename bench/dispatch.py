@@ -104,7 +104,7 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
             .not_valid_after(now + dt.timedelta(days=1))
@@ -296,7 +296,7 @@ def run(*, jobs: int = 200) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     ours, new, reused = summary_ms(series["socket"]), summary_ms(series["https_new"]), summary_ms(series["https_keepalive"])
-    overhead = summary_ms([s - w for s, w in zip(series["socket"], series["worker_ms"])])
+    overhead = summary_ms([s - w for s, w in zip(series["socket"], series["worker_ms"], strict=True)])
     return {
         "jobs": jobs, "socket": ours, "socket_minus_worker_time": overhead, "worker_time": summary_ms(series["worker_ms"]),
         "https_new_connection": new, "https_keepalive": reused,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import row
-from bench.control_plane import NS, burst, create_job, settled_metric, local_stack
+from bench.control_plane import NS, burst, create_job, local_stack, settled_metric
 from gpuroute.localenv.stack import LocalStack
 
 

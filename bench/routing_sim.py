@@ -105,8 +105,19 @@ from typing import Any
 
 from gpuroute import protocol
 from gpuroute.protocol import (
-    AttemptId, Body, Cancel, Disconnect, Heartbeat, InputSource, JobRequest, OutputInfo, OutputTarget, Ready, Result,
-    StageTiming, routing_id_for,
+    AttemptId,
+    Body,
+    Cancel,
+    Disconnect,
+    Heartbeat,
+    InputSource,
+    JobRequest,
+    OutputInfo,
+    OutputTarget,
+    Ready,
+    Result,
+    StageTiming,
+    routing_id_for,
 )
 from gpuroute_operator import dispatcher as dispatcher_module
 from gpuroute_operator.dispatcher import Dispatcher

@@ -82,11 +82,11 @@ def run(*, ops: list[str] | None = None, repeats: int = 5, threads: int = 1) -> 
             step, reference = OPS[name]
             steps = normalize_steps([step])
 
-            def ours() -> torch.Tensor:
+            def ours(steps: Any = steps) -> torch.Tensor:
                 # What BatchExecutor._execute_cpu does for one image.
                 return run_cpu(decoded, steps).unsqueeze(0)
 
-            def torch_float() -> torch.Tensor:
+            def torch_float(steps: Any = steps) -> torch.Tensor:
                 # The GPU code on this CPU, with the executor's conversions around a batch.
                 out = run_pipeline(pixels.to(torch.float32).div_(255.0), steps)
                 return out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)

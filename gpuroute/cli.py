@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import os
+import re
 import socket
 import sys
 from pathlib import Path
 
-from gpuroute.curve_keys import (KeyError_, KeyPair, dump_manifests, operator_secrets, read_key_file,
-                                 worker_secrets, write_key_file)
+from gpuroute.curve_keys import (
+    KeyError_,
+    KeyPair,
+    dump_manifests,
+    operator_secrets,
+    read_key_file,
+    worker_secrets,
+    write_key_file,
+)
 
 
 def _env_key(path: str | None, env: str, what: str) -> bytes:

@@ -42,7 +42,7 @@ def _sample_png(name: str) -> bytes:
 
 
 def load_examples(folder: Path = EXAMPLES) -> list[dict[str, Any]]:
-    jobs = []
+    jobs: list[dict[str, Any]] = []
     for path in sorted(folder.glob("*.yaml")):
         jobs.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc and doc.get("kind") == "ImageJob")
     return jobs
@@ -57,7 +57,7 @@ def format_table(jobs: dict[str, dict[str, Any]]) -> str:
         rows.append((name, status.get("phase", "?"), status.get("pool", ""), status.get("worker", ""),
                      str(status.get("attempts", 0)), *(f"{timing[c]:.1f}" if c in timing else "-" for c in COLUMNS)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 5 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(cell.ljust(w) if i < 5 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -72,7 +72,8 @@ def _int(default: int | None, lo: int, hi: int, doc: str, *, required: bool = Fa
 
 
 _FACTOR = _num(1.0, 0.0, 10.0, "Enhancement factor as in Pillow's ImageEnhance: 1.0 leaves the image unchanged.", required=True)
-_FILL = Param("color", "#000000", doc="Fill colour as #rrggbb (opaque) or #rrggbbaa (aa: alpha, 00 transparent) for uncovered pixels.")
+_FILL = Param("color", "#000000",
+              doc="Fill colour as #rrggbb (opaque) or #rrggbbaa (aa: alpha, 00 transparent) for uncovered pixels.")
 
 CATALOG: Mapping[str, OpSpec] = {
     "upscale": OpSpec(
@@ -82,7 +83,8 @@ CATALOG: Mapping[str, OpSpec] = {
             "scale": _num(None, 0.01, 16.0, "Scale factor applied to both sides."),
             "width": _int(None, 1, MAX_DIMENSION, "Target width in pixels; height follows the aspect ratio if unset."),
             "height": _int(None, 1, MAX_DIMENSION, "Target height in pixels; width follows the aspect ratio if unset."),
-            "method": Param("enum", "bicubic", choices=(*RESAMPLING_METHODS, "model"), doc="Resampling filter, or `model` for learned super-resolution."),
+            "method": Param("enum", "bicubic", choices=(*RESAMPLING_METHODS, "model"),
+                            doc="Resampling filter, or `model` for learned super-resolution."),
             "model": Param("string", None, doc="Name of a super-resolution model the pool serves (method: model)."),
         },
     ),
@@ -165,7 +167,8 @@ CATALOG: Mapping[str, OpSpec] = {
     "flip": OpSpec(
         "transform",
         "Mirror the image.",
-        {"direction": Param("enum", "horizontal", choices=("horizontal", "vertical"), doc="horizontal mirrors left-right, vertical top-bottom.")},
+        {"direction": Param("enum", "horizontal", choices=("horizontal", "vertical"),
+                            doc="horizontal mirrors left-right, vertical top-bottom.")},
     ),
     "pad": OpSpec(
         "transform",
@@ -175,7 +178,8 @@ CATALOG: Mapping[str, OpSpec] = {
             "top": _int(0, 0, 4096, "Pixels added on the top."),
             "right": _int(0, 0, 4096, "Pixels added on the right."),
             "bottom": _int(0, 0, 4096, "Pixels added on the bottom."),
-            "mode": Param("enum", "constant", choices=("constant", "edge", "reflect"), doc="constant uses `fill`; edge repeats the border; reflect mirrors it."),
+            "mode": Param("enum", "constant", choices=("constant", "edge", "reflect"),
+                          doc="constant uses `fill`; edge repeats the border; reflect mirrors it."),
             "fill": _FILL,
         },
     ),
@@ -241,7 +245,7 @@ def normalize_step(index: int, step: Any) -> dict[str, Any]:
     if not isinstance(step, Mapping):
         raise StepError(path, f"must be an object like {{op: blur, radius: 2}}, got {type(step).__name__}")
     op = step.get("op")
-    if op not in CATALOG:
+    if not isinstance(op, str) or op not in CATALOG:
         raise StepError(f"{path}.op", f"unknown op {op!r}; known ops: {', '.join(sorted(CATALOG))}")
     spec = CATALOG[op]
     unknown = sorted(set(step) - set(spec.params) - {"op"})

@@ -20,9 +20,9 @@ This module imports neither kopf nor torch.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -571,7 +571,8 @@ class Message:
 def encode(kind: Kind | Body, header: Mapping[str, Any] | None = None, payload: bytes | None = None) -> list[bytes]:
     """Frames for one message (without the ROUTER's routing id): a typed body, or a kind and header."""
     if not isinstance(kind, Kind):
-        kind, header = KIND_OF[type(kind)], kind.to_header()
+        body = kind
+        kind, header = KIND_OF[type(body)], body.to_header()
     if payload is not None and kind not in _PAYLOAD_KINDS:
         raise ProtocolError(f"{kind.name} carries no payload")
     frames = [kind.value, msgpack.packb(dict(header or {}), use_bin_type=True)]

@@ -141,7 +141,8 @@ class ControlPlaneConfig:
     """How to run one local control plane (one modelled cluster)."""
 
     workdir: Path | None = None
-    """Folder for etcd data, certificates, keys, logs and the kubeconfig; kept after stop(). None: a temporary folder that stop() removes."""
+    """Folder for etcd data, certificates, keys, logs and the kubeconfig; kept after stop().
+    None: a temporary folder that stop() removes."""
     crd_dir: Path | None = field(default_factory=default_crd_dir)
     """CRD manifests (*.yaml, *.yml) installed at start and waited on until Established; None installs nothing."""
     name: str = "gpuroute-local"
@@ -589,7 +590,7 @@ class ControlPlane:
                 try:
                     # Raw responses: the generated models choke on some status shapes
                     # (conditions: null) and nothing here needs them.
-                    ext.create_custom_resource_definition(body, _preload_content=False)
+                    ext.create_custom_resource_definition(body, _preload_content=False)  # type: ignore[arg-type]
                 except ApiException as exc:
                     if exc.status != 409:
                         raise ControlPlaneError(
@@ -597,12 +598,11 @@ class ControlPlane:
                             f"{exc.body}"
                         ) from exc
                     # Kept workdir: the CRD exists from a previous run; make it current.
-                    current = json.loads(
-                        ext.read_custom_resource_definition(name, _preload_content=False).data
-                    )
+                    raw: Any = ext.read_custom_resource_definition(name, _preload_content=False)
+                    current = json.loads(raw.data)
                     body = {**body, "metadata": {**body["metadata"],
                             "resourceVersion": current["metadata"]["resourceVersion"]}}
-                    ext.replace_custom_resource_definition(name, body, _preload_content=False)
+                    ext.replace_custom_resource_definition(name, body, _preload_content=False)  # type: ignore[arg-type]
             for path, body in crds:
                 self._wait_established(ext, body["metadata"]["name"], path, deadline)
 

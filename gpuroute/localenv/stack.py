@@ -309,7 +309,7 @@ class LocalStack:
             if exc.status == 404:
                 return ""
             raise
-        return str(lease.spec.holder_identity or "")
+        return str(lease.spec.holder_identity or "") if lease.spec else ""
 
     def leader(self) -> ManagedProcess | None:
         """The live replica the Lease names, if any."""

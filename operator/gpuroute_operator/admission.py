@@ -76,13 +76,15 @@ def admit(body: Mapping[str, Any], grants: StorageGrants, now: float) -> Outcome
     """Decide what to do with an ImageJob seen for the first time by this process."""
     ref = object_ref(body)
     meta = body.get("metadata") or {}
-    status = body.get("status") if isinstance(body.get("status"), Mapping) else {}
+    raw_status = body.get("status")
+    status: Mapping[str, Any] = raw_status if isinstance(raw_status, Mapping) else {}
     try:
         generation = int(meta.get("generation") or 1)
     except (TypeError, ValueError):
         generation = 1
     phase = _phase(status.get("phase"))
-    timing = status.get("timing") if isinstance(status.get("timing"), Mapping) else {}
+    raw_timing = status.get("timing")
+    timing: Mapping[str, Any] = raw_timing if isinstance(raw_timing, Mapping) else {}
     if phase is not None and phase.terminal:
         reason = str(status.get("reason") or phase.value)
         return Ended(ref, TerminalEvent(phase.value if phase is not Phase.FAILED else reason,

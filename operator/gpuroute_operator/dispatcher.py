@@ -28,14 +28,25 @@ from dataclasses import dataclass
 from gpuroute import protocol
 from gpuroute.ops_catalog import models_used
 from gpuroute.protocol import (
-    Accepted, AttemptId, Cancel, Disconnect, Error, ErrorCode, Heartbeat, InputSource, JobRequest, OutputTarget,
-    Progress, Ready, Result,
+    Accepted,
+    AttemptId,
+    Cancel,
+    Disconnect,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    InputSource,
+    JobRequest,
+    OutputTarget,
+    Progress,
+    Ready,
+    Result,
 )
 from gpuroute_operator import metrics
 from gpuroute_operator.effects import Effects, TerminalEvent
+from gpuroute_operator.identity import Principal
 from gpuroute_operator.jobs import Job, Place
 from gpuroute_operator.phases import Phase
-from gpuroute_operator.identity import Principal
 from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn, ewma
 from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
 from gpuroute_operator.service_model import PipelinePriors
@@ -514,6 +525,11 @@ class Dispatcher:
         if job is None or job.phase.terminal:
             self._close(result.job)
             self._count("duplicate_result")
+            return
+        if now > job.deadline:
+            # timeoutSeconds bounds the job, whatever arrives between two ticks.
+            self._close(result.job)
+            self.expire(now)
             return
         pool = self.pools.get(conn.pool)
         if pool is not None and not result.cached:

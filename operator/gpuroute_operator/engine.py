@@ -102,6 +102,10 @@ class _ShellEffects:
     def warn(self, ref: ObjectRef, reason: str, message: str) -> None:
         self._engine.writer.event(ref, reason, message, warning=True)
 
+    def item(self, job: Job, *, terminal: bool) -> None:
+        # Guard, not a stub: the engine admits no batch items, so the dispatcher never calls this.
+        raise AssertionError(f"batch item {job.uid} reached an engine that admits no batches")
+
 
 class Engine:
     def __init__(self, config: EngineConfig, *, presigner: Presigner | None = None) -> None:

@@ -300,7 +300,8 @@ class LeaderElector:
                 raise LeaderElectionError(f"reading Lease {self._where()}: {exc.status} {exc.reason}") from exc
             lease = None
         if lease is not None:
-            self._seen = observe(self._seen, _record_of(lease), lease.metadata.resource_version or "", started)
+            version = lease.metadata.resource_version if lease.metadata else None
+            self._seen = observe(self._seen, _record_of(lease), version or "", started)
         else:
             self._seen = None
         decision = decide(self._seen, identity=self.config.identity, leading=self._leading, now=started,
@@ -346,7 +347,8 @@ class LeaderElector:
                 log.debug("leader election: lost a race for Lease %s", self._where())
                 return False
             raise LeaderElectionError(f"writing Lease {self._where()}: {exc.status} {exc.reason}") from exc
-        self._seen = Observation(_record_of(written), written.metadata.resource_version or "", self._clock())
+        version = written.metadata.resource_version if written.metadata else None
+        self._seen = Observation(_record_of(written), version or "", self._clock())
         return True
 
     # ---- follower ----------------------------------------------------------------
@@ -396,7 +398,7 @@ class LeaderElector:
             try:
                 if self.try_acquire_or_renew() and not self._labelled:
                     self._label_own_pod()
-            except (LeaderElectionError, *_TRANSIENT) as exc:
+            except (LeaderElectionError, urllib3.exceptions.HTTPError, OSError) as exc:
                 # Not fatal by itself: the watchdog decides when too long has passed.
                 log.warning("leader election: renewing Lease %s failed (%s: %s)", self._where(),
                             type(exc).__name__, exc)
@@ -435,7 +437,7 @@ class LeaderElector:
         timeout = self.config.request_timeout_s
         try:
             lease = self._leases.read_namespaced_lease(self.config.name, self.config.namespace, _request_timeout=timeout)
-            if (lease.spec.holder_identity or "") != self.config.identity:
+            if lease.spec is None or (lease.spec.holder_identity or "") != self.config.identity:
                 return
             now = _micro_time(self._wall())
             lease.spec = client.V1LeaseSpec(holder_identity="", lease_duration_seconds=1,

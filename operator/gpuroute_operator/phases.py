@@ -16,7 +16,7 @@ phase exactly once" checkable.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -55,7 +55,7 @@ def check_transition(current: Phase, target: Phase) -> None:
 
 
 def conditions(phase: Phase, *, reason: str, message: str, now: str, generation: int | None,
-               previous: list[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+               previous: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Kubernetes-style conditions for a phase.
 
     lastTransitionTime moves only when a condition's status changes, so it is carried

@@ -45,7 +45,7 @@ class PoolKeys:
         namespace, name = spec.keys_secret
         try:
             data = await asyncio.to_thread(self._read_secret, namespace, name)
-            keys = public_keys_from_secret_data(data, source=f"secret {namespace}/{name}")
+            keys = public_keys_from_secret_data(dict(data), source=f"secret {namespace}/{name}")
         except KeyError_ as exc:
             self.problems[spec.name] = str(exc)
             log.error("pool %s: %s", spec.name, exc)

@@ -167,7 +167,7 @@ class WorkerServer:
             try:
                 # Sizes first, from the frame lengths alone: nothing oversized is copied.
                 protocol.check_sizes(frames[1:])
-                user_id = "" if self._plaintext else frames[1].get("User-Id")
+                user_id = "" if self._plaintext else str(frames[1].get("User-Id"))
                 message = protocol.decode([f.bytes for f in frames[1:]])
             except ProtocolError as exc:
                 metrics.REJECTED_MESSAGES.labels("malformed").inc()

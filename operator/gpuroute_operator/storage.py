@@ -223,9 +223,10 @@ class Presigner:
         now = dt.datetime.now(dt.UTC)
         with self._lock:
             held = [self._delegation.get(a.name) for a in self._delegated_accounts]
-        if any(key is None for key in held):
+        keys = [key for key in held if key is not None]
+        if len(keys) < len(held):
             return DELEGATION_RETRY_S
-        due = min(_parse_time(key.signed_expiry) - self._renew_before for key in held)
+        due = min(_parse_time(key.signed_expiry) - self._renew_before for key in keys)
         # Woken at least hourly: a clock jump or a suspended VM must not skip a renewal.
         return min(3600.0, max(DELEGATION_RETRY_S, (due - now).total_seconds()))
 

@@ -25,7 +25,8 @@ WORKER_NS, DEPLOYMENT = "gpuroute-workers", "gpuroute-worker"
 
 
 @pytest.fixture(scope="module")
-def clusters(control_plane: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, ControlPlane]]:
+def clusters(control_plane: Any, s3_server: Any,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, ControlPlane]]:
     from kubernetes import client
 
     gpu = ControlPlane(ControlPlaneConfig(name="gpu-elastic", crd_dir=None, workdir=tmp_path_factory.mktemp("gpu"),

@@ -129,7 +129,8 @@ def test_inline_input_completes(stack: LocalStack) -> None:
     ("metadata-ssrf", {"input": {"uri": "https://169.254.169.254/latest/meta-data"}, "output": {"uri": f"s3://{BUCKET}/out/x.png"},
                        "steps": [{"op": "invert"}]}, "StorageNotGranted", "spec.input.uri"),
 ])
-def test_invalid_spec_fails_once_with_named_field(stack: LocalStack, name: str, spec: dict[str, Any], reason: str, field: str) -> None:
+def test_invalid_spec_fails_once_with_named_field(stack: LocalStack, name: str, spec: dict[str, Any], reason: str,
+                                                  field: str) -> None:
     stack.create_job(NS, name, spec)
     status = stack.wait_for_jobs(NS, [name])[name]["status"]
     assert status["phase"] == "Failed"

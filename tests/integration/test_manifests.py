@@ -342,7 +342,7 @@ def test_gpu_base_worker() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     command = container["command"]
     assert command[:2] == ["gpuroute", "worker"]
-    flags = dict(zip(command[2::2], command[3::2]))
+    flags = dict(zip(command[2::2], command[3::2], strict=False))
     assert set(flags) == {"--operator", "--pool", "--key-file", "--server-public-key-file"}
     assert flags["--key-file"] == "/etc/gpuroute/worker/worker.key_secret"
     assert flags["--server-public-key-file"] == "/etc/gpuroute/server/server.key"

@@ -4,8 +4,8 @@ load and every job still completes exactly once (issue 9, standby operator)."""
 from __future__ import annotations
 
 import hashlib
-import signal
 import io
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator

@@ -187,7 +187,9 @@ def _convert_to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
     out_mode = "RGBA" if image.mode == "RGBA" else "RGB"
     if icc:
         try:
-            return ImageCms.applyTransform(image, _to_srgb_transform(icc, image.mode, out_mode))
+            converted = ImageCms.applyTransform(image, _to_srgb_transform(icc, image.mode, out_mode))
+            if converted is not None:  # None only when asked to convert in place
+                return converted
         except (ImageCms.PyCMSError, OSError, ValueError) as exc:
             # A broken or mismatched profile is the input's problem, but the pixels are
             # still an image: read them as sRGB, as a browser would.
@@ -233,7 +235,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, keep_metadata:
             # Pillow warns (and errors above 2x) on huge images; our own limit applies first.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
-                image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
+                image: Image.Image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
             except UnidentifiedImageError as exc:
                 raise DecodeError("input is not an image in a supported format "
                                   f"({', '.join(f.lower() for f in DECODABLE_FORMATS)})") from exc

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from gpuroute_worker import metrics
 from gpuroute.ops_catalog import Budget, check_budget
+from gpuroute_worker import metrics
 from gpuroute_worker.ops import OutOfMemory, run_pipeline
-from gpuroute_worker.ops.pipeline import step_shapes
 from gpuroute_worker.ops.cpu import run_cpu
+from gpuroute_worker.ops.pipeline import step_shapes
 from gpuroute_worker.sr.registry import ModelRegistry
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-JOBS = Counter("gpuroute_worker_jobs_total", "Jobs finished by this worker, by outcome (completed or an error code).", ["outcome"])
+JOBS = Counter("gpuroute_worker_jobs_total", "Jobs finished by this worker, by outcome (completed or an error code).",
+               ["outcome"])
 STAGE_SECONDS = Histogram(
     "gpuroute_worker_stage_seconds", "Time per job stage.", ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuroute.ops_catalog import StepError, normalize_steps
-from gpuroute.protocol import MAX_TEXT, ErrorCode, Kind, Message
+from gpuroute.protocol import CONTENT_TYPES, MAX_TEXT, ErrorCode, Kind, Message
 from gpuroute_worker import metrics
-from gpuroute.protocol import CONTENT_TYPES
 from gpuroute_worker.codec import DecodeError, decode_image, encode_image, output_options
-from gpuroute_worker.config import WorkerConfig
+from gpuroute_worker.config import WorkerConfig, transfer_config
 from gpuroute_worker.executor import BatchExecutor
 from gpuroute_worker.ops import OpError, OutOfMemory
-from gpuroute_worker.config import transfer_config
 from gpuroute_worker.transfer import TransferClient, TransferError, in_thread
 
 log = logging.getLogger(__name__)
@@ -134,7 +132,8 @@ class JobRunner:
             kind, header = Kind.ERROR, {"job": job, "code": ErrorCode.CANCELLED.value, "message": "cancelled by the operator"}
             metrics.JOBS.labels(ErrorCode.CANCELLED.value).inc()
         except TimeoutError:
-            kind, header = Kind.ERROR, {"job": job, "code": ErrorCode.TIMEOUT.value, "message": "job ran past its timeout on the worker"}
+            kind, header = Kind.ERROR, {"job": job, "code": ErrorCode.TIMEOUT.value,
+                                        "message": "job ran past its timeout on the worker"}
             metrics.JOBS.labels(ErrorCode.TIMEOUT.value).inc()
         except JobFailed as exc:
             kind, header = Kind.ERROR, {"job": job, "code": exc.code.value, "message": exc.message[:MAX_TEXT]}

@@ -14,7 +14,15 @@ import pytest
 
 from bench import routing_sim
 from bench.routing_sim import (
-    FAILING, POLICIES, CounterfactualDispatcher, GpurouteSim, MultiKueueSim, Scenario, TraceJob, markdown, run,
+    FAILING,
+    POLICIES,
+    CounterfactualDispatcher,
+    GpurouteSim,
+    MultiKueueSim,
+    Scenario,
+    TraceJob,
+    markdown,
+    run,
 )
 from gpuroute_operator import dispatcher as dispatcher_module
 from gpuroute_operator import router

@@ -11,9 +11,21 @@ import yaml
 import zmq
 import zmq.auth
 
-from gpuroute.curve_keys import (POOL_KEY_SUFFIX, SERVER_PUBLIC, SERVER_SECRET, WORKER_SECRET, KeyError_, KeyPair,
-                                 dump_manifests, operator_secrets, parse_key, public_keys_from_secret_data,
-                                 read_key_file, worker_secrets, write_key_file)
+from gpuroute.curve_keys import (
+    POOL_KEY_SUFFIX,
+    SERVER_PUBLIC,
+    SERVER_SECRET,
+    WORKER_SECRET,
+    KeyError_,
+    KeyPair,
+    dump_manifests,
+    operator_secrets,
+    parse_key,
+    public_keys_from_secret_data,
+    read_key_file,
+    worker_secrets,
+    write_key_file,
+)
 
 # A fixed, valid pair so expectations are concrete.
 FIXED = KeyPair.generate()

@@ -6,8 +6,18 @@ from typing import Any
 
 import pytest
 
-from gpuroute.ops_catalog import (CATALOG, FAMILIES, MAX_DIMENSION, MAX_STEPS, StepError, cost_class, models_used,
-                                  normalize_step, normalize_steps, parse_color)
+from gpuroute.ops_catalog import (
+    CATALOG,
+    FAMILIES,
+    MAX_DIMENSION,
+    MAX_STEPS,
+    StepError,
+    cost_class,
+    models_used,
+    normalize_step,
+    normalize_steps,
+    parse_color,
+)
 
 
 def _error(steps: Any) -> StepError:

@@ -9,7 +9,15 @@ import pytest
 
 from gpuroute import protocol
 from gpuroute.protocol import (
-    AttemptId, ErrorCode, Kind, Message, ProtocolError, Result, decode, encode, job_id,
+    AttemptId,
+    ErrorCode,
+    Kind,
+    Message,
+    ProtocolError,
+    Result,
+    decode,
+    encode,
+    job_id,
 )
 
 # One valid header per kind: exactly the required keys plus a little extra.

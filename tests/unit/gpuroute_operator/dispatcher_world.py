@@ -9,15 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gpuroute_operator.dispatcher import Dispatcher, DispatcherConfig
-from gpuroute_operator.effects import RecordingEffects
-from gpuroute_operator.identity import Principal
-from gpuroute_operator.jobs import Job
-from gpuroute_operator.pools import parse_pool_spec
-from gpuroute_operator.spec import parse_job_spec
-from gpuroute_operator.status import ObjectRef
-from gpuroute_operator.storage import SigningUnavailable
-
 from gpuroute.protocol import (
     AttemptId,
     Error,
@@ -31,6 +22,14 @@ from gpuroute.protocol import (
     StageTiming,
     routing_id_for,
 )
+from gpuroute_operator.dispatcher import Dispatcher, DispatcherConfig
+from gpuroute_operator.effects import RecordingEffects
+from gpuroute_operator.identity import Principal
+from gpuroute_operator.jobs import Job
+from gpuroute_operator.pools import parse_pool_spec
+from gpuroute_operator.spec import parse_job_spec
+from gpuroute_operator.status import ObjectRef
+from gpuroute_operator.storage import SigningUnavailable
 from tests.invariants import timing_violations  # noqa: F401  (re-exported for the dispatcher tests)
 
 T0 = 1_800_000_000.0

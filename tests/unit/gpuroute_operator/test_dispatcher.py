@@ -288,6 +288,15 @@ def test_timeout_fails_the_job_and_cancels_its_attempt(world: World) -> None:
     assert timing_violations(world.status("j1")) == []
 
 
+def test_a_result_after_the_deadline_is_a_timeout(world: World) -> None:
+    w1 = world.connect("pool-a", "w1")
+    world.submit("j1", timeoutSeconds=10)
+    request = world.requests()[-1]
+    world.advance(10.2)                                  # before the next tick
+    world.send(w1, world.result(request.job))
+    assert (world.status("j1")["phase"], world.status("j1")["reason"]) == ("Failed", "Timeout")
+
+
 def test_cancel_stops_the_attempt_and_ignores_its_result(world: World) -> None:
     w1 = world.connect("pool-a", "w1")
     world.submit("j1")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gpuroute.protocol import AttemptId, Cancel, ErrorCode, Heartbeat, JobRequest
 from gpuroute_operator.jobs import Place

@@ -11,8 +11,7 @@ import pytest
 from gpuroute import protocol
 from gpuroute.protocol import AttemptId
 from gpuroute_operator.identity import Principal
-from gpuroute_operator.pools import (EWMA_ALPHA, PoolSpec, PoolSpecError, PoolState, WorkerConn, ewma,
-                                     parse_pool_spec)
+from gpuroute_operator.pools import EWMA_ALPHA, PoolSpec, PoolSpecError, PoolState, WorkerConn, ewma, parse_pool_spec
 from gpuroute_operator.router import PoolView
 
 

@@ -6,8 +6,19 @@ import dataclasses
 
 import pytest
 
-from gpuroute_operator.router import (BALANCED_SLACK, DEADLINE_HEADROOM, PRIOR_SERVICE_MS, SPOT_BATCH_DISCOUNT,
-                                      Decision, Estimate, JobNeeds, PoolView, choose, estimate, rejection)
+from gpuroute_operator.router import (
+    BALANCED_SLACK,
+    DEADLINE_HEADROOM,
+    PRIOR_SERVICE_MS,
+    SPOT_BATCH_DISCOUNT,
+    Decision,
+    Estimate,
+    JobNeeds,
+    PoolView,
+    choose,
+    estimate,
+    rejection,
+)
 
 
 def pool(name: str, **overrides: object) -> PoolView:

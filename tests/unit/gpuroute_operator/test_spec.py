@@ -9,8 +9,17 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gpuroute_operator.spec import (DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S, MAX_INLINE_BYTES, JobSpec, Placement,
-                                    SpecError, StorageURI, parse_job_spec, parse_storage_uri)
+from gpuroute_operator.spec import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TIMEOUT_S,
+    MAX_INLINE_BYTES,
+    JobSpec,
+    Placement,
+    SpecError,
+    StorageURI,
+    parse_job_spec,
+    parse_storage_uri,
+)
 
 
 def spec(**overrides: Any) -> dict[str, Any]:

@@ -12,10 +12,16 @@ import pytest
 import requests
 
 from gpuroute.localenv.objectstore import S3Server
-from gpuroute_operator.spec import JobSpec, SpecError, StorageURI, parse_job_spec
 from gpuroute_operator import storage
-from gpuroute_operator.storage import (READ_ANNOTATION, WRITE_ANNOTATION, Presigner, SignedURL, SigningUnavailable,
-                                      StorageGrants)
+from gpuroute_operator.spec import JobSpec, SpecError, StorageURI, parse_job_spec
+from gpuroute_operator.storage import (
+    READ_ANNOTATION,
+    WRITE_ANNOTATION,
+    Presigner,
+    SignedURL,
+    SigningUnavailable,
+    StorageGrants,
+)
 
 
 def job(input_: dict[str, Any], output_uri: str = "s3://results/team-a/out.png") -> JobSpec:

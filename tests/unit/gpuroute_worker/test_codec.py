@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from icc_testutil import display_p3
 from PIL import Image, ImageCms, features
 
 from gpuroute_worker.codec import (
@@ -20,7 +21,6 @@ from gpuroute_worker.codec import (
     output_options,
     to_tensor,
 )
-from icc_testutil import display_p3
 
 LIMITS = {"max_bytes": 1 << 24, "max_pixels": 1 << 24}
 GPS_IFD = 0x8825

@@ -44,7 +44,7 @@ def test_compatible_requests_share_a_batch_and_get_their_own_result(executor: Ba
     images = [_image(seed=i) for i in range(4)]
     futures = [executor.submit(INVERT, img) for img in images]
     wait(futures, timeout=30)
-    for image, future in zip(images, futures):
+    for image, future in zip(images, futures, strict=True):
         result = future.result()
         assert result.batch_size == 4
         assert torch.equal(result.pixels, 255 - image)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ops_testutil import photo, save_published, to_tensor
 
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute_worker.ops import pipeline, run_pipeline
@@ -13,8 +14,6 @@ from gpuroute_worker.sr.registry import ModelRegistry, ModelSource
 from gpuroute_worker.sr.rrdbnet import RRDBNet
 from gpuroute_worker.sr.srvgg import SRVGGNetCompact
 from gpuroute_worker.sr.tiling import tiled_forward
-
-from ops_testutil import photo, save_published, to_tensor
 
 pytestmark = pytest.mark.gpu
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ops_testutil import photo, to_tensor
 from torch import Tensor, nn
 
 from gpuroute.ops_catalog import normalize_steps
@@ -19,8 +20,6 @@ from gpuroute_worker.sr.registry import ModelRegistry, ModelSource
 from gpuroute_worker.sr.rrdbnet import RRDBNet
 from gpuroute_worker.sr.srvgg import SRVGGNetCompact
 from gpuroute_worker.sr.tiling import tiled_forward
-
-from ops_testutil import photo, to_tensor
 
 
 class _OomAbove(nn.Module):

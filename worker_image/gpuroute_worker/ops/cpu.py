@@ -20,7 +20,7 @@ request as soon as it arrives.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from gpuroute_worker.ops.filters import SEPIA
 from gpuroute_worker.ops.transforms import fill_levels
 from gpuroute_worker.sr.registry import ModelRegistry
 
-Step = dict[str, Any]
+Step = Mapping[str, Any]
 Deadline = Callable[[], None] | None
 StepTimer = Callable[[str, float], None] | None
 
@@ -175,7 +175,7 @@ def _pad(image: Image.Image, step: Step) -> Image.Image:
     array = np.asarray(image)
     widths = ((top, bottom), (left, right)) + (((0, 0),) if array.ndim == 3 else ())
     mode = "edge" if step["mode"] == "edge" or min(array.shape[:2]) == 1 else "reflect"
-    return Image.fromarray(np.pad(array, widths, mode=mode))
+    return Image.fromarray(np.pad(array, widths, mode=mode))  # type: ignore[call-overload]  # numpy stubs lack str modes
 
 
 def _resize_pillow(image: Image.Image, step: Step) -> Image.Image:

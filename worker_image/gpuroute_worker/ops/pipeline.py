@@ -15,7 +15,6 @@ retryable error.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
