@@ -35,6 +35,7 @@ from gpuroute_operator.effects import TerminalEvent
 from gpuroute_operator.identity import Principal
 from gpuroute_operator.jobs import Job
 from gpuroute_operator.kube import Kube
+from gpuroute_operator.kube_async import AsyncKube
 from gpuroute_operator.pool_keys import PoolKeys
 from gpuroute_operator.pool_status import PoolStatusPublisher, pool_status
 from gpuroute_operator.pools import PoolSpec, PoolState
@@ -110,8 +111,9 @@ class _ShellEffects:
 class Engine:
     def __init__(self, config: EngineConfig, *, presigner: Presigner | None = None) -> None:
         self.config = config
-        self.kube = Kube(config.kubeconfig)
-        self.writer = StatusWriter(self.kube, coalesce_s=config.coalesce_s)
+        self.kube = Kube(config.kubeconfig)  # blocking, in threads: Secrets only, a few reads a minute
+        self.api = AsyncKube(config.kubeconfig)  # on the loop: every per-job request
+        self.writer = StatusWriter(self.api, coalesce_s=config.coalesce_s)
         self.presigner = presigner or Presigner(azure_accounts=config.azure_accounts)
         self.context = zmq.asyncio.Context()
         self.zap = ZapHandler(self.context)
@@ -232,8 +234,8 @@ class Engine:
         if cached and time.monotonic() - cached[1] < GRANTS_TTL_S:
             return cached[0]
         try:
-            annotations = await asyncio.to_thread(self.kube.namespace_annotations, namespace)
-        except Exception as exc:  # pykube raises ObjectDoesNotExist or HTTP errors
+            annotations = await self.api.namespace_annotations(namespace)
+        except Exception as exc:  # HTTP errors (404 for a deleted namespace) or transport errors
             log.warning("cannot read namespace %s: %s; granting nothing", namespace, exc)
             annotations = {}
         grants = StorageGrants.from_annotations(annotations)

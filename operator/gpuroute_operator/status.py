@@ -2,8 +2,8 @@
 
 Which writes are due is decided by coalesce.Coalescer (pure); this module sends them.
 A job's terminal Event is posted only after its terminal status write has landed, under
-a name fixed per job, so it is posted at most once. Writes run in threads (pykube is
-blocking).
+a name fixed per job, so it is posted at most once. Writes and Events go out on the
+event loop through AsyncKube (one keep-alive aiohttp session), never through a thread.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pykube
-
+from gpuroute.redact import redact, redact_json
 from gpuroute_operator import metrics
 from gpuroute_operator.coalesce import Coalescer, Pending
-from gpuroute_operator.kube import ImageJobObject, Kube, WorkerPoolObject
+from gpuroute_operator.kube_async import TRANSPORT_ERRORS, AsyncKube
 
 if TYPE_CHECKING:
     from gpuroute_operator.effects import TerminalEvent
@@ -70,9 +69,6 @@ def merge_patch_status(status: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if v is None or v == "" else clean(v)) for k, v in status.items()}
 
 
-_KINDS: Mapping[str, type[pykube.objects.APIObject]] = {"ImageJob": ImageJobObject, "WorkerPool": WorkerPoolObject}
-
-
 def terminal_event_name(ref: ObjectRef) -> str:
     """One fixed name per job: a second post of its terminal Event is refused by the API
     server (409), so no restart or race can give a job two."""
@@ -80,7 +76,7 @@ def terminal_event_name(ref: ObjectRef) -> str:
 
 
 class StatusWriter:
-    def __init__(self, kube: Kube, *, coalesce_s: float = 0.3, concurrency: int = 8) -> None:
+    def __init__(self, kube: AsyncKube, *, coalesce_s: float = 0.3, concurrency: int = 8) -> None:
         self._kube = kube
         self._coalescer: Coalescer[ObjectRef] = Coalescer(coalesce_s)
         self._slots = asyncio.Semaphore(concurrency)
@@ -131,6 +127,7 @@ class StatusWriter:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
+        await self._kube.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -158,15 +155,15 @@ class StatusWriter:
         ok = False
         try:
             async with self._slots:
-                found = await asyncio.to_thread(self._kube.patch_status, _KINDS[ref.kind], ref.namespace, ref.name,
-                                                merge_patch_status(pending.status))
+                found = await self._kube.patch_status(ref.kind, ref.namespace, ref.name,
+                                                      redact_json(merge_patch_status(pending.status)))
             ok = True
             metrics.STATUS_PATCHES.labels("ok" if found else "gone").inc()
             self.patches_sent += 1
             if found and pending.event is not None:
                 # Only now: the status that says the job ended has landed.
                 self.ensure_terminal_event(ref, pending.event)
-        except (pykube.exceptions.HTTPError, pykube.exceptions.KubernetesError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             metrics.STATUS_PATCHES.labels("error").inc()
             log.warning("status patch of %s %s/%s failed, retrying: %s", ref.kind, ref.namespace, ref.name, exc)
             await asyncio.sleep(RETRY_DELAY_S)
@@ -182,11 +179,11 @@ class StatusWriter:
         for attempt in range(1, tries + 1):
             try:
                 async with self._slots:
-                    await asyncio.to_thread(self._kube.post_event, ref.involved(), type_=type_, reason=reason,
-                                            message=message, name=name)
+                    await self._kube.post_event(ref.involved(), type_=type_, reason=reason, message=redact(message),
+                                                name=name)
                 self.events_posted += 1
                 return
-            except (pykube.exceptions.HTTPError, pykube.exceptions.KubernetesError, OSError) as exc:
+            except TRANSPORT_ERRORS as exc:
                 log.warning("event %s for %s/%s not posted (try %d of %d): %s", reason, ref.namespace, ref.name,
                             attempt, tries, exc)
                 if attempt < tries:
