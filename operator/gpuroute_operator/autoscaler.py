@@ -10,9 +10,14 @@ scaleDownIdleSeconds.
 Credentials, in the Secret named by ``kubeconfigSecretRef``:
 
 - ``kubeconfig`` (or the data key named by ``kubeconfigSecretRef.key``): a kubeconfig
-  whose current context reaches the GPU cluster. Static tokens and client certificates
-  work as usual. Certificates should be inline (``certificate-authority-data``): file
-  paths would be read in the operator's container.
+  whose current context reaches the GPU cluster. Only inline credentials are accepted: a
+  static ``token``, ``client-certificate-data``/``client-key-data`` and
+  ``certificate-authority-data``. Entries that run a command (``exec``,
+  ``auth-provider``) or read a file in the operator's container (``tokenFile``,
+  ``client-certificate``, ``client-key``, ``certificate-authority``), and any entry not
+  on that list, are refused before the kubernetes client sees the kubeconfig: whoever
+  can write the Secret must not run code inside the operator, which holds its
+  ServiceAccount token, cloud credentials and CURVE key (:func:`check_kubeconfig`).
 - Azure AD (AKS with Entra ID authentication): the operator fetches the bearer token
   itself with azure-identity's ``DefaultAzureCredential`` (in a pod with workload
   identity, the federated token of the operator's ServiceAccount) for the AKS server
@@ -20,7 +25,9 @@ Credentials, in the Secret named by ``kubeconfigSecretRef``:
   before it expires. Azure AD mode is on when the Secret has ``azure-ad: "true"``, or when
   the kubeconfig user is the one ``az aks get-credentials`` writes for such clusters (an
   ``exec`` plugin running ``kubelogin``, or the legacy ``auth-provider: azure``): the
-  operator image has no kubelogin, and the token it would produce is the same. An
+  operator image has no kubelogin, and the token it would produce is the same. That user
+  entry is dropped unread, so its command never runs; every other entry is checked as
+  above. An
   optional ``azure-ad-scope`` key overrides the scope; otherwise kubelogin's
   ``--server-id`` is used when present.
 
@@ -273,12 +280,18 @@ def _kubelogin_server_id(user: Mapping[str, Any]) -> str | None:
 
 def _current_user(config: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
     """(user name, user entry) of the kubeconfig's current context."""
-    contexts = {c.get("name"): c.get("context") or {} for c in config.get("contexts") or () if isinstance(c, Mapping)}
-    context = contexts.get(config.get("current-context")) or {}
-    name = context.get("user")
-    for entry in config.get("users") or ():
+    # A hostile Secret may put anything anywhere: what is not the expected shape counts as
+    # absent here, and check_kubeconfig names it afterwards.
+    contexts_list = config.get("contexts")
+    contexts = {c.get("name"): c.get("context") for c in contexts_list if isinstance(c, Mapping)} \
+        if isinstance(contexts_list, list) else {}
+    context = contexts.get(config.get("current-context"))
+    name = context.get("user") if isinstance(context, Mapping) else None
+    users = config.get("users")
+    for entry in users if isinstance(users, list) else ():
         if isinstance(entry, Mapping) and entry.get("name") == name:
-            return name, entry.get("user") or {}
+            user = entry.get("user")
+            return name, user if isinstance(user, Mapping) else {}
     return name, {}
 
 
@@ -290,6 +303,77 @@ def azure_ad_user(config: Mapping[str, Any]) -> bool:
         return True
     provider = user.get("auth-provider")
     return isinstance(provider, Mapping) and provider.get("name") == "azure"
+
+
+# What a kubeconfig may hold, per section. An allow-list, not a deny-list: the kubernetes
+# client grows new ways to run commands or read files (exec plugins, tokenFile,
+# auth-provider plugins that write back to disk), and an entry nobody reviewed is refused.
+_ALLOWED_USER_KEYS = frozenset({"token", "client-certificate-data", "client-key-data", "extensions"})
+_ALLOWED_CLUSTER_KEYS = frozenset({
+    "server", "certificate-authority-data", "tls-server-name", "insecure-skip-tls-verify", "proxy-url",
+    "disable-compression", "extensions",
+})
+_ALLOWED_CONTEXT_KEYS = frozenset({"cluster", "user", "namespace", "extensions"})
+# Why each refused entry is dangerous, for the message the pool's owner reads.
+_REFUSED_WHY = {
+    "exec": "runs a command",
+    "auth-provider": "runs a credential plugin",
+    "tokenFile": "reads a file",
+    "client-certificate": "reads a file",
+    "client-key": "reads a file",
+    "certificate-authority": "reads a file",
+    "username": "is basic authentication",
+    "password": "is basic authentication",
+}
+
+
+class UnsafeKubeconfig(RemoteClusterError):
+    """A kubeconfig entry that could run a command or read a file in the operator."""
+
+    def __init__(self, entry: str, why: str) -> None:
+        super().__init__(
+            f"kubeconfig entry {entry} is refused: it {why}; only inline credentials (token, "
+            "client-certificate-data, client-key-data, certificate-authority-data) or azure-ad mode are accepted")
+        self.entry = entry
+        """Where the entry sits, e.g. users[0](gpu).user.exec."""
+
+
+def _check_section(config: Mapping[str, Any], section: str, inner: str, allowed: frozenset[str]) -> None:
+    entries = config.get(section)
+    if entries is None:
+        return
+    if not isinstance(entries, list):
+        raise RemoteClusterError(f"kubeconfig {section} must be a list")
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise RemoteClusterError(f"kubeconfig {section}[{index}] must be a mapping")
+        where = f"{section}[{index}]({entry.get('name')})"
+        extra = sorted(str(k) for k in entry if k not in ("name", inner))
+        if extra:
+            raise UnsafeKubeconfig(f"{where}.{extra[0]}", "is not a kubeconfig field the operator accepts")
+        body = entry.get(inner)
+        if body is None:
+            continue
+        if not isinstance(body, Mapping):
+            raise RemoteClusterError(f"kubeconfig {where}.{inner} must be a mapping")
+        # Sorted, so the message names the same entry every time.
+        for key in sorted(body, key=str):
+            if key in allowed:
+                continue
+            why = _REFUSED_WHY.get(str(key), "is not an entry the operator accepts")
+            raise UnsafeKubeconfig(f"{where}.{inner}.{key}", why)
+
+
+def check_kubeconfig(config: Mapping[str, Any]) -> None:
+    """Raise UnsafeKubeconfig naming the first entry that is not an inline credential.
+
+    Every user, cluster and context is checked, not only the current context's: the
+    kubernetes client picks what it loads, and nothing in the Secret should be able to
+    run a command or read a file whichever it picks.
+    """
+    _check_section(config, "users", "user", _ALLOWED_USER_KEYS)
+    _check_section(config, "clusters", "cluster", _ALLOWED_CLUSTER_KEYS)
+    _check_section(config, "contexts", "context", _ALLOWED_CONTEXT_KEYS)
 
 
 class RemoteCluster:
@@ -333,11 +417,16 @@ class RemoteCluster:
         if self.azure_ad:
             # The kubelogin exec plugin (or auth-provider) would run here otherwise;
             # the operator supplies the same token itself.
-            parsed = dict(parsed)
-            parsed["users"] = [
-                {"name": e.get("name"), "user": {}} if isinstance(e, Mapping) and e.get("name") == user_name else e
-                for e in parsed.get("users") or ()
-            ]
+            users = parsed.get("users")
+            if isinstance(users, list):  # anything else is left for check_kubeconfig to name
+                parsed = dict(parsed)
+                parsed["users"] = [
+                    {"name": e.get("name"), "user": {}} if isinstance(e, Mapping) and e.get("name") == user_name else e
+                    for e in users
+                ]
+        # After the Azure AD user is dropped, before the client reads anything: the client
+        # would run an exec plugin or open a file while it loads the config.
+        check_kubeconfig(parsed)
         try:
             self.api_client: ApiClient = kube_config.new_client_from_config_dict(parsed, persist_config=False)
         except (ConfigException, KeyError, TypeError, ValueError, OSError) as exc:

@@ -253,6 +253,48 @@ def test_bad_kubeconfig_and_unreachable_api_are_reported(
         scaler.close()
 
 
+def test_hostile_kubeconfigs_never_run_or_read(
+    gpu_cluster: ControlPlane, control_plane: ControlPlane, mgmt: Any, tmp_path: Path
+) -> None:
+    # Each would authenticate as the GPU cluster's admin if honoured (the exec plugin
+    # prints the real token, the token file holds it), so a scale that lands or a marker
+    # file on disk means the operator ran or read it.
+    marker = tmp_path / "exec-ran"
+    helper = tmp_path / "helper"
+    helper.write_text(f"#!/bin/sh\ntouch {marker}\n"
+                      'echo \'{"apiVersion":"client.authentication.k8s.io/v1beta1","kind":"ExecCredential",'
+                      f'"status":{{"token":"{gpu_cluster.token}"}}}}\'\n')
+    helper.chmod(0o755)
+    token_file = tmp_path / "token"
+    token_file.write_text(gpu_cluster.token)
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text(_ca(gpu_cluster))
+    exec_user = {"exec": {"command": str(helper), "apiVersion": "client.authentication.k8s.io/v1beta1"}}
+    hostile: dict[str, tuple[str, str]] = {
+        "exec": (_kubeconfig(gpu_cluster.server, _ca(gpu_cluster), exec_user), "users[0](operator).user.exec"),
+        "auth-provider": (_kubeconfig(gpu_cluster.server, _ca(gpu_cluster),
+                                      {"auth-provider": {"name": "gcp", "config": {"cmd-path": str(helper)}}}),
+                          "users[0](operator).user.auth-provider"),
+        "tokenFile": (_kubeconfig(gpu_cluster.server, _ca(gpu_cluster), {"tokenFile": str(token_file)}),
+                      "users[0](operator).user.tokenFile"),
+    }
+    ca_path = yaml.safe_load(_kubeconfig(gpu_cluster.server, "", {"token": gpu_cluster.token}))
+    ca_path["clusters"][0]["cluster"] = {"server": gpu_cluster.server, "certificate-authority": str(ca_file)}
+    hostile["certificate-authority"] = (yaml.safe_dump(ca_path), "clusters[0](gpu).cluster.certificate-authority")
+    _set_remote_replicas(gpu_cluster, 1)
+    scaler = Autoscaler(Kube(control_plane.kubeconfig).read_secret_data, min_interval_s=0.0)
+    try:
+        for number, (case, (kubeconfig, entry)) in enumerate(hostile.items()):
+            _put_secret(mgmt, "gpu-hostile", {"kubeconfig": kubeconfig})
+            decision = _reconcile(scaler, "hostile", _scaling("gpu-hostile"), queued=20, now=float(number))
+            assert decision is not None and not decision.applied and decision.desired is None, case
+            assert f"{entry} is refused" in decision.reason, (case, decision.reason)
+            assert not marker.exists(), case
+            assert _remote_replicas(gpu_cluster) == 1, case
+    finally:
+        scaler.close()
+
+
 class FakeAzureCredential:
     """Stands in for DefaultAzureCredential: the Azure AD token service cannot run here.
 

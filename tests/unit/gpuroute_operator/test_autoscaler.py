@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from typing import Any
 
 import pytest
@@ -13,8 +14,11 @@ from gpuroute_operator.autoscaler import (
     AKS_AAD_SCOPE,
     Autoscaler,
     RemoteCluster,
+    RemoteClusterError,
     ScalingSpec,
+    UnsafeKubeconfig,
     azure_ad_user,
+    check_kubeconfig,
     desired_replicas,
     parse_scaling,
 )
@@ -253,3 +257,132 @@ def test_azure_ad_scope_override_from_the_secret() -> None:
         assert scopes and set(scopes) == {("api://custom-server/.default",)}
     finally:
         scaler.close()
+
+
+# -- hostile kubeconfigs: nothing runs, nothing is read --------------------------------
+
+_CA = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").decode()
+
+
+def _hostile(user: dict[str, Any] | None = None, cluster: dict[str, Any] | None = None,
+             context: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    config = _kubeconfig(user if user is not None else {"token": "t"})
+    config["clusters"][0]["cluster"].update(cluster or {})
+    config["contexts"][0]["context"].update(context or {})
+    config.update(top)
+    return config
+
+
+HOSTILE = [
+    # (case, kubeconfig, entry the message must name)
+    ("exec plugin", _hostile({"exec": {"command": "sh", "args": ["-c", "id"], "apiVersion":
+                                       "client.authentication.k8s.io/v1beta1"}}), "users[0](u).user.exec"),
+    ("exec beside a token", _hostile({"token": "t", "exec": {"command": "sh"}}), "users[0](u).user.exec"),
+    ("aws eks exec", _hostile({"exec": {"command": "aws", "args": ["eks", "get-token"]}}), "users[0](u).user.exec"),
+    ("gcp auth-provider", _hostile({"auth-provider": {"name": "gcp", "config": {"cmd-path": "/bin/sh"}}}),
+     "users[0](u).user.auth-provider"),
+    ("oidc auth-provider", _hostile({"auth-provider": {"name": "oidc", "config": {"idp-issuer-url": "x"}}}),
+     "users[0](u).user.auth-provider"),
+    ("tokenFile", _hostile({"tokenFile": "/var/run/secrets/kubernetes.io/serviceaccount/token"}),
+     "users[0](u).user.tokenFile"),
+    ("client-certificate path", _hostile({"client-certificate": "/etc/gpuroute/curve/server.key_secret",
+                                          "client-key-data": "a2V5"}), "users[0](u).user.client-certificate"),
+    ("client-key path", _hostile({"client-certificate-data": "Y2VydA==", "client-key": "/etc/shadow"}),
+     "users[0](u).user.client-key"),
+    ("certificate-authority path", _hostile(cluster={"certificate-authority": "/etc/passwd"}),
+     "clusters[0](c).cluster.certificate-authority"),
+    ("basic auth", _hostile({"username": "admin", "password": "pw"}), "users[0](u).user.password"),
+    ("unknown user entry", _hostile({"token": "t", "as": "system:admin"}), "users[0](u).user.as"),
+    ("exec in a user the context does not use",
+     _hostile(users=[{"name": "u", "user": {"token": "t"}}, {"name": "evil", "user": {"exec": {"command": "sh"}}}]),
+     "users[1](evil).user.exec"),
+    ("exec at the entry level", _hostile(users=[{"name": "u", "user": {"token": "t"}, "exec": {"command": "sh"}}]),
+     "users[0](u).exec"),
+    ("unknown context entry", _hostile(context={"exec": {"command": "sh"}}), "contexts[0](ctx).context.exec"),
+]
+
+
+@pytest.mark.parametrize(("case", "config", "entry"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_kubeconfig_is_refused_naming_the_entry(case: str, config: dict[str, Any], entry: str) -> None:
+    with pytest.raises(UnsafeKubeconfig) as raised:
+        check_kubeconfig(config)
+    assert raised.value.entry == entry
+    assert entry in str(raised.value)
+    with pytest.raises(UnsafeKubeconfig, match=re.escape(entry)):
+        RemoteCluster(yaml.safe_dump(config)).close()
+
+
+@pytest.mark.parametrize("shape", [
+    {"users": {"u": {"exec": {"command": "sh"}}}},
+    {"users": ["exec"]},
+    {"users": [{"name": "u", "user": "exec"}]},
+    {"contexts": "ctx"},
+    {"contexts": [{"name": "ctx", "context": ["user", "u"]}]},
+])
+def test_malformed_kubeconfig_is_an_error_not_a_crash(shape: dict[str, Any]) -> None:
+    config = _hostile(**shape)
+    with pytest.raises(RemoteClusterError):
+        RemoteCluster(yaml.safe_dump(config)).close()
+
+
+def test_inline_credentials_are_accepted() -> None:
+    accepted = [
+        _hostile({"token": "t"}, cluster={"certificate-authority-data": _CA}),
+        _hostile({"client-certificate-data": "Y2VydA==", "client-key-data": "a2V5"}),
+        _hostile({}, cluster={"insecure-skip-tls-verify": True, "tls-server-name": "gpu", "proxy-url": ""}),
+        _hostile(context={"namespace": "ops"}, preferences={}, apiVersion="v1", kind="Config"),
+    ]
+    for config in accepted:
+        check_kubeconfig(config)
+
+
+def test_azure_ad_mode_drops_the_exec_user_unrun(tmp_path: Any) -> None:
+    marker = tmp_path / "ran"
+    # Named like kubelogin, so it selects azure-ad mode; it would leave a marker if run.
+    script = tmp_path / "kubelogin"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    script.chmod(0o755)
+    config = _hostile({"exec": {"command": str(script), "apiVersion": "client.authentication.k8s.io/v1beta1",
+                                "args": ["get-token", "--server-id", "srv"]}})
+    cluster = RemoteCluster(yaml.safe_dump(config))
+    try:
+        assert cluster.azure_ad and cluster.scope == "srv/.default"
+    finally:
+        cluster.close()
+    assert not marker.exists()
+    # The same exec in a second user is not the Azure AD user: refused, still not run.
+    config["users"].append({"name": "other", "user": {"exec": {"command": str(script)}}})
+    with pytest.raises(UnsafeKubeconfig, match=r"users\[1\]\(other\)\.user\.exec"):
+        RemoteCluster(yaml.safe_dump(config))
+    assert not marker.exists()
+
+
+def _exec_marker_kubeconfig(tmp_path: Any) -> tuple[dict[str, Any], Any]:
+    marker = tmp_path / "exec-ran"
+    script = tmp_path / "credential-helper"
+    # A valid ExecCredential, so the kubernetes client would be satisfied after running it.
+    script.write_text(f"#!/bin/sh\ntouch {marker}\n"
+                      'echo \'{"apiVersion":"client.authentication.k8s.io/v1beta1","kind":"ExecCredential",'
+                      '"status":{"token":"stolen"}}\'\n')
+    script.chmod(0o755)
+    return _hostile({"exec": {"command": str(script), "apiVersion": "client.authentication.k8s.io/v1beta1"}}), marker
+
+
+def test_the_exec_kubeconfig_really_runs_without_the_check(tmp_path: Any) -> None:
+    # The control for the test below: the kubernetes client itself does run the command.
+    from kubernetes import config as kube_config
+
+    config, marker = _exec_marker_kubeconfig(tmp_path)
+    kube_config.new_client_from_config_dict(config, persist_config=False).close()
+    assert marker.exists()
+
+
+def test_autoscaler_never_runs_a_hostile_exec(tmp_path: Any) -> None:
+    config, marker = _exec_marker_kubeconfig(tmp_path)
+    secret = {"kubeconfig": base64.b64encode(yaml.safe_dump(config).encode()).decode()}
+    scaler = Autoscaler(lambda namespace, name: secret, min_interval_s=0.0)
+    decision = asyncio.run(scaler.reconcile("p", _spec(), queued=3, in_flight=0, now=0.0))
+    assert decision is not None and not decision.applied and decision.desired is None
+    assert "users[0](u).user.exec is refused" in decision.reason and "runs a command" in decision.reason
+    assert "Secret gpuroute-system/k" in decision.reason
+    assert not marker.exists()
