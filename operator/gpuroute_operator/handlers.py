@@ -62,11 +62,20 @@ async def imagejob_event(type: str | None, body: kopf.Body, uid: str, memo: kopf
 @kopf.on.event(GROUP, VERSION, "workerpools")
 async def workerpool_event(type: str | None, body: kopf.Body, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:  # noqa: A002
     engine: Engine = memo.engine
+    seen: dict[str, int] = memo.setdefault("pool_generations", {})
     if type == "DELETED":
+        seen.pop(name, None)
         engine.remove_pool(name)
         return
+    # The operator's own status patches come back as MODIFIED events; the status
+    # subresource leaves metadata.generation alone, so an unchanged generation means
+    # nothing here changed: skipping it closes the write -> event -> work loop.
+    generation = int(body.metadata.get("generation") or 1)
+    if seen.get(name) == generation:
+        return
+    seen[name] = generation
     try:
-        spec = parse_pool_spec(name, body.get("spec"), generation=int(body.metadata.get("generation") or 1),
+        spec = parse_pool_spec(name, body.get("spec"), generation=generation,
                                default_namespace=engine.config.namespace)
     except PoolSpecError as exc:
         logger.error("WorkerPool %s is invalid: %s", name, exc)

@@ -1,8 +1,10 @@
 """A WorkerPool's status, rendered from what the dispatcher knows, and when it is worth a write.
 
 Rendering is pure. `PoolStatusPublisher` decides when a pool's status changed enough to
-be patched: heartbeat-level churn (RTT, timestamps) alone never causes a write, and a
-pool is re-written at most every POOL_STATUS_EVERY_S otherwise.
+be patched: a change of who is connected or whether the pool is available is written at
+once; counters (in flight, queued, throughput) at most every POOL_STATUS_MIN_S; heartbeat
+churn (RTT, timestamps) alone at most every POOL_STATUS_EVERY_S. Under load the counters
+change on every tick, and a write per tick would be a write every 0.5 s per pool.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from gpuroute_operator.status import ObjectRef, StatusWriter
 
 POOL_STATUS_EVERY_S = 10.0
 """Pool status is re-written at least this often while it changes only in heartbeat details."""
+POOL_STATUS_MIN_S = 3.0
+"""Counter-only changes (in flight, queued, throughput) are written at most this often."""
+SUBSTANTIVE = ("phase", "connectedWorkers", "workerIds", "available", "observedGeneration")
+"""Fields of the comparison key whose change is written at once."""
 MAX_PIPELINES_SHOWN = 20
 """Cost classes listed on a WorkerPool's status, most used first (the object must stay small)."""
 
@@ -94,10 +100,13 @@ class PoolStatusPublisher:
             previous = self._sent.get(name)
             if previous and previous[0] == key and now - previous[1] < POOL_STATUS_EVERY_S:
                 continue
+            substantive = previous is None or any(previous[0].get(f) != key.get(f) for f in SUBSTANTIVE)
+            if previous is not None and not substantive and now - previous[1] < POOL_STATUS_MIN_S:
+                continue
             if previous and previous[0].get("available") == key["available"]:
                 status["conditions"][0]["lastTransitionTime"] = previous[2]
             self._sent[name] = (key, now, status["conditions"][0]["lastTransitionTime"])
-            self._writer.update(ObjectRef("WorkerPool", name), status, urgent=previous is None or previous[0] != key)
+            self._writer.update(ObjectRef("WorkerPool", name), status, urgent=substantive)
 
     def forget(self, name: str) -> None:
         self._sent.pop(name, None)
