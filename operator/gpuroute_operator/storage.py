@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gpuroute.protocol import CONTENT_TYPES
+from gpuroute_operator import grants
 from gpuroute_operator.spec import JobSpec, SpecError, StorageURI
 
 READ_ANNOTATION = "gpuroute.io/storage-read"
@@ -63,8 +64,9 @@ class StorageGrants:
 
     @staticmethod
     def _allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
-        # ".." could walk out of a granted prefix in storages that normalize keys.
-        return "/../" not in uri and any(uri.startswith(p) for p in prefixes)
+        # Normalised URIs, whole path segments: raw prefixes let `team-a` grant `team-ab`
+        # and `%2e%2e` walk out of an https grant (gpuroute_operator.grants).
+        return grants.allowed(uri, prefixes)
 
     def check(self, spec: JobSpec, namespace: str) -> None:
         """Raise SpecError (reason StorageNotGranted) if the job leaves its grants."""

@@ -100,10 +100,12 @@ def test_read_grant_does_not_allow_writing() -> None:
     assert err.field == "spec.output.uri"
 
 
-def test_prefix_matching_is_textual() -> None:
-    # A grant without a trailing slash covers sibling prefixes too: that is what prefix means.
-    assert grants("s3://datasets/team-a", "s3://results/").check(job({"uri": "s3://datasets/team-ab/x.png"}), "n") is None
-    # With the slash it does not.
+def test_prefix_matching_is_by_whole_segment() -> None:
+    # Without a trailing slash a grant still names a whole segment: team-a is not team-ab.
+    err = _refusal(grants("s3://datasets/team-a", "s3://results/"), job({"uri": "s3://datasets/team-ab/x.png"}))
+    assert err.field == "spec.input.uri"
+    assert grants("s3://datasets/team-a", "s3://results/").check(job({"uri": "s3://datasets/team-a/x.png"}), "n") is None
+    # With the slash neither.
     err = _refusal(grants("s3://datasets/team-a/", "s3://results/"), job({"uri": "s3://datasets/team-ab/x.png"}))
     assert err.field == "spec.input.uri"
     # Another bucket whose name starts the same is outside "s3://data/".
