@@ -30,6 +30,7 @@ from gpuroute.protocol import Body, InputSource, Message, OutputTarget, Ready
 from gpuroute_operator import admission, metrics
 from gpuroute_operator.admission import Admitted, Ended, Refused
 from gpuroute_operator.autoscaler import Autoscaler
+from gpuroute_operator.batch_runner import BatchRunner
 from gpuroute_operator.dispatcher import Dispatcher
 from gpuroute_operator.effects import TerminalEvent
 from gpuroute_operator.identity import Principal
@@ -41,7 +42,7 @@ from gpuroute_operator.pool_status import PoolStatusPublisher, pool_status
 from gpuroute_operator.pools import PoolSpec, PoolState
 from gpuroute_operator.scaling_loop import autoscale_loop
 from gpuroute_operator.server import WorkerServer
-from gpuroute_operator.spec import SpecError
+from gpuroute_operator.spec import SpecError, is_batch
 from gpuroute_operator.status import ObjectRef, StatusWriter
 from gpuroute_operator.storage import AzureAccount, Presigner, StorageGrants
 from gpuroute_operator.zap import ZapHandler
@@ -104,8 +105,7 @@ class _ShellEffects:
         self._engine.writer.event(ref, reason, message, warning=True)
 
     def item(self, job: Job, *, terminal: bool) -> None:
-        # Guard, not a stub: the engine admits no batch items, so the dispatcher never calls this.
-        raise AssertionError(f"batch item {job.uid} reached an engine that admits no batches")
+        self._engine.batches.on_item(job, terminal=terminal)
 
 
 class Engine:
@@ -123,6 +123,7 @@ class Engine:
         self.dispatcher = Dispatcher(_ShellEffects(self), self._sign)
         self.pool_publisher = PoolStatusPublisher(self.writer)
         self.autoscaler = Autoscaler(self.kube.read_secret_data)
+        self.batches = BatchRunner(self.dispatcher, self.writer, self.presigner, self._namespace_grants)
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._grants: dict[str, tuple[StorageGrants, float]] = {}
         self._admitting: set[str] = set()
@@ -158,6 +159,7 @@ class Engine:
             self.zap.start()
         self.server.start()
         self.writer.start()
+        self.batches.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._tick_loop(), name="engine-tick"),
@@ -172,6 +174,7 @@ class Engine:
                 await task
             except asyncio.CancelledError:
                 pass
+        await self.batches.stop()
         self.autoscaler.close()
         self.presigner.close()  # stops the Azure delegation-key renewal thread
         await self.writer.stop()
@@ -183,6 +186,9 @@ class Engine:
 
     async def observe_job(self, body: Mapping[str, Any]) -> None:
         """Called for every ImageJob event except deletion; idempotent."""
+        if is_batch(body.get("spec")):
+            await self.batches.observe(body)  # many images: batch_runner.py
+            return
         ref = admission.object_ref(body)
         if ref.uid in self.dispatcher.finished or ref.uid in self._admitting:
             return
@@ -244,7 +250,8 @@ class Engine:
 
     def forget(self, uid: str) -> None:
         """The ImageJob was deleted: stop its work everywhere."""
-        self.dispatcher.forget(uid, time.time())
+        if not self.batches.forget(uid):
+            self.dispatcher.forget(uid, time.time())
 
     def _sign(self, job: Job, now: float) -> tuple[InputSource, OutputTarget]:
         spec = job.spec

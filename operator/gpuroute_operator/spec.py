@@ -221,3 +221,113 @@ def parse_job_spec(spec: Mapping[str, Any] | None) -> JobSpec:
 
 def _pixels(size: tuple[int, int] | None) -> int | None:
     return size[0] * size[1] if size else None
+
+
+# ---- batches: one ImageJob, many images ------------------------------------------------------
+
+DEFAULT_ITEM_TIMEOUT_S = 600
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "avif": ".avif"}
+"""File extension an item's output gets, by output format."""
+
+_S3_PREFIX = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.*)$")
+_AZURE_PREFIX = re.compile(r"^azure://(?P<account>[a-z0-9]{3,24})/(?P<container>[a-z0-9](?:[a-z0-9\-]{1,61}[a-z0-9]))/(?P<blob>.*)$")
+_GLOB = re.compile(r"^[^/\s]{1,256}$")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A validated batch ImageJob: where its inputs come from and where their outputs go."""
+
+    prefix: StorageURI | None
+    """spec.input.prefix: every object under it is an input (key may be empty: the whole bucket)."""
+    match: str | None
+    """spec.input.match: glob on the key relative to the prefix (e.g. `*.jpg`); None matches all."""
+    list_uri: StorageURI | None
+    """spec.input.list: an object holding one input URI per line."""
+    output_prefix: StorageURI
+    """spec.output.prefix: item outputs, the results manifest and its journal go under it."""
+    item: JobSpec
+    """The spec every item runs (input and output are placeholders, replaced per item)."""
+    timeout_s: int
+    """spec.timeoutSeconds: bounds the whole batch, from admission."""
+    item_timeout_s: int
+    """spec.itemTimeoutSeconds: bounds each item, from when it is handed to the dispatcher."""
+
+
+def is_batch(spec: Mapping[str, Any] | None) -> bool:
+    """A batch names `spec.input.prefix` or `spec.input.list` (checked before full validation)."""
+    source = spec.get("input") if isinstance(spec, Mapping) else None
+    return isinstance(source, Mapping) and ("prefix" in source or "list" in source)
+
+
+def parse_storage_prefix(uri: Any, field: str) -> StorageURI:
+    if not isinstance(uri, str):
+        raise SpecError(field, "must be a string")
+    if not uri.endswith("/"):
+        raise SpecError(field, f"{uri!r} must end with '/' (a prefix names a folder of objects)")
+    if match := _S3_PREFIX.match(uri):
+        return StorageURI("s3", match["bucket"], match["key"])
+    if match := _AZURE_PREFIX.match(uri):
+        return StorageURI("azure", f"{match['account']}/{match['container']}", match["blob"])
+    raise SpecError(field, f"{uri!r} is not s3://bucket/prefix/ or azure://account/container/prefix/")
+
+
+def parse_batch_spec(spec: Mapping[str, Any] | None) -> BatchSpec:
+    """Validate a batch spec; raises SpecError naming the first bad field."""
+    if not isinstance(spec, Mapping):
+        raise SpecError("spec", "is required")
+    source = spec.get("input")
+    if not isinstance(source, Mapping):
+        raise SpecError("spec.input", "is required")
+    kinds = [k for k in ("uri", "inline", "prefix", "list") if source.get(k) is not None]
+    if kinds not in (["prefix"], ["list"]):
+        raise SpecError("spec.input", f"a batch sets exactly one of `prefix` and `list`, got {', '.join(kinds) or 'none'}")
+    prefix = list_uri = None
+    match: str | None = None
+    if "prefix" in kinds:
+        prefix = parse_storage_prefix(source["prefix"], "spec.input.prefix")
+        raw_match = source.get("match")
+        if raw_match is not None and (not isinstance(raw_match, str) or not _GLOB.match(raw_match)):
+            raise SpecError("spec.input.match", f"must be a glob without '/' or spaces such as *.jpg, got {raw_match!r}")
+        match = raw_match
+    else:
+        if source.get("match") is not None:
+            raise SpecError("spec.input.match", "applies to `prefix` only")
+        if not isinstance(source["list"], str):
+            raise SpecError("spec.input.list", "must be a string")
+        list_uri = parse_storage_uri(source["list"], "spec.input.list")
+    output = spec.get("output")
+    if not isinstance(output, Mapping) or output.get("prefix") is None:
+        raise SpecError("spec.output.prefix", "is required for a batch (s3://bucket/prefix/ or azure://account/container/prefix/)")
+    if output.get("uri") is not None:
+        raise SpecError("spec.output.uri", "a batch sets `spec.output.prefix` instead")
+    output_prefix = parse_storage_prefix(output["prefix"], "spec.output.prefix")
+    if prefix is not None and prefix.container == output_prefix.container and output_prefix.key.startswith(prefix.key):
+        raise SpecError("spec.output.prefix", f"{output_prefix.uri} lies under spec.input.prefix {prefix.uri}: "
+                        "outputs would become inputs")
+    timeout_s = _int_in(spec.get("timeoutSeconds"), "spec.timeoutSeconds", DEFAULT_TIMEOUT_S, 1, 86400)
+    item_timeout_s = _int_in(spec.get("itemTimeoutSeconds"), "spec.itemTimeoutSeconds",
+                             min(DEFAULT_ITEM_TIMEOUT_S, timeout_s), 1, 86400)
+    # The item template goes through the single-image parser, so steps, format, placement
+    # and limits are validated by exactly the same rules.
+    base = prefix if prefix is not None else list_uri
+    assert base is not None  # one of the two was parsed above
+    batch_only = ("input", "output", "timeoutSeconds", "itemTimeoutSeconds")
+    template = {key: value for key, value in spec.items() if key not in batch_only}
+    item = parse_job_spec({**template, "input": {"uri": f"{base.scheme}://{base.container}/item"},
+                           "output": {**{k: v for k, v in output.items() if k != "prefix"},
+                                      "uri": f"{output_prefix.scheme}://{output_prefix.container}/item"},
+                           "timeoutSeconds": item_timeout_s})
+    return BatchSpec(prefix, match, list_uri, output_prefix, item, timeout_s, item_timeout_s)
+
+
+def item_output(batch: BatchSpec, source: StorageURI) -> StorageURI:
+    """Where an item's output goes: its input key relative to the input prefix (for a list, the
+    whole key), under the output prefix, with the output format's extension."""
+    relative = source.key
+    if batch.prefix is not None and source.key.startswith(batch.prefix.key):
+        relative = source.key[len(batch.prefix.key):]
+    folder, _, name = relative.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    key = f"{batch.output_prefix.key}{folder + '/' if folder else ''}{stem}{EXTENSIONS[batch.item.output_format]}"
+    return StorageURI(batch.output_prefix.scheme, batch.output_prefix.container, key)

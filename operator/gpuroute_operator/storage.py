@@ -68,6 +68,14 @@ class StorageGrants:
         # and `%2e%2e` walk out of an https grant (gpuroute_operator.grants).
         return grants.allowed(uri, prefixes)
 
+    def may_read(self, uri: str) -> bool:
+        """A normalised storage URI lies under a granted read prefix (batch inputs, one by one)."""
+        return self._allowed(uri, self.read)
+
+    def may_write(self, uri: str) -> bool:
+        """A normalised storage URI lies under a granted write prefix."""
+        return self._allowed(uri, self.write)
+
     def check(self, spec: JobSpec, namespace: str) -> None:
         """Raise SpecError (reason StorageNotGranted) if the job leaves its grants."""
         source = spec.input_uri.uri if spec.input_uri else spec.input_url
@@ -156,6 +164,28 @@ class Presigner:
         if self._s3 is None:
             self._s3 = _new_s3_client()
         return self._s3
+
+    def s3_client(self) -> Any:
+        """The operator's own S3 client, for batch listings and manifests (blocking: call it in a thread)."""
+        return self._s3_client()
+
+    def azure_container(self, uri: StorageURI) -> Any:
+        """A ContainerClient for `uri`'s container, signed in as the operator (blocking: use it in a thread)."""
+        from azure.storage.blob import ContainerClient
+
+        account_name, container = uri.container.split("/", 1)
+        account = self._azure.get(account_name)
+        if account is None:
+            raise SpecError("spec.input", f"storage account {account_name!r} is not configured on the operator",
+                            "StorageUnavailable")
+        credential: Any = {"account_name": account.name, "account_key": account.key} if account.key else None
+        if credential is None:
+            if self._azure_credential is None:
+                from azure.identity import DefaultAzureCredential
+
+                self._azure_credential = DefaultAzureCredential()
+            credential = self._azure_credential
+        return ContainerClient(account.blob_endpoint, container, credential=credential)
 
     def _rebuild_s3_soon(self) -> None:
         """Re-read the credential chain in a thread (it may probe a metadata service for seconds):

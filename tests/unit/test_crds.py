@@ -313,11 +313,12 @@ def test_imagejob_spec_fields(imagejob: dict[str, Any]) -> None:
     spec = _at(schema, "spec")
     assert set(spec["required"]) >= {"input", "steps"}
     assert set(spec["properties"]) == {
-        "input", "output", "steps", "priority", "timeoutSeconds", "maxAttempts", "placement",
+        "input", "output", "steps", "priority", "timeoutSeconds", "itemTimeoutSeconds", "maxAttempts", "placement",
     }
     # 256 KiB decoded, as base64 text.
     assert _at(schema, "spec.input.inline")["maxLength"] == 4 * math.ceil(256 * 1024 / 3) == 349528
-    assert {tuple(c["required"]) for c in _at(schema, "spec.input")["oneOf"]} == {("uri",), ("inline",)}
+    assert {tuple(c["required"]) for c in _at(schema, "spec.input")["oneOf"]} == {("uri",), ("inline",), ("prefix",), ("list",)}
+    assert {tuple(c["required"]) for c in _at(schema, "spec.output")["oneOf"]} == {("uri",), ("prefix",)}
     out = _at(schema, "spec.output")
     assert out["properties"]["format"]["enum"] == ["png", "jpeg", "webp", "avif"]
     assert out["properties"]["format"]["default"] == "png"
@@ -353,6 +354,25 @@ def test_imagejob_spec_fields(imagejob: dict[str, Any]) -> None:
 def test_input_uri_pattern(imagejob: dict[str, Any], uri: str, ok: bool) -> None:
     pattern = _at(_schema(imagejob), "spec.input.uri")["pattern"]
     assert bool(re.search(pattern, uri)) is ok
+
+
+@pytest.mark.parametrize(("uri", "ok"), [
+    ("s3://photos/", True), ("s3://photos/2024/jpg/", True), ("azure://acct/cont/", True),
+    ("azure://acct/cont/folder/", True), ("s3://photos/no-slash", False), ("s3://photos", False),
+    ("https://example.com/folder/", False),
+])
+def test_batch_prefix_patterns(imagejob: dict[str, Any], uri: str, ok: bool) -> None:
+    schema = _schema(imagejob)
+    for path in ("spec.input.prefix", "spec.output.prefix"):
+        assert bool(re.search(_at(schema, path)["pattern"], uri)) is ok, (path, uri)
+
+
+def test_batch_status_fields(imagejob: dict[str, Any]) -> None:
+    schema = _schema(imagejob)
+    status = _at(schema, "status")["properties"]
+    assert {"items", "progress", "percent", "itemsPerSecond", "estimatedCompletionAt", "failures", "results"} <= set(status)
+    assert set(status["items"]["properties"]) == {"total", "succeeded", "failed", "running", "queued", "listingComplete"}
+    assert set(status["failures"]["items"]["properties"]) == {"input", "reason", "message"}
 
 
 def test_output_uri_pattern_is_storage_only(imagejob: dict[str, Any]) -> None:
@@ -443,6 +463,7 @@ def test_imagejob_printer_columns(imagejob: dict[str, Any]) -> None:
         ("Pool", "string", ".status.pool"),
         ("Worker", "string", ".status.worker"),
         ("Total ms", "number", ".status.timing.totalMs"),
+        ("Progress", "string", ".status.progress"),
         ("Age", "date", ".metadata.creationTimestamp"),
     ]
     wide = [(c["name"], c["jsonPath"]) for c in cols if c.get("priority", 0) == 1]

@@ -1,0 +1,377 @@
+"""Batch ImageJobs, carried out: list inputs, feed items to the dispatcher, journal and report.
+
+One asyncio task per running batch. It lists the inputs page by page (in a thread),
+hands items to the dispatcher in a bounded window (so 50,000 inputs never sit in the
+dispatcher at once), appends every finished item to a journal in object storage
+(one part per flush, under the output prefix), and writes the batch's status every
+few seconds: never one API write per item. The journal is the durable record: after
+an operator restart the batch reads it back and skips every finished input.
+
+The counting, manifest lines and ETA are pure (batch.py); listing and journal I/O are
+in batch_io.py; the rules of routing items are the dispatcher's, since items are jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpuroute_operator import admission
+from gpuroute_operator.batch import BatchState, ItemOutcome, item_spec, item_uid, journal_part, journal_prefix, results_uri
+from gpuroute_operator.batch_io import BatchStore, StorageIOError, first
+from gpuroute_operator.dispatcher import Dispatcher
+from gpuroute_operator.effects import TerminalEvent
+from gpuroute_operator.jobs import Job, parse_rfc3339
+from gpuroute_operator.kube import now_rfc3339
+from gpuroute_operator.phases import Phase, conditions
+from gpuroute_operator.spec import BatchSpec, SpecError, StorageURI, item_output, parse_batch_spec
+from gpuroute_operator.status import ObjectRef, StatusWriter
+from gpuroute_operator.storage import READ_ANNOTATION, WRITE_ANNOTATION, Presigner, StorageGrants
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How a batch is fed and reported."""
+
+    window: int = 512
+    """Items handed to the dispatcher and not finished, per batch: bounds the operator's memory
+    and keeps each item's timeout about its own run, not about a long queue."""
+    lookahead: int = 5000
+    """Listed inputs held ahead of the window (keys only)."""
+    status_period_s: float = 3.0
+    """A running batch's status is written at most this often (its counts are not worth an
+    API write per item)."""
+    journal_period_s: float = 1.0
+    """Finished items are appended to the journal this often: what a crash can lose (and
+    then recompute, or answer from the worker's result cache)."""
+    restart_grace_s: float = 3.0
+    """After the operator starts, a resumed batch waits this long for workers to register
+    again, so attempts they still run are adopted rather than sent elsewhere."""
+    listing_tries: int = 4
+    """A failed listing page is tried this often (backing off) before the batch fails."""
+
+
+GrantsLookup = Callable[[str], Awaitable[StorageGrants]]
+
+
+class BatchRun:
+    """One batch ImageJob being processed."""
+
+    def __init__(self, ref: ObjectRef, generation: int, spec: BatchSpec, grants: StorageGrants, state: BatchState,
+                 *, resumed: bool) -> None:
+        self.ref = ref
+        self.generation = generation
+        self.spec = spec
+        self.grants = grants
+        self.state = state
+        self.resumed = resumed
+        self.deadline = state.queued_at + spec.timeout_s
+        self.outstanding: dict[str, tuple[StorageURI, StorageURI]] = {}
+        """Item uid -> (input, output) of items the dispatcher has."""
+        self.pending: deque[StorageURI | SpecError] = deque()
+        self.lines: list[str] = []
+        """Journal lines not yet written."""
+        self.parts = 0
+        self.wake = asyncio.Event()
+        self.stop: tuple[Phase, str, str] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.conditions: list[dict[str, Any]] = []
+        self.phase = Phase.QUEUED
+        self.journal = journal_prefix(spec.output_prefix, ref.uid)
+        self.results = results_uri(spec.output_prefix, ref.name)
+        self.last_status = float("-inf")
+        self.last_flush = float("-inf")
+
+
+class BatchRunner:
+    def __init__(self, dispatcher: Dispatcher, writer: StatusWriter, presigner: Presigner, grants: GrantsLookup,
+                 config: BatchConfig | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.writer = writer
+        self.store = BatchStore(presigner)
+        self.grants = grants
+        self.config = config or BatchConfig()
+        self.runs: dict[str, BatchRun] = {}
+        self._admitting: set[str] = set()
+        """Batches whose grants are being read; a uid leaves it when deleted meanwhile."""
+        self.started_at = time.monotonic()
+        self.status_writes = 0
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+
+    async def stop(self) -> None:
+        for run in list(self.runs.values()):
+            if run.task is not None:
+                run.task.cancel()
+        for run in list(self.runs.values()):
+            if run.task is not None:
+                try:
+                    await run.task
+                except asyncio.CancelledError:
+                    pass
+
+    # ---- events from the ImageJob watch and the dispatcher -------------------------------------
+
+    async def observe(self, body: Mapping[str, Any]) -> None:
+        """Any event of a batch ImageJob except deletion; idempotent."""
+        ref = admission.object_ref(body)
+        if ref.uid in self._admitting:
+            return
+        run = self.runs.get(ref.uid)
+        if run is not None:
+            if admission.cancel_requested(body) and run.stop is None:
+                run.stop = (Phase.CANCELLED, "CancelRequested", f"cancelled by annotation {admission.CANCEL_ANNOTATION}")
+                run.wake.set()
+            return
+        raw_status = body.get("status")
+        status: Mapping[str, Any] = raw_status if isinstance(raw_status, Mapping) else {}
+        if status.get("phase") in (Phase.COMPLETED.value, Phase.FAILED.value, Phase.CANCELLED.value):
+            return
+        meta = body.get("metadata") or {}
+        generation = int(meta.get("generation") or 1)
+        now = time.time()
+        timing = status.get("timing") if isinstance(status.get("timing"), Mapping) else {}
+        queued_at = min(parse_rfc3339((timing or {}).get("queuedAt")) or now, now)
+        self._admitting.add(ref.uid)
+        try:
+            grants = await self.grants(ref.namespace or "")
+            spec = parse_batch_spec(body.get("spec"))
+            _check_grants(spec, grants, ref.namespace or "")
+        except SpecError as exc:
+            if ref.uid not in self._admitting:
+                return  # deleted while grants loaded
+            self._admitting.discard(ref.uid)
+            refused = admission.refuse(ref, exc, generation=generation, queued_at=queued_at, now=time.time())
+            self.writer.update(ref, refused.status, urgent=True, terminal_event=refused.event)
+            return
+        if ref.uid not in self._admitting:
+            return  # deleted while grants loaded
+        self._admitting.discard(ref.uid)
+        state = BatchState(queued_at, results_uri(spec.output_prefix, ref.name).uri)
+        run = BatchRun(ref, generation, spec, grants, state, resumed=bool(status.get("phase")))
+        self.runs[ref.uid] = run
+        if admission.cancel_requested(body):
+            run.stop = (Phase.CANCELLED, "CancelRequested", f"cancelled by annotation {admission.CANCEL_ANNOTATION}")
+        run.task = asyncio.get_running_loop().create_task(self._run(run), name=f"batch-{ref.namespace}-{ref.name}")
+
+    def forget(self, uid: str) -> bool:
+        """The ImageJob was deleted; True if it was a batch. Its items stop, nothing more is written."""
+        if uid in self._admitting:
+            self._admitting.discard(uid)
+            return True
+        run = self.runs.pop(uid, None)
+        if run is None:
+            return False
+        if run.task is not None:
+            run.task.cancel()
+        now = time.time()
+        for item in list(run.outstanding):
+            self.dispatcher.forget(item, now)
+        run.outstanding.clear()
+        self.writer.forget(run.ref)
+        return True
+
+    def on_item(self, job: Job, *, terminal: bool) -> None:
+        """The dispatcher's report on one item (effects.item): count it, never write per item."""
+        run = self.runs.get(job.batch or "")
+        if run is None:
+            return
+        if not terminal:
+            if job.uid in run.outstanding:
+                run.state.track(job.uid, job.phase)
+            return
+        entry = run.outstanding.pop(job.uid, None)
+        if entry is None:
+            return
+        if job.phase is Phase.CANCELLED:
+            run.state.untrack(job.uid)  # not done: a resumed batch would run it
+        else:
+            run.lines.append(run.state.record(job.uid, ItemOutcome.from_job(job, entry[0].uri, entry[1].uri)))
+        run.wake.set()
+
+    # ---- one batch --------------------------------------------------------------------------------
+
+    async def _run(self, run: BatchRun) -> None:
+        try:
+            self._publish(run, time.time())
+            found = await asyncio.to_thread(lambda: run.state.resume(self.store.read_journal(run.journal)))
+            run.parts = await asyncio.to_thread(self.store.journal_parts, run.journal)
+            if found:
+                log.info("batch %s/%s resumes: %d items already finished", run.ref.namespace, run.ref.name, found)
+            if run.resumed:
+                # Workers still running this batch's items re-register first, so those attempts are adopted.
+                await asyncio.sleep(max(0.0, self.started_at + self.config.restart_grace_s - time.monotonic()))
+            listing = self._listing(run)
+            while run.stop is None:
+                now = time.time()
+                if now > run.deadline:
+                    run.stop = (Phase.FAILED, "Timeout", f"not completed within timeoutSeconds={run.spec.timeout_s}: "
+                                f"{run.state.finished} of {run.state.total} items finished")
+                    break
+                await self._fill(run, listing, now)
+                if run.state.complete:
+                    run.stop = run.state.ending()
+                    break
+                await self._flush(run, now)
+                if now - run.last_status >= self.config.status_period_s:
+                    self._publish(run, now)
+                run.wake.clear()
+                try:
+                    async with asyncio.timeout(0.5):
+                        await run.wake.wait()
+                except TimeoutError:
+                    pass
+            await self._end(run)
+        except asyncio.CancelledError:
+            raise
+        except StorageIOError as exc:
+            log.warning("batch %s/%s: %s", run.ref.namespace, run.ref.name, exc)
+            run.stop = (Phase.FAILED, "StorageUnavailable", str(exc))
+            await self._end(run)
+        except Exception as exc:  # a bug must end in a status, never in a silent stuck batch
+            log.exception("batch %s/%s failed", run.ref.namespace, run.ref.name)
+            run.stop = (Phase.FAILED, "InternalError", f"{type(exc).__name__}: {exc}")
+            await self._end(run)
+
+    def _listing(self, run: BatchRun) -> Iterator[list[StorageURI | SpecError]]:
+        if run.spec.prefix is not None:
+            return iter(self.store.list_prefix(run.spec.prefix, run.spec.match))
+        assert run.spec.list_uri is not None
+        return self.store.list_file(run.spec.list_uri)
+
+    async def _fill(self, run: BatchRun, listing: Iterator[list[StorageURI | SpecError]], now: float) -> None:
+        state = run.state
+        while not state.listing_complete and len(run.pending) < self.config.lookahead:
+            page = await self._page(run, listing)
+            if page is None:
+                state.listing_complete = True
+                break
+            state.listed += len(page)
+            run.pending.extend(page)
+            if len(run.outstanding) < self.config.window // 2:
+                break  # start work before the whole lookahead is listed
+        while run.pending and len(run.outstanding) < self.config.window and run.stop is None:
+            self._admit(run, run.pending.popleft(), now)
+
+    async def _page(self, run: BatchRun, listing: Iterator[list[StorageURI | SpecError]]) -> list[StorageURI | SpecError] | None:
+        for attempt in range(1, self.config.listing_tries + 1):
+            try:
+                page: list[StorageURI | SpecError] | None = await asyncio.to_thread(first, listing)
+                return page
+            except StorageIOError:
+                if attempt == self.config.listing_tries:
+                    raise
+                await asyncio.sleep(attempt)
+        return None
+
+    def _admit(self, run: BatchRun, item: StorageURI | SpecError, now: float) -> None:
+        state = run.state
+        if isinstance(item, SpecError):
+            run.lines.append(state.record("", ItemOutcome(input=f"({item.field})", output="", ok=False,
+                                                          reason=item.reason, error=str(item), completed_at=now)))
+            return
+        source = item.uri
+        if source in state.done:
+            return
+        output = item_output(run.spec, item)
+        problem = ""
+        if not run.grants.may_read(source):
+            problem = f"{source} is outside the read prefixes granted ({READ_ANNOTATION})"
+        elif not run.grants.may_write(output.uri):
+            problem = f"{output.uri} is outside the write prefixes granted ({WRITE_ANNOTATION})"
+        if problem:
+            run.lines.append(state.record("", ItemOutcome(input=source, output=output.uri, ok=False,
+                                                          reason="StorageNotGranted", error=problem, completed_at=now)))
+            return
+        uid = item_uid(run.ref.uid, source)
+        if uid in run.outstanding:
+            return  # listed twice (a list object may repeat a line)
+        timeout = int(min(run.spec.item_timeout_s, max(1.0, run.deadline - now)))
+        job = Job(uid, run.ref.namespace or "", run.ref.name, run.generation, item_spec(run.spec, item, output, timeout),
+                  queued_at=now, batch=run.ref.uid)
+        # Tracked before admit: the dispatcher may end it at once (storage it cannot sign).
+        run.outstanding[uid] = (item, output)
+        state.track(uid, Phase.QUEUED)
+        self.dispatcher.admit(job, now)
+
+    async def _flush(self, run: BatchRun, now: float, *, force: bool = False) -> None:
+        if not run.lines or (not force and now - run.last_flush < self.config.journal_period_s):
+            return
+        lines, run.lines = run.lines, []
+        run.last_flush = now
+        part = journal_part(run.journal, run.parts + 1)
+        try:
+            await asyncio.to_thread(self.store.write, part, "".join(f"{line}\n" for line in lines))
+        except StorageIOError as exc:
+            run.lines = lines + run.lines  # kept for the next flush
+            log.warning("batch %s/%s: journal not written, retrying: %s", run.ref.namespace, run.ref.name, exc)
+            if force:
+                raise
+            return
+        run.parts += 1
+
+    async def _end(self, run: BatchRun) -> None:
+        assert run.stop is not None
+        phase, reason, message = run.stop
+        now = time.time()
+        for uid in list(run.outstanding):
+            self.dispatcher.cancel(uid, f"batch ended: {reason}", now)
+        run.outstanding.clear()
+        run.pending.clear()
+        try:
+            await self._flush(run, now, force=True)
+            await asyncio.to_thread(self.store.write_manifest, run.journal, run.results)
+        except StorageIOError as exc:
+            if phase is Phase.COMPLETED:
+                phase, reason = Phase.FAILED, "StorageUnavailable"
+            message = f"{message}; results manifest not written: {exc}"
+        run.phase = phase
+        run.conditions = conditions(phase, reason=reason, message=message, now=now_rfc3339(now),
+                                    generation=run.generation, previous=run.conditions)
+        status = self._status(run, now, reason, message)
+        self.writer.update(run.ref, status, urgent=True,
+                           terminal_event=TerminalEvent(phase.value if phase is not Phase.FAILED else reason, message,
+                                                        warning=phase is Phase.FAILED))
+        self.status_writes += 1
+        self.runs.pop(run.ref.uid, None)
+        log.info("batch %s/%s ended %s (%s): %s", run.ref.namespace, run.ref.name, phase.value, reason, message)
+
+    def _publish(self, run: BatchRun, now: float) -> None:
+        phase = Phase.PROCESSING if run.state.running or run.state.finished else Phase.QUEUED
+        if phase is not run.phase or not run.conditions:
+            run.phase = phase
+            run.conditions = conditions(phase, reason=phase.value, message="", now=now_rfc3339(now),
+                                        generation=run.generation, previous=run.conditions)
+        message = ("listing inputs" if not run.state.listing_complete and not run.state.finished
+                   else f"{run.state.finished} of {run.state.total} items finished")
+        self.writer.update(run.ref, self._status(run, now, phase.value, message))
+        run.last_status = now
+        self.status_writes += 1
+
+    def _status(self, run: BatchRun, now: float, reason: str, message: str) -> dict[str, Any]:
+        timing: dict[str, Any] = {"queuedAt": now_rfc3339(run.state.queued_at)}
+        if run.phase.terminal:
+            timing.update(completedAt=now_rfc3339(now), totalMs=round((now - run.state.queued_at) * 1000.0, 3))
+        return {"phase": run.phase.value, "reason": reason, "message": message, "conditions": run.conditions,
+                "observedGeneration": run.generation, "timing": timing, **run.state.status(now)}
+
+
+def _check_grants(spec: BatchSpec, grants: StorageGrants, namespace: str) -> None:
+    source_field, source = (("spec.input.prefix", spec.prefix) if spec.prefix is not None
+                            else ("spec.input.list", spec.list_uri))
+    assert source is not None
+    if not grants.may_read(source.uri):
+        raise SpecError(source_field, f"{source.uri} is outside the read prefixes granted to namespace {namespace!r} "
+                        f"({READ_ANNOTATION}: {', '.join(grants.read) or 'none'})", "StorageNotGranted")
+    if not grants.may_write(spec.output_prefix.uri):
+        raise SpecError("spec.output.prefix", f"{spec.output_prefix.uri} is outside the write prefixes granted to "
+                        f"namespace {namespace!r} ({WRITE_ANNOTATION}: {', '.join(grants.write) or 'none'})",
+                        "StorageNotGranted")
