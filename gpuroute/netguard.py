@@ -47,13 +47,90 @@ class CheckedURL:
         return host if self.port == 443 else f"{host}:{self.port}"
 
 
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    # is_global also excludes shared address space (100.64.0.0/10, where some clouds put
-    # their metadata services), which is neither private nor reserved to the ipaddress module.
+# Every IANA special-purpose block (iana-ipv4/ipv6-special-registry), whether or not the
+# registry calls it globally reachable, plus the cloud endpoints that sit on ordinary-looking
+# addresses. Listed explicitly rather than left to ipaddress.is_global, whose idea of
+# "global" differs between Python versions and says nothing about cloud metadata.
+DENIED_NETWORKS_V4: tuple[ipaddress.IPv4Network, ...] = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8",           # "this network"
+    "10.0.0.0/8",          # private
+    "100.64.0.0/10",       # shared address space (CGNAT; Alibaba metadata 100.100.100.200)
+    "127.0.0.0/8",         # loopback
+    "169.254.0.0/16",      # link-local: AWS, Azure and GCP metadata 169.254.169.254
+    "172.16.0.0/12",       # private
+    "192.0.0.0/24",        # IETF protocol assignments (Oracle Cloud metadata 192.0.0.192)
+    "192.0.2.0/24",        # TEST-NET-1
+    "192.31.196.0/24",     # AS112-v4
+    "192.52.193.0/24",     # AMT
+    "192.88.99.0/24",      # deprecated 6to4 relay anycast
+    "192.168.0.0/16",      # private
+    "192.175.48.0/24",     # AS112 direct delegation
+    "198.18.0.0/15",       # benchmarking
+    "198.51.100.0/24",     # TEST-NET-2
+    "203.0.113.0/24",      # TEST-NET-3
+    "224.0.0.0/4",         # multicast
+    "240.0.0.0/4",         # reserved, and 255.255.255.255 broadcast
+    "168.63.129.16/32",    # Azure wireserver (host agent, DNS, health probes)
+))
+DENIED_NETWORKS_V6: tuple[ipaddress.IPv6Network, ...] = tuple(ipaddress.IPv6Network(n) for n in (
+    "::/8",                # unspecified, loopback, IPv4-compatible, IPv4-mapped (checked below), ...
+    "64:ff9b:1::/48",      # local-use NAT64
+    "100::/64",            # discard-only
+    "100:0:0:1::/64",      # dummy prefix
+    "2001::/23",           # IETF protocol assignments: Teredo 2001::/32, benchmarking, ORCHID, ...
+    "2001:db8::/32",       # documentation
+    "2002::/16",           # 6to4: tunnels to whatever IPv4 address it embeds
+    "2620:4f:8000::/48",   # AS112-v6
+    "3fff::/20",           # documentation
+    "5f00::/16",           # SRv6 SIDs
+    "fc00::/7",            # unique local (AWS IMDS fd00:ec2::254)
+    "fe80::/10",           # link-local
+    "fec0::/10",           # deprecated site-local
+    "ff00::/8",            # multicast
+))
+DENIED_HOST_NAMES = ("localhost", "metadata", "metadata.google.internal", "metadata.goog",
+                     "instance-data", "instance-data.ec2.internal")
+"""Names refused before any lookup: they mean an internal service wherever they resolve."""
+DENIED_HOST_SUFFIXES = (".localhost", ".internal", ".local", ".home.arpa", ".in-addr.arpa", ".ip6.arpa")
+"""Name suffixes refused before any lookup (RFC 6761/6762/8375 local names, cloud-internal DNS)."""
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped or NAT64), if any."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def is_public_address(address: str) -> bool:
+    """Whether `address` (an IP literal, maybe with %zone) may be fetched on a user's behalf."""
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        # A mapped or NAT64 address reaches the IPv4 address inside it: judge that one.
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            ip = embedded
+        elif ip not in ipaddress.IPv6Network("2000::/3") or any(ip in net for net in DENIED_NETWORKS_V6):
+            # Outside global unicast nothing is fetchable; inside it, the special blocks.
+            return False
+    if isinstance(ip, ipaddress.IPv4Address) and any(ip in net for net in DENIED_NETWORKS_V4):
+        return False
+    # Belt and braces: whatever the running Python's registry also knows as non-global.
     return ip.is_global and not (ip.is_multicast or ip.is_reserved)
+
+
+_is_public = is_public_address  # the name tests and callers used before
+
+
+def _denied_name(host: str) -> bool:
+    name = host.rstrip(".").lower()
+    return name in DENIED_HOST_NAMES or name.endswith(DENIED_HOST_SUFFIXES)
 
 
 def _is_literal(host: str) -> bool:
@@ -82,6 +159,8 @@ def _parse(url: str) -> tuple[str, int, str]:
     host = parts.hostname
     if not host:
         raise UnsafeURL("URL has no host")
+    if _denied_name(host):
+        raise UnsafeURL(f"host {host!r} names an internal service")
     try:
         port = parts.port or 443
     except ValueError as exc:
@@ -99,7 +178,7 @@ def resolve_public_https_url(url: str, *, is_allowed: Callable[[str], bool] | No
     every address its host resolves to is public. `is_allowed` replaces the public-address
     rule; only tests that serve from loopback pass it.
     """
-    allowed = is_allowed or _is_public
+    allowed = is_allowed or is_public_address
     host, port, target = _parse(url)
     literal = _is_literal(host)
     try:

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from gpuroute.netguard import UnsafeURL, _is_public, check_public_https_url, resolve_public_https_url
+from gpuroute.netguard import (
+    UnsafeURL,
+    _is_public,
+    check_public_https_url,
+    is_public_address,
+    resolve_public_https_url,
+)
 
 
 @pytest.mark.parametrize("url", [
@@ -71,7 +77,8 @@ def test_localhost_is_refused_without_naming_what_it_resolves_to() -> None:
     with pytest.raises(UnsafeURL) as caught:
         check_public_https_url("https://localhost/a.png")
     message = str(caught.value)
-    assert message == "host 'localhost' resolves to a non-public address"
+    # Refused by name now, before any lookup.
+    assert message == "host 'localhost' names an internal service"
     assert "127.0.0.1" not in message and "::1" not in message
 
 
@@ -154,3 +161,66 @@ def test_shared_address_space_is_not_public(address: str) -> None:
 
 def test_unsafe_url_is_a_value_error() -> None:
     assert issubclass(UnsafeURL, ValueError)
+
+
+# -- the denylist: every IANA special-purpose block and the clouds' metadata endpoints ---
+
+DENIED = [
+    ("169.254.169.254", "AWS/Azure/GCP metadata"),
+    ("169.254.170.2", "ECS task metadata"),
+    ("fd00:ec2::254", "AWS IMDS over IPv6"),
+    ("168.63.129.16", "Azure wireserver"),
+    ("100.100.100.200", "Alibaba metadata, shared address space"),
+    ("192.0.0.192", "Oracle Cloud metadata"),
+    ("0.0.0.0", "this network"), ("0.1.2.3", "this network"),
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("172.31.255.255", "private"), ("192.168.1.1", "private"),
+    ("100.64.0.1", "CGNAT"), ("100.127.255.254", "CGNAT"),
+    ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"),
+    ("192.0.0.8", "IETF assignments"), ("192.0.0.9", "PCP anycast"), ("192.0.0.170", "NAT64 discovery"),
+    ("192.0.2.1", "TEST-NET-1"), ("198.51.100.7", "TEST-NET-2"), ("203.0.113.9", "TEST-NET-3"),
+    ("192.31.196.1", "AS112"), ("192.52.193.1", "AMT"), ("192.88.99.1", "6to4 relay"), ("192.175.48.1", "AS112"),
+    ("198.18.0.1", "benchmarking"), ("198.19.255.255", "benchmarking"),
+    ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"),
+    ("240.0.0.1", "reserved"), ("255.255.255.255", "broadcast"),
+    ("::", "unspecified"), ("::1", "loopback"),
+    ("::ffff:169.254.169.254", "mapped metadata"), ("::ffff:127.0.0.1", "mapped loopback"),
+    ("::ffff:10.0.0.1", "mapped private"), ("::127.0.0.1", "IPv4-compatible"),
+    ("64:ff9b::a9fe:a9fe", "NAT64 of 169.254.169.254"), ("64:ff9b::10.0.0.1", "NAT64 of private"),
+    ("64:ff9b::7f00:1", "NAT64 of loopback"), ("64:ff9b:1::8.8.8.8", "local-use NAT64"),
+    ("100::1", "discard-only"), ("100:0:0:1::1", "dummy prefix"),
+    ("2001::1", "Teredo"), ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"), ("2001:2::1", "benchmarking"),
+    ("2001:10::1", "ORCHID"), ("2001:db8::1", "documentation"), ("3fff::1", "documentation"),
+    ("2002:a9fe:a9fe::1", "6to4 of metadata"), ("2002:0808:0808::1", "6to4 of a public address, still 6to4"),
+    ("2620:4f:8000::1", "AS112-v6"), ("5f00::1", "SRv6"),
+    ("fc00::1", "unique local"), ("fd12:3456::1", "unique local"),
+    ("fe80::1", "link-local"), ("fe80::1%eth0", "link-local with zone"),
+    ("fec0::1", "site-local"), ("feff::1", "site-local"),
+    ("ff02::1", "multicast"), ("ff0e::1", "multicast"), ("4000::1", "outside global unicast"),
+    ("not-an-address", "garbage"),
+]
+
+
+@pytest.mark.parametrize(("address", "why"), DENIED, ids=[f"{a} {w}" for a, w in DENIED])
+def test_denylist(address: str, why: str) -> None:
+    assert is_public_address(address) is False, why
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "151.101.1.69", "2606:4700:4700::1111",
+                                     "2a00:1450:4001:82a::200e", "::ffff:8.8.8.8", "64:ff9b::808:808",
+                                     "168.63.129.17", "100.128.0.1", "198.20.0.1"])
+def test_public_addresses_pass(address: str) -> None:
+    assert is_public_address(address) is True
+
+
+@pytest.mark.parametrize("host", ["metadata.google.internal", "METADATA.GOOGLE.INTERNAL.", "metadata",
+                                  "metadata.goog", "instance-data", "ip-10-0-0-1.ec2.internal", "x.localhost",
+                                  "printer.local", "router.home.arpa", "254.169.254.169.in-addr.arpa"])
+def test_internal_names_are_refused_before_any_lookup(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GCP's metadata.google.internal resolves to 169.254.169.254 inside GCP; here it does
+    # not resolve at all, so a refusal that needed DNS would be a different message.
+    def no_dns(*_: object, **__: object) -> None:
+        raise AssertionError("the name must be refused before any lookup")
+
+    monkeypatch.setattr("socket.getaddrinfo", no_dns)
+    with pytest.raises(UnsafeURL, match="names an internal service"):
+        resolve_public_https_url(f"https://{host}/x.png", is_allowed=lambda _: True)
