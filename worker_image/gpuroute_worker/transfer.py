@@ -73,10 +73,13 @@ class TransferConfig:
 class TransferError(RuntimeError):
     """Storage could not be reached or refused the request."""
 
-    def __init__(self, message: str, *, permanent: bool) -> None:
+    def __init__(self, message: str, *, permanent: bool, rejected: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
         """True when retrying cannot help (404, 403, too large, unsafe URL)."""
+        self.rejected = rejected
+        """Trusted storage answered 403 to a presigned URL: expired, or signed with rotated
+        credentials. The operator signs again; the same URL would fail again here."""
 
 
 class TransferAborted(TransferError):
@@ -245,6 +248,12 @@ def _status_error(action: str, status: int) -> TransferError:
     return TransferError(f"{action} failed with HTTP {status}", permanent=permanent)
 
 
+def _rejected(action: str) -> TransferError:
+    # No URL in the message: it carries the signature, and the message reaches status and Events.
+    return TransferError(f"{action} refused by storage (HTTP 403): the presigned URL expired or its "
+                         "signature is no longer valid", permanent=True, rejected=True)
+
+
 def _retry_after(response: urllib3.BaseHTTPResponse) -> float | None:
     value = response.headers.get("Retry-After")
     if value is None:
@@ -365,6 +374,8 @@ class TransferClient:
         try:
             if response.status in _RETRY_STATUSES:
                 raise _Retryable(f"download failed with HTTP {response.status}", _retry_after(response))
+            if response.status == 403:
+                raise _rejected("download")
             if response.status != 200:
                 raise _status_error("download", response.status)
             body = self._read_body(response, max_bytes, handle)
@@ -429,6 +440,8 @@ class TransferClient:
             raise _Retryable(f"upload failed: {type(exc).__name__}") from exc
         if response.status in _RETRY_STATUSES:
             raise _Retryable(f"upload failed with HTTP {response.status}", _retry_after(response))
+        if response.status == 403:
+            raise _rejected("upload")
         if response.status not in (200, 201, 204):
             raise _status_error("upload", response.status)
 

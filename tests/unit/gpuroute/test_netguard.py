@@ -223,4 +223,4 @@ def test_internal_names_are_refused_before_any_lookup(host: str, monkeypatch: py
 
     monkeypatch.setattr("socket.getaddrinfo", no_dns)
     with pytest.raises(UnsafeURL, match="names an internal service"):
-        resolve_public_https_url(f"https://{host}/x.png", is_allowed=lambda _: True)
+        resolve_public_https_url(f"https://{host}/x.png")

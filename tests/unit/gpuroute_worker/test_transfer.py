@@ -244,3 +244,41 @@ def test_in_thread_returns_the_result() -> None:
     with serving([Reply(body=b"r")]) as server:
         call = functools.partial(client.download, f"http://127.0.0.1:{server.port}/", max_bytes=10, untrusted=False)
         assert asyncio.run(in_thread(lambda handle: call(handle=handle))) == b"r"
+
+
+# -- a 403 from trusted storage is "rejected" (the operator re-signs); a user's 403 is not --
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_trusted_403_is_rejected_without_naming_the_url(method: str) -> None:
+    client = TransferClient(FAST)
+    with serving([Reply(403, body=b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")]) \
+            as server:
+        url = f"http://127.0.0.1:{server.port}/b/k.png?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA"
+        with pytest.raises(TransferError) as caught:
+            if method == "GET":
+                client.download(url, max_bytes=100, untrusted=False)
+            else:
+                client.upload(url, b"data", headers={})
+    assert caught.value.rejected is True and caught.value.permanent is True
+    message = str(caught.value)
+    assert "HTTP 403" in message and "expired" in message
+    for secret in ("deadbeef", "AKIA", "X-Amz", "k.png", str(server.port)):
+        assert secret not in message
+    assert len(server.requests) == 1  # the same URL would fail again: no retry
+
+
+def test_trusted_404_is_not_rejected() -> None:
+    with serving([Reply(404)]) as server:
+        with pytest.raises(TransferError) as caught:
+            TransferClient(FAST).download(f"http://127.0.0.1:{server.port}/k", max_bytes=100, untrusted=False)
+    assert caught.value.rejected is False and caught.value.permanent is True
+
+
+def test_untrusted_403_is_the_users_problem_not_an_expired_url(cert: tuple[Path, Path]) -> None:
+    client = TransferClient(TransferConfig(ca_file=str(cert[0])), address_allowed=_loopback)
+    with serving([Reply(403)], tls=cert) as server:
+        checked = CheckedURL(host="images.example.invalid", port=server.port, target="/a.png", address="127.0.0.1")
+        with pytest.raises(TransferError) as caught:
+            client.download_checked(checked, max_bytes=100)
+    assert caught.value.rejected is False and caught.value.permanent is True
