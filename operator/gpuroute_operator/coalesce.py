@@ -3,7 +3,10 @@
 Callers hand over an object's whole desired status; only the latest per object is kept.
 It is due once its first unsent change is `window_s` old, or at once when urgent
 (terminal phases). A job that goes Queued -> Dispatched -> Processing within the window
-therefore costs one write, and the terminal write carries everything. At most one write
+therefore costs one write, and the terminal write carries everything. An offer may ask
+for a longer window (a job waiting in a queue: its Queued status is worth a write only
+if the wait lasts); the write is due at the earliest due time of the changes it holds,
+so a later change with the normal window brings it forward. At most one write
 per object is in flight, so writes to an object are never reordered. The cost of an
 offer and of a due write is O(log n) in the number of pending objects: a heap of due
 times and a queue of urgent objects, never a scan.
@@ -27,8 +30,8 @@ class Pending:
 
     status: Mapping[str, Any]
     """What to write."""
-    since: float
-    """When the oldest change still unsent was offered."""
+    due: float
+    """When it should be written: the earliest of its changes' offer time plus window."""
     urgent: bool = False
     """Write at once."""
     event: Any = None
@@ -51,16 +54,24 @@ class Coalescer(Generic[K]):
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def offer(self, key: K, status: Mapping[str, Any], *, now: float, urgent: bool = False, event: Any = None) -> None:
+    def offer(self, key: K, status: Mapping[str, Any], *, now: float, urgent: bool = False, event: Any = None,
+              window_s: float | None = None) -> None:
+        """The newest status of `key`; due `window_s` (default: the coalescer's window) from now."""
+        due = now + (self.window_s if window_s is None else window_s)
         pending = self._pending.get(key)
         if pending is None:
-            self._pending[key] = Pending(status, now, urgent, event)
-            heapq.heappush(self._timers, (now + self.window_s, next(self._order), key))
+            self._pending[key] = Pending(status, due, urgent, event)
+            heapq.heappush(self._timers, (due, next(self._order), key))
             if urgent:
                 self._urgent.append(key)
             return
         pending.status = status
         pending.event = event or pending.event
+        if due < pending.due:
+            # The earlier timer supersedes; the later one is skipped as stale when it pops.
+            pending.due = due
+            if key not in self._in_flight:
+                heapq.heappush(self._timers, (due, next(self._order), key))
         if urgent and not pending.urgent:
             pending.urgent = True
             self._urgent.append(key)
@@ -83,7 +94,7 @@ class Coalescer(Generic[K]):
             _, _, key = heapq.heappop(self._timers)
             pending = self._pending.get(key)
             # Stale timers (written since, or re-armed later) are skipped, not searched for.
-            if pending is not None and pending.since + self.window_s <= now:
+            if pending is not None and pending.due <= now:
                 self._take(key, due)
         return due
 
@@ -99,7 +110,7 @@ class Coalescer(Generic[K]):
         newer = self._pending.get(key)
         if not ok:
             if newer is None:
-                self._pending[key] = newer = Pending(sent.status, now, True, sent.event)
+                self._pending[key] = newer = Pending(sent.status, now + self.window_s, True, sent.event)
             elif newer.event is None:
                 newer.event = sent.event
         if newer is None:
@@ -107,7 +118,7 @@ class Coalescer(Generic[K]):
         if newer.urgent:
             self._urgent.append(key)
         else:
-            heapq.heappush(self._timers, (max(now, newer.since + self.window_s), next(self._order), key))
+            heapq.heappush(self._timers, (max(now, newer.due), next(self._order), key))
 
     def next_due(self, now: float) -> float | None:
         """When take_due next has something (now if urgent work waits), None when nothing is pending."""

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 RETRY_DELAY_S = 1.0
 """Delay before a failed patch (API server unavailable) is tried again."""
+QUEUED_WINDOW_S = 2.0
+"""A job's Queued status is written only if it is still unsent this long after it was set: a
+job dispatched sooner gets its Dispatched write instead, which carries the queue time, so
+the common case costs two writes (Dispatched, terminal), or one when it ends within the
+coalescing window."""
 TERMINAL_EVENT_TRIES = 30
 """A terminal Event is tried this often (backing off to 5 s): about two minutes of API outage."""
 
@@ -91,7 +96,8 @@ class StatusWriter:
 
     def update(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = False,
                terminal_event: TerminalEvent | None = None) -> None:
-        self._coalescer.offer(ref, status, now=time.monotonic(), urgent=urgent, event=terminal_event)
+        window = QUEUED_WINDOW_S if ref.kind == "ImageJob" and status.get("phase") == "Queued" else None
+        self._coalescer.offer(ref, status, now=time.monotonic(), urgent=urgent, event=terminal_event, window_s=window)
         if urgent:
             self._wake.set()
 

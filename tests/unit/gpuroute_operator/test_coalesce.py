@@ -63,3 +63,22 @@ def test_many_pending_objects_each_due_once() -> None:
     due = c.take_due(100.0)
     assert sorted(k for k, _ in due) == list(range(10_000))
     assert c.in_flight == 10_000 and len(c) == 0
+
+
+def test_a_longer_window_is_cut_short_by_a_later_change() -> None:
+    c: Coalescer[str] = Coalescer(0.3)
+    c.offer("job", {"phase": "Queued"}, now=0.0, window_s=2.0)
+    assert c.take_due(1.0) == []
+    c.offer("job", {"phase": "Dispatched"}, now=1.0)
+    assert c.take_due(1.2) == []
+    due = c.take_due(1.3)
+    assert [(k, p.status["phase"]) for k, p in due] == [("job", "Dispatched")]
+    c.done("job", due[0][1], ok=True, now=1.31)
+    assert c.take_due(5.0) == [] and len(c) == 0
+
+
+def test_a_queued_status_alone_is_written_after_its_long_window() -> None:
+    c: Coalescer[str] = Coalescer(0.3)
+    c.offer("job", {"phase": "Queued"}, now=0.0, window_s=2.0)
+    assert c.take_due(1.9) == []
+    assert [k for k, _ in c.take_due(2.0)] == ["job"]
