@@ -9,7 +9,13 @@ processes (LocalStack, one pool). Measured:
 - sustained throughput: N jobs (default 2,000) created by a small pool of concurrent
   clients, from the first create to the last Completed seen on the watch;
 - status patches per job: the operator's `gpuroute_status_patches_total` before/after
-  the throughput run, over N.
+  the throughput run, over N;
+- API writes per job, Events included, measured at the API server: its own
+  `apiserver_request_total` (every POST, PUT, PATCH and DELETE, by resource) before
+  and after the throughput run, less the bench client's N creates, over N. Nothing is
+  assumed about which writes the operator makes: WorkerPool status, Leases and any
+  other write show up under their own resource;
+- operator-process CPU per job, from /proc/<pid>/stat over the throughput run.
 
 Baseline, the API floor: with the operator and workers stopped, the bench client itself
 creates the same ImageJob and patches the status the operator would write at the end
@@ -24,10 +30,13 @@ import io
 import logging
 import os
 import queue
+import re
+import ssl
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -178,6 +187,41 @@ def cpu_snapshot(stack: LocalStack) -> dict[str, float]:
     return snapshot
 
 
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
+_REQUEST_LINE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
+
+
+def api_writes(control_plane: ControlPlane) -> dict[str, float]:
+    """Write requests the API server has answered so far, by `resource[/subresource]`.
+
+    Read from the API server's own /metrics, so every client's writes count, whatever
+    library made them.
+    """
+    context = ssl.create_default_context(cafile=str(control_plane.ca_file))
+    request = urllib.request.Request(f"{control_plane.server}/metrics",
+                                     headers={"Authorization": f"Bearer {control_plane.token}"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _REQUEST_LINE.match(line)
+        if match is None:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
+        if labels.get("verb") not in WRITE_VERBS:
+            continue
+        key = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+        counts[key] = counts.get(key, 0.0) + float(match["value"])
+    return counts
+
+
+def writes_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
+    """Writes per job by resource over a run, without the bench client's own ImageJob creates."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    delta["imagejobs"] = delta.get("imagejobs", 0.0) - jobs
+    return {k: round(v / jobs, 4) for k, v in sorted(delta.items()) if v}
+
+
 def job_body(name: str) -> dict[str, Any]:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageJob", "metadata": {"name": name},
             "spec": {"input": {"uri": f"s3://{BUCKET}/in/256.png"}, "output": {"uri": f"s3://{BUCKET}/out/{name}.png"},
@@ -253,6 +297,7 @@ def run(*, latency_jobs: int = 200, throughput_jobs: int = 2000, clients: int = 
                 create_job(stack, NS, name)
                 latencies.append(watch.wait(name) - started)
             patches_before = settled_metric(stack, "gpuroute_status_patches_total")
+            writes_before = api_writes(stack.control_plane)
             cpu_before = cpu_snapshot(stack)
             names = [f"tp-{i}" for i in range(throughput_jobs)]
             started = burst(clients, names, lambda n: create_job(stack, NS, n))
@@ -260,6 +305,7 @@ def run(*, latency_jobs: int = 200, throughput_jobs: int = 2000, clients: int = 
             finished = max(watch.wait(n, timeout=900) for n in names)
             cpu_after = cpu_snapshot(stack)
             patches = settled_metric(stack, "gpuroute_status_patches_total") - patches_before
+            writes = writes_per_job(writes_before, api_writes(stack.control_plane), throughput_jobs)
         finally:
             watch.stop()
         # Where the latency goes, from the operator's own timing in the final status.
@@ -273,13 +319,17 @@ def run(*, latency_jobs: int = 200, throughput_jobs: int = 2000, clients: int = 
     lat, base = summary_ms(latencies), summary_ms(floor)
     throughput = throughput_jobs / (finished - started)
     per_job = patches / throughput_jobs
+    events = writes.get("events", 0.0)
+    all_writes = sum(writes.values())
+    cpu_ms = {k: round((cpu_after[k] - cpu_before.get(k, 0.0)) * 1000 / throughput_jobs, 2) for k in cpu_after}
     return {
         "workers": workers, "clients": clients, "latency": lat, "latency_status_timing_p50_ms": timing,
         "api_floor": base, "throughput_jobs": throughput_jobs, "throughput_jobs_per_s": round(throughput, 2),
         "create_rate_jobs_per_s": round(throughput_jobs / (created - started), 1),
         "api_floor_throughput_jobs_per_s": round(floor_rate, 2), "status_patches_per_job": round(per_job, 3),
-        "throughput_cpu_ms_per_job": {k: round((cpu_after[k] - cpu_before.get(k, 0.0)) * 1000 / throughput_jobs, 2)
-                                      for k in cpu_after},
+        "throughput_cpu_ms_per_job": cpu_ms, "api_writes_per_job_by_resource": writes,
+        "api_writes_per_job": round(all_writes, 3), "api_writes_per_job_without_events": round(all_writes - events, 3),
+        "throughput_over_floor": round(throughput / floor_rate, 3),
         "throughput_wall_s": round(finished - started, 2),
         "rows": [
             row("control plane", "create->Completed p50", lat["p50_ms"], "ms", "API floor p50", base["p50_ms"],
@@ -292,6 +342,12 @@ def run(*, latency_jobs: int = 200, throughput_jobs: int = 2000, clients: int = 
                 f"API floor, create + status patch, {clients} clients", floor_rate, higher_is_better=True),
             row("control plane", "status patches per job", per_job, "patches", "one per phase change (4)", 4.0,
                 higher_is_better=False),
+            row("control plane", "API writes per job, Events included (apiserver_request_total)", all_writes,
+                "writes", "issue 10 goal: 2 status writes + 1 terminal Event", 3.0, higher_is_better=False),
+            row("control plane", "API writes per job, without the terminal Event", all_writes - events, "writes",
+                "issue 10 goal", 2.0, higher_is_better=False),
+            row("control plane", "operator-process CPU per job (/proc)", cpu_ms.get("operator", float("nan")), "ms",
+                "issue 10 goal", 3.0, higher_is_better=False),
         ],
     }
 

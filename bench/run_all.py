@@ -10,7 +10,7 @@ Sizes (flags, or environment variables for `make bench`):
   --jobs / GPUROUTE_BENCH_JOBS                 control-plane throughput jobs (2000)
   --latency-jobs / GPUROUTE_BENCH_LATENCY_JOBS control-plane latency samples (200)
   --memory / GPUROUTE_BENCH_MEMORY             operator-memory job counts (1000,10000)
-  --dispatch-jobs / GPUROUTE_BENCH_DISPATCH_JOBS  dispatch round trips per series (200)
+  --dispatch-jobs / GPUROUTE_BENCH_DISPATCH_JOBS  dispatch round trips per series (100)
   --routing-jobs / GPUROUTE_BENCH_ROUTING_JOBS routing-simulation trace length (10000)
   --only NAME[,NAME]                           run a subset (names below)
 """
@@ -54,7 +54,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=_env_int("GPUROUTE_BENCH_JOBS", 2000))
     parser.add_argument("--latency-jobs", type=int, default=_env_int("GPUROUTE_BENCH_LATENCY_JOBS", 200))
     parser.add_argument("--memory", default=os.environ.get("GPUROUTE_BENCH_MEMORY", "1000,10000"))
-    parser.add_argument("--dispatch-jobs", type=int, default=_env_int("GPUROUTE_BENCH_DISPATCH_JOBS", 200))
+    parser.add_argument("--dispatch-jobs", type=int, default=_env_int("GPUROUTE_BENCH_DISPATCH_JOBS", 100))
     parser.add_argument("--routing-jobs", type=int, default=_env_int("GPUROUTE_BENCH_ROUTING_JOBS", 10_000))
     parser.add_argument("--only", default=os.environ.get("GPUROUTE_BENCH_ONLY", ""),
                         help=f"comma-separated subset of {', '.join(NAMES)}")

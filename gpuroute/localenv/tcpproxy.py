@@ -85,14 +85,46 @@ class TcpProxy:
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.delay_s:
+            await self._delay_line(reader, writer)
+            return
         try:
             while chunk := await reader.read(65536):
-                if self.delay_s:
-                    await asyncio.sleep(self.delay_s)
                 writer.write(chunk)
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _delay_line(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Each chunk leaves `delay_s` after it arrived, in order: a link's latency, not a
+        bandwidth cap (sleeping before each write would add the delay once per chunk, so a
+        200 KB message would take several delays to cross)."""
+        line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def deliver() -> None:
+            while True:
+                due, chunk = await line.get()
+                if not chunk:
+                    return
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(chunk)
+                await writer.drain()
+
+        sender = loop.create_task(deliver())
+        try:
+            while chunk := await reader.read(65536):
+                line.put_nowait((loop.time() + self.delay_s, chunk))
+            line.put_nowait((loop.time() + self.delay_s, b""))
+            await sender
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            sender.cancel()
             self._writers.discard(writer)
             writer.close()
