@@ -151,7 +151,10 @@ def _parse(url: str) -> tuple[str, int, str]:
         raise UnsafeURL("URL contains a backslash")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise UnsafeURL("URL contains whitespace or control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced `[` (found by the fuzz test)
+        raise UnsafeURL("URL cannot be parsed") from exc
     if parts.scheme != "https":
         raise UnsafeURL(f"only https:// URLs may be fetched, got {parts.scheme or 'no'} scheme")
     if "@" in parts.netloc:

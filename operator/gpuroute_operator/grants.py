@@ -150,7 +150,10 @@ def normalise(uri: str) -> NormalisedURI:
 def _normalise_https(uri: str) -> NormalisedURI:
     if " " in uri:
         raise UnsafeURI("a URL must not contain a raw space (write %20)")
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:  # an unbalanced `[`
+        raise UnsafeURI("URL cannot be parsed") from exc
     if "@" in parts.netloc:
         raise UnsafeURI("user information (user@host) is not allowed")
     if parts.fragment or uri.endswith("#"):

@@ -288,10 +288,14 @@ def test_status_page_shows_waterfall_and_updates(stack: LocalStack) -> None:
     assert binary, "chromium is not installed: `make test` installs it (Debian package chromium)"
     stack.create_job(NS, "page-one", _spec("page-one", [{"op": "blur", "radius": 1}]))
     stack.wait_for_jobs(NS, ["page-one"])
+    # The admin's token (system:masters), put where the page's sign-in form keeps it;
+    # tests/integration/test_status_api.py covers callers with less.
     url = f"http://127.0.0.1:{stack.operator_web_port}/"
-    rows = ("JSON.stringify([...document.querySelectorAll('tr.job')].map(r => ({job: r.dataset.job, "
+    login = (f"(sessionStorage.getItem('gpuroute-token') ? 0 : "
+             f"(sessionStorage.setItem('gpuroute-token', {json.dumps(stack.control_plane.token)}), refresh())), ")
+    rows = login + ("JSON.stringify([...document.querySelectorAll('tr.job')].map(r => ({job: r.dataset.job, "
             "phase: r.dataset.phase, stages: [...r.querySelectorAll('.seg')].map(s => s.dataset.stage)})))")
-    pools = "JSON.stringify([...document.querySelectorAll('#pools tr[data-pool]')].map(r => r.innerText))"
+    pools = login + "JSON.stringify([...document.querySelectorAll('#pools tr[data-pool]')].map(r => r.innerText))"
     browser = Browser(binary)
     try:
         def has(name: str):  # noqa: ANN202
@@ -306,7 +310,9 @@ def test_status_page_shows_waterfall_and_updates(stack: LocalStack) -> None:
         assert any(POOL in r and "Available" in r for r in pool_rows), pool_rows
         # What the router learned from page-one's timing (the page lists a pool's three most
         # used pipelines; the API has them all).
-        with urllib.request.urlopen(f"http://127.0.0.1:{stack.operator_web_port}/api/status", timeout=10) as response:
+        request = urllib.request.Request(f"http://127.0.0.1:{stack.operator_web_port}/api/status",
+                                         headers={"Authorization": f"Bearer {stack.control_plane.token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
             learned = next(p["pipelines"] for p in json.load(response)["pools"] if p["name"] == POOL)
         assert any(f["costClass"] == "blur(radius=1)" and f["jobs"] >= 1 for f in learned), learned
 
