@@ -62,7 +62,10 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
         election = LeaderElectionConfig(name=args.lease_name, namespace=args.lease_namespace or args.namespace,
                                         identity=args.identity or default_identity(), pod_name=args.pod_name)
-    run_operator(config, web_port=args.web_port or None, liveness_port=args.liveness_port or None, verbose=args.verbose,
+    from gpuroute_operator.web import WebConfig
+
+    web = WebConfig(port=args.web_port or None, metrics_port=args.metrics_port or None, bind=args.web_bind)
+    run_operator(config, web=web, liveness_port=args.liveness_port or None, verbose=args.verbose,
                  election=election)
     return 0
 
@@ -139,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--namespace", default=os.environ.get("GPUROUTE_NAMESPACE", "gpuroute-system"),
                     help="operator namespace (default for key Secret references)")
     op.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster or $KUBECONFIG)")
-    op.add_argument("--web-port", type=int, default=9090, help="/metrics, /healthz and status API; 0 disables")
+    op.add_argument("--web-port", type=int, default=9091,
+                    help="status page and /api/status (TokenReview + SubjectAccessReview); 0 disables")
+    op.add_argument("--metrics-port", type=int, default=9090, help="/metrics and /healthz, unauthenticated; 0 disables")
+    op.add_argument("--web-bind", default="0.0.0.0", help="address the web and metrics ports bind to")
     op.add_argument("--liveness-port", type=int, default=8080, help="kopf liveness probe; 0 disables")
     op.add_argument("--azure-account", action="append", default=[], metavar="NAME[=ENDPOINT]",
                     help="Azure storage account to sign for (key from $GPUROUTE_AZURE_KEY_<NAME>, "
@@ -197,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "operator":  # kopf.configure() sets up the operator's logging
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from gpuroute.redact import install_log_redaction
+
+        install_log_redaction()  # no presigned URL in any log line (the operator installs it after kopf's set-up)
     try:
         return int(args.func(args) or 0)
     except KeyError_ as exc:

@@ -9,6 +9,7 @@ process serve the same buckets.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from types import TracebackType
@@ -49,6 +50,8 @@ class S3Server:
 
         # Port 0: the OS picks a free port while binding, so there is no race with
         # other servers; get_host_and_port() reports it.
+        # werkzeug logs every request line, presigned query (signature) included: quiet.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()

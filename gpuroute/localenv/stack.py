@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from gpuroute.localenv.controlplane import ControlPlane
 from gpuroute.localenv.objectstore import S3Server
 
 GROUP, VERSION = "gpuroute.io", "v1alpha1"
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
+OPERATOR_ACCOUNT = "gpuroute-operator"
 TERMINAL_PHASES = frozenset({"Completed", "Failed", "Cancelled"})
 
 
@@ -108,7 +110,7 @@ class PoolConfig:
 
 class LocalStack:
     def __init__(self, workdir: Path, control_plane: ControlPlane, s3: S3Server, *,
-                 namespace: str = "gpuroute-system", worker_threads: int = 1) -> None:
+                 namespace: str = "gpuroute-system", worker_threads: int = 1, shipped_rbac: bool = True) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.control_plane = control_plane
@@ -120,6 +122,12 @@ class LocalStack:
         (self.workdir / "server.key").write_bytes(self.operator_key.public + b"\n")
         self.operator_port = free_port()
         self.operator_web_port = free_port()
+        """Status page and /api/status (bearer token, TokenReview + SubjectAccessReview)."""
+        self.operator_metrics_port = free_port()
+        """/metrics and /healthz, open."""
+        self.shipped_rbac = shipped_rbac
+        """Operators run as the ServiceAccount gpuroute-operator with manifests/' RBAC (False: as admin)."""
+        self._operator_kubeconfig: str | None = None
         self.worker_keys: dict[tuple[str, str], KeyPair] = {}
         self.operator: ManagedProcess | None = None
         """The operator replica started first, or the leader once wait_for_leader() has seen one."""
@@ -290,8 +298,9 @@ class LocalStack:
             liveness_port, election = 0, ["--no-leader-election"]
         process = self.spawn(identity, [
             "operator", "--bind", self.operator_endpoint, "--server-key-file", str(self.workdir / "server.key_secret"),
-            "--namespace", self.namespace, "--kubeconfig", self.control_plane.kubeconfig,
-            "--web-port", str(self.operator_web_port), "--liveness-port", str(liveness_port),
+            "--namespace", self.namespace, "--kubeconfig", self.operator_kubeconfig(),
+            "--web-port", str(self.operator_web_port), "--metrics-port", str(self.operator_metrics_port),
+            "--web-bind", "127.0.0.1", "--liveness-port", str(liveness_port),
             *election, *self._operator_extra[0]], env)
         self.operators[identity] = process
         if self.operator is None or not self.operator.alive:
@@ -365,7 +374,97 @@ class LocalStack:
         return _scrape(f"http://127.0.0.1:{self.worker_health_ports[worker]}/metrics", name, labels)
 
     def operator_metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
-        return _scrape(f"http://127.0.0.1:{self.operator_web_port}/metrics", name, labels)
+        return _scrape(f"http://127.0.0.1:{self.operator_metrics_port}/metrics", name, labels)
+
+    # ---- identities ------------------------------------------------------------------
+
+    def mint_token(self, namespace: str, account: str, *, seconds: int = 86400) -> str:
+        """A token of ServiceAccount `account` (created if missing) from the TokenRequest
+        API; the apiserver signs it with the control plane's service-account key."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        self.ensure_namespace(namespace)
+        try:
+            self.core.create_namespaced_service_account(namespace, {"metadata": {"name": account}})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+            audiences=[], expiration_seconds=seconds))
+        answer = self.core.create_namespaced_service_account_token(account, namespace, request)
+        return str(answer.status.token)
+
+    def kubeconfig_with_token(self, token: str, name: str) -> str:
+        """The control plane's kubeconfig with `token` as the user; returns its path."""
+        import yaml
+
+        config = yaml.safe_load(Path(self.control_plane.kubeconfig).read_text())
+        for user in config["users"]:
+            user["user"] = {"token": token}
+        path = self.workdir / f"kubeconfig-{name}"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return str(path)
+
+    def operator_kubeconfig(self) -> str:
+        """What operator processes use: by default a token of the ServiceAccount
+        gpuroute-operator bound by the shipped RBAC (manifests/management/base/rbac.yaml),
+        so every test shows that RBAC is enough; with shipped_rbac=False, the admin's."""
+        if not self.shipped_rbac:
+            return self.control_plane.kubeconfig
+        if self._operator_kubeconfig is None:
+            self.install_operator_rbac()
+            token = self.mint_token(self.namespace, OPERATOR_ACCOUNT)
+            self._operator_kubeconfig = self.kubeconfig_with_token(token, OPERATOR_ACCOUNT)
+        return self._operator_kubeconfig
+
+    def install_operator_rbac(self) -> None:
+        """Create (or replace) the shipped ClusterRole, Roles and bindings for this stack's
+        operator namespace, and wait until the authorizer applies them."""
+        import yaml
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        rbac = client.RbacAuthorizationV1Api(self._api)
+        docs = [d for d in yaml.safe_load_all((MANIFESTS / "management/base/rbac.yaml").read_text()) if d]
+        suffix = "" if self.namespace == "gpuroute-system" else f"-{self.namespace}"
+        for doc in docs:
+            kind, meta = doc["kind"], doc["metadata"]
+            for subject in doc.get("subjects", []):
+                subject["namespace"] = self.namespace
+            if kind in ("Role", "RoleBinding"):
+                meta["namespace"] = self.namespace
+            elif kind == "ClusterRoleBinding":
+                # One binding per stack namespace; the ClusterRole itself is shared.
+                meta["name"] += suffix
+            verbs: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+                "ClusterRole": (rbac.create_cluster_role, rbac.replace_cluster_role),
+                "ClusterRoleBinding": (rbac.create_cluster_role_binding, rbac.replace_cluster_role_binding),
+                "Role": (lambda body: rbac.create_namespaced_role(self.namespace, body),
+                         lambda name, body: rbac.replace_namespaced_role(name, self.namespace, body)),
+                "RoleBinding": (lambda body: rbac.create_namespaced_role_binding(self.namespace, body),
+                                lambda name, body: rbac.replace_namespaced_role_binding(name, self.namespace, body)),
+            }
+            create, replace = verbs[kind]
+            try:
+                create(doc)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                replace(meta["name"], doc)
+        user = f"system:serviceaccount:{self.namespace}:{OPERATOR_ACCOUNT}"
+        review = client.V1SubjectAccessReview(spec=client.V1SubjectAccessReviewSpec(
+            user=user, groups=["system:serviceaccounts", f"system:serviceaccounts:{self.namespace}"],
+            resource_attributes=client.V1ResourceAttributes(verb="create", resource="leases", group="coordination.k8s.io",
+                                                            namespace=self.namespace)))
+        deadline = time.monotonic() + 15
+        # The RBAC authorizer reads an informer cache: new bindings apply after a moment.
+        authz = client.AuthorizationV1Api(self._api)
+        while not getattr(authz.create_subject_access_review(review).status, "allowed", False):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the shipped RBAC does not apply to {user} after 15 s")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         # Followers before the leader: a leader stopped first would hand the Lease to a

@@ -42,6 +42,7 @@ from gpuroute.protocol import (
     Ready,
     Result,
 )
+from gpuroute.redact import redact
 from gpuroute_operator import metrics
 from gpuroute_operator.effects import Effects, TerminalEvent
 from gpuroute_operator.identity import Principal
@@ -547,6 +548,7 @@ class Dispatcher:
         self._finish(job, Phase.COMPLETED, "Succeeded", message, now, result=result)
 
     def on_error(self, conn: WorkerConn, error: Error, now: float) -> None:
+        error = dataclasses.replace(error, message=redact(error.message))  # a worker's text never reaches status unredacted
         job = self._close(error.job)
         if job is None or job.phase.terminal or job.live:
             return  # gone, or another attempt is still out and will decide

@@ -17,7 +17,7 @@ import kopf
 from gpuroute_operator.engine import Engine, EngineConfig
 from gpuroute_operator.pools import PoolSpecError, parse_pool_spec
 from gpuroute_operator.status import ObjectRef
-from gpuroute_operator.web import start_web
+from gpuroute_operator.web import WebConfig, start_web
 
 GROUP, VERSION = "gpuroute.io", "v1alpha1"
 
@@ -41,7 +41,8 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     engine = Engine(memo.engine_config)
     await engine.start()
     memo.engine = engine
-    memo.web = await start_web(engine, memo.web_port) if memo.web_port else None
+    web: WebConfig = memo.web_config
+    memo.web = await start_web(engine, web) if web.port or web.metrics_port else None
 
 
 @kopf.on.cleanup()
@@ -84,5 +85,5 @@ async def workerpool_event(type: str | None, body: kopf.Body, name: str, memo: k
     await engine.configure_pool(spec)
 
 
-def make_memo(config: EngineConfig, *, web_port: int | None) -> kopf.Memo:
-    return kopf.Memo(engine_config=config, web_port=web_port)
+def make_memo(config: EngineConfig, *, web: WebConfig) -> kopf.Memo:
+    return kopf.Memo(engine_config=config, web_config=web)

@@ -13,19 +13,23 @@ from collections.abc import Iterator
 
 import kopf
 
+from gpuroute.redact import install_log_redaction
 from gpuroute_operator import handlers
 from gpuroute_operator.engine import EngineConfig
 from gpuroute_operator.leader import LeaderElectionConfig, LeaderElector, kube_api_client
+from gpuroute_operator.web import WebConfig
 
 log = logging.getLogger("gpuroute.leader")
 
 
-def run_operator(config: EngineConfig, *, web_port: int | None, liveness_port: int | None, verbose: bool,
+def run_operator(config: EngineConfig, *, web: WebConfig, liveness_port: int | None, verbose: bool,
                  election: LeaderElectionConfig | None = None) -> None:
     if config.kubeconfig:
         # kopf's login and pykube both read $KUBECONFIG.
         os.environ["KUBECONFIG"] = config.kubeconfig
     kopf.configure(verbose=verbose, log_prefix=True)
+    # After kopf's handlers exist: every record, and every Event kopf posts from one, is redacted.
+    install_log_redaction()
     liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
     elector: LeaderElector | None = None
     if election is not None:
@@ -40,7 +44,7 @@ def run_operator(config: EngineConfig, *, web_port: int | None, liveness_port: i
         asyncio.run(kopf.operator(
             standalone=True,
             clusterwide=True,
-            memo=handlers.make_memo(config, web_port=web_port),
+            memo=handlers.make_memo(config, web=web),
             liveness_endpoint=liveness,
         ))
     finally:

@@ -481,7 +481,6 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
         # kopf watches (cluster-wide); the engine patches status.
         ("list", "imagejobs", g, None, None),
         ("watch", "imagejobs", g, None, None),
-        ("get", "imagejobs", g, "team-a", None),
         ("patch", "imagejobs", g, "team-a", "status"),
         ("list", "workerpools", g, None, None),
         ("watch", "workerpools", g, None, None),
@@ -495,8 +494,22 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
         # Leader election: the Lease and the leader label on its own pod.
         ("create", "leases", "coordination.k8s.io", "gpuroute-system", None),
         ("patch", "pods", "", "gpuroute-system", None),
+        # The status API's TokenReview and SubjectAccessReviews.
+        ("create", "tokenreviews", "authentication.k8s.io", None, None),
+        ("create", "subjectaccessreviews", "authorization.k8s.io", None, None),
     ]
     denied: list[_Check] = [
+        # Nothing reads a single ImageJob or WorkerPool, lists namespaces, enumerates
+        # Secrets or patches Events.
+        ("get", "imagejobs", g, "team-a", None),
+        ("update", "imagejobs", g, "team-a", "status"),
+        ("get", "workerpools", g, None, None),
+        ("list", "namespaces", "", None, None),
+        ("watch", "namespaces", "", None, None),
+        ("list", "secrets", "", "gpuroute-system", None),
+        ("watch", "secrets", "", "gpuroute-system", None),
+        ("patch", "events", "", "team-a", None),
+        ("create", "localsubjectaccessreviews", "authorization.k8s.io", "team-a", None),
         ("create", "imagejobs", g, "team-a", None),
         ("delete", "imagejobs", g, "team-a", None),
         # kopf runs only event handlers: no annotations or finalizers on the objects.
@@ -542,6 +555,43 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
                            ("get", "someone-elses"): False, ("update", "someone-elses"): False}, lease_named
     assert not missing, f"the operator lacks permissions it needs: {missing}"
     assert not extra, f"the operator has permissions it should not: {extra}"
+
+
+# Every rule the operator is granted, and the code that needs it: (file, text that makes
+# the call). A granted verb missing here, or a row whose code is gone, fails the test.
+_OPERATOR_RULE_USES: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, str]] = {
+    ("gpuroute.io", "imagejobs", "list", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "imagejobs")'),
+    ("gpuroute.io", "imagejobs", "watch", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "imagejobs")'),
+    ("gpuroute.io", "imagejobs/status", "patch", ()): ("kube_async.py", 'name) + "/status"'),
+    ("gpuroute.io", "workerpools", "list", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "workerpools")'),
+    ("gpuroute.io", "workerpools", "watch", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "workerpools")'),
+    ("gpuroute.io", "workerpools/status", "patch", ()): ("kube_async.py", 'name) + "/status"'),
+    ("", "namespaces", "get", ()): ("kube_async.py", '"GET", object_path("Namespace", None, name)'),
+    ("", "events", "create", ()): ("kube_async.py", '"POST", f"/api/v1/namespaces/{quote(namespace)}/events"'),
+    ("authentication.k8s.io", "tokenreviews", "create", ()): ("web.py", "authentication.k8s.io/v1/tokenreviews"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create", ()): ("web.py", "authorization.k8s.io/v1/subjectaccessreviews"),
+    ("", "secrets", "get", ()): ("kube.py", "pykube.Secret.objects("),
+    ("coordination.k8s.io", "leases", "create", ()): ("leader.py", "create_namespaced_lease"),
+    ("coordination.k8s.io", "leases", "get", ("gpuroute-operator",)): ("leader.py", "read_namespaced_lease"),
+    ("coordination.k8s.io", "leases", "update", ("gpuroute-operator",)): ("leader.py", "replace_namespaced_lease"),
+    ("", "pods", "patch", ()): ("leader.py", "patch_namespaced_pod"),
+}
+
+
+def test_every_granted_verb_is_used_by_the_code() -> None:
+    granted = set()
+    for doc in (d for d in rendered("management/base") if d["kind"] in ("ClusterRole", "Role")):
+        for rule in doc["rules"]:
+            for group in rule.get("apiGroups", []):
+                for resource in rule.get("resources", []):
+                    for verb in rule.get("verbs", []):
+                        granted.add((group, resource, verb, tuple(rule.get("resourceNames", ()))))
+    unused = granted - set(_OPERATOR_RULE_USES)
+    assert not unused, f"granted but no code path uses them (remove them, or add the code path to the table): {unused}"
+    assert not set(_OPERATOR_RULE_USES) - granted, "table rows no rule grants"
+    code = ROOT / "operator" / "gpuroute_operator"
+    for rule, (module, text) in _OPERATOR_RULE_USES.items():
+        assert text in (code / module).read_text(), f"{rule}: {module} no longer contains {text!r}"
 
 
 @needs_kubectl

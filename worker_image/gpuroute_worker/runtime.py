@@ -18,6 +18,7 @@ from typing import Any
 
 from gpuroute.ops_catalog import StepError, normalize_steps
 from gpuroute.protocol import CONTENT_TYPES, MAX_TEXT, ErrorCode, Kind, Message
+from gpuroute.redact import redact
 from gpuroute_worker import metrics
 from gpuroute_worker.codec import DecodeError, decode_image, encode_image, output_options
 from gpuroute_worker.config import WorkerConfig, transfer_config
@@ -136,7 +137,7 @@ class JobRunner:
                                         "message": "job ran past its timeout on the worker"}
             metrics.JOBS.labels(ErrorCode.TIMEOUT.value).inc()
         except JobFailed as exc:
-            kind, header = Kind.ERROR, {"job": job, "code": exc.code.value, "message": exc.message[:MAX_TEXT]}
+            kind, header = Kind.ERROR, {"job": job, "code": exc.code.value, "message": redact(exc.message)[:MAX_TEXT]}
             metrics.JOBS.labels(exc.code.value).inc()
         finally:
             self._tasks.pop(job, None)

@@ -38,6 +38,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from gpuroute.netguard import CheckedURL, UnsafeURL, resolve_public_https_url
+from gpuroute.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class TransferError(RuntimeError):
     """Storage could not be reached or refused the request."""
 
     def __init__(self, message: str, *, permanent: bool, rejected: bool = False) -> None:
-        super().__init__(message)
+        # urllib3's errors quote the request path, presigned query included.
+        super().__init__(redact(message))
         self.permanent = permanent
         """True when retrying cannot help (404, 403, too large, unsafe URL)."""
         self.rejected = rejected
@@ -92,7 +94,7 @@ class TransferAborted(TransferError):
 
 class _Retryable(Exception):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.retry_after_s = retry_after_s
 
 

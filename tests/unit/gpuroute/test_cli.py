@@ -29,7 +29,9 @@ def test_operator_defaults() -> None:
     assert args.func is cli._cmd_operator
     assert (args.bind, args.server_key_file, args.namespace, args.kubeconfig) == (
         "tcp://0.0.0.0:7700", None, "gpuroute-system", None)
-    assert (args.web_port, args.liveness_port, args.dev_plaintext, args.verbose) == (9090, 8080, False, False)
+    assert (args.web_port, args.metrics_port, args.liveness_port) == (9091, 9090, 8080)
+    assert (args.dev_plaintext, args.verbose) == (False, False)
+    assert args.web_bind == "0.0.0.0"
 
 
 def test_operator_options(monkeypatch: pytest.MonkeyPatch) -> None:
