@@ -150,6 +150,21 @@ def test_unsafe_https_input_is_refused_even_when_granted(stack: LocalStack) -> N
     assert "non-public address 127.0.0.1" in status["message"]
 
 
+@pytest.mark.parametrize(("name", "url"), [
+    ("bad-ipv6", "https://[::1/x.png"),             # the host parser raises ValueError
+    ("empty-label", "https://a..example.com/x.png"),  # IDNA raises UnicodeError
+    ("long-label", "https://" + "a" * 300 + ".example.com/x.png"),
+])
+def test_a_url_the_host_parser_chokes_on_still_gets_a_status(stack: LocalStack, name: str, url: str) -> None:
+    stack.ensure_namespace("team-web", read=["https://"], write=[f"s3://{BUCKET}/out/"])
+    stack.create_job("team-web", name, {"input": {"uri": url}, "output": {"uri": f"s3://{BUCKET}/out/web.png"},
+                                        "steps": [{"op": "invert"}]})
+    status = stack.wait_for_jobs("team-web", [name])[name]["status"]
+    assert status["phase"] == "Failed" and status["reason"] in ("UnsafeInput", "InvalidSpec", "StorageNotGranted"), status
+    assert "spec.input.uri" in status["message"], status["message"]
+    assert "Traceback" not in stack.operator.log_tail(300)
+
+
 def test_bad_runtime_input_fails_without_retry(stack: LocalStack) -> None:
     stack.create_job(NS, "corrupt", _spec("corrupt", [{"op": "invert"}], src="in/corrupt.png"))
     stack.create_job(NS, "crop-outside", _spec("crop-outside", [{"op": "crop", "x": 150, "y": 0, "width": 50, "height": 50}]))
