@@ -13,18 +13,24 @@ import asyncio
 import logging
 import os
 import socket as socket_module
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 
 from gpuroute import protocol
 from gpuroute.protocol import Body, Disconnect, Kind, Message, ProtocolError
 from gpuroute_operator import metrics
 
 log = logging.getLogger(__name__)
+
+REGISTER_WITHIN_S = 5.0
+"""A connection that has not sent READY this long after it was accepted is closed: a silent
+connection would otherwise hold its routing id, keeping the worker that owns it out."""
 
 
 class MessageHandler(Protocol):
@@ -54,6 +60,9 @@ class WorkerServer:
         self._task: asyncio.Task[None] | None = None
         self._dialed: set[str] = set()
         self._peers: dict[bytes, _Peer] = {}
+        self._unregistered: dict[int, tuple[float, str]] = {}
+        """Descriptors of accepted or dialed connections that have not sent READY: (since, peer)."""
+        self._monitor_task: asyncio.Task[None] | None = None
         self.endpoint = ""
 
     def start(self) -> None:
@@ -85,17 +94,47 @@ class WorkerServer:
         # vanished worker would look reachable. Same thread, same libzmq socket.
         self._sender = zmq.Socket.shadow(socket.underlying)
         self._task = asyncio.get_running_loop().create_task(self._receive(), name="worker-server")
+        # ACCEPTED and CONNECTED carry the descriptor (HANDSHAKE_SUCCEEDED does not).
+        monitor = socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor_task = asyncio.get_running_loop().create_task(self._watch(monitor), name="worker-server-monitor")
         log.info("listening for workers on %s (%s)", self.endpoint, "PLAINTEXT, dev only" if self._plaintext else "CURVE")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._monitor_task):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         if self._socket is not None:
+            self._socket.disable_monitor()
             self._socket.close()
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Track connections from accept to READY; cut those that stay silent."""
+        try:
+            while True:
+                if await monitor.poll(timeout=int(REGISTER_WITHIN_S * 1000 / 2)):
+                    event = zmq.utils.monitor.parse_monitor_message(await monitor.recv_multipart())
+                    fd = int(event["value"])
+                    if event["event"] in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
+                        self._unregistered[fd] = (time.monotonic(), _fd_peer(fd))
+                    else:
+                        self._unregistered.pop(fd, None)
+                self._cut_silent(time.monotonic())
+        finally:
+            monitor.close()
+
+    def _cut_silent(self, now: float) -> None:
+        for fd, (since, peer) in list(self._unregistered.items()):
+            if now - since < REGISTER_WITHIN_S:
+                continue
+            del self._unregistered[fd]
+            if _shutdown(fd, peer):
+                metrics.REJECTED_CONNECTIONS.labels("no READY").inc()
+                log.warning("closed a connection from %s that sent no READY within %.0f s", peer, REGISTER_WITHIN_S)
 
     def dial(self, endpoints: Iterable[str]) -> None:
         """Keep outgoing connections to exactly these worker endpoints (tcp://host:port)."""
@@ -139,23 +178,14 @@ class WorkerServer:
         """Say DISCONNECT, then close the connection: a peer that ignores the message is cut all the same."""
         self.send(routing_id, Disconnect(reason))
         peer = self._peers.pop(routing_id, None)
-        if peer is None:
-            return
-        try:
-            # A duplicate of libzmq's descriptor: shutdown() ends the connection for both, and
-            # libzmq then drops the pipe and frees the routing id.
-            with socket_module.socket(fileno=os.dup(peer.fd)) as conn:
-                if _address(conn) != peer.address:
-                    return  # the descriptor now belongs to another connection
-                conn.shutdown(socket_module.SHUT_RDWR)
-        except OSError as exc:  # already closed by the peer or by libzmq
-            log.debug("closing connection of %r: %s", routing_id[:64], exc)
+        if peer is not None:
+            _shutdown(peer.fd, peer.address)
 
     def _remember_peer(self, routing_id: bytes, frame: zmq.Frame) -> None:
         try:
             fd = int(frame.get(zmq.SRCFD))
-            with socket_module.socket(fileno=os.dup(fd)) as conn:
-                self._peers[routing_id] = _Peer(fd, _address(conn))
+            self._unregistered.pop(fd, None)
+            self._peers[routing_id] = _Peer(fd, _fd_peer(fd))
         except (OSError, zmq.ZMQError, ValueError) as exc:  # inproc/ipc peers have no TCP socket to close
             log.debug("no descriptor for %r: %s", routing_id[:64], exc)
 
@@ -183,8 +213,29 @@ class WorkerServer:
                 log.exception("handling %s from %r failed", message.kind.name, routing_id[:64])
 
 
-def _address(conn: socket_module.socket) -> str:
+def _fd_peer(fd: int) -> str:
+    """The peer address of libzmq's descriptor `fd` ("" when it is not a connected socket)."""
     try:
-        return str(conn.getpeername())
+        with socket_module.socket(fileno=os.dup(fd)) as conn:
+            return str(conn.getpeername())
     except OSError:
         return ""
+
+
+def _shutdown(fd: int, peer: str) -> bool:
+    """End the TCP connection behind libzmq's descriptor, if it still is the one from `peer`.
+
+    shutdown() on a duplicate ends the connection for libzmq too, which then drops the pipe
+    and frees the routing id; the address check keeps a reused descriptor of another
+    connection safe."""
+    if not peer:
+        return False
+    try:
+        with socket_module.socket(fileno=os.dup(fd)) as conn:
+            if str(conn.getpeername()) != peer:
+                return False
+            conn.shutdown(socket_module.SHUT_RDWR)
+            return True
+    except OSError as exc:  # already closed by the peer or by libzmq
+        log.debug("closing connection %d: %s", fd, exc)
+        return False

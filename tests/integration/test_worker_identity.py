@@ -226,3 +226,19 @@ def test_a_revoked_key_is_disconnected_within_seconds(stack: LocalStack) -> None
         secret = stack.core.read_namespaced_secret(secret_name, stack.namespace)
         secret.data = {**(secret.data or {}), "a1.key": base64.b64encode(key.public).decode()}
         stack.core.replace_namespaced_secret(secret_name, stack.namespace, secret)
+
+
+def test_a_silent_connection_cannot_hold_a_routing_id(stack: LocalStack) -> None:
+    """A key of pool A squats b1's id while b1 is away and says nothing: it is cut, and b1 gets back in."""
+    stack.workers["b1"].kill()
+    deadline = time.monotonic() + 15
+    while stack.worker_pool(POOL_B).get("status", {}).get("connectedWorkers"):
+        assert time.monotonic() < deadline, "b1 was never noticed gone"
+        time.sleep(0.2)
+    squatter = RogueWorker(stack, stack.worker_keys[(POOL_A, "a1")], _routing_id(stack, POOL_B, "b1"))
+    try:
+        assert squatter.was_disconnected(15.0), "a connection that never sent READY kept its routing id"
+        stack.start_worker(POOL_B, "b1")
+        stack.wait_for_pool(POOL_B, workers=1, timeout=30)
+    finally:
+        squatter.close()
