@@ -142,7 +142,7 @@ def test_invalid_spec_fails_once_with_named_field(stack: LocalStack, name: str, 
 
 
 def test_unsafe_https_input_is_refused_even_when_granted(stack: LocalStack) -> None:
-    stack.ensure_namespace("team-web", read=["https://"], write=[f"s3://{BUCKET}/out/"])
+    stack.ensure_namespace("team-web", read=["https://127.0.0.1:1/"], write=[f"s3://{BUCKET}/out/"])
     stack.create_job("team-web", "loopback", {"input": {"uri": "https://127.0.0.1:1/x.png"},
                                                "output": {"uri": f"s3://{BUCKET}/out/web.png"}, "steps": [{"op": "invert"}]})
     status = stack.wait_for_jobs("team-web", ["loopback"])["loopback"]["status"]
@@ -156,10 +156,10 @@ def test_unsafe_https_input_is_refused_even_when_granted(stack: LocalStack) -> N
     ("long-label", "https://" + "a" * 300 + ".example.com/x.png"),
 ])
 def test_a_url_the_host_parser_chokes_on_still_gets_a_status(stack: LocalStack, name: str, url: str) -> None:
-    stack.ensure_namespace("team-web", read=["https://"], write=[f"s3://{BUCKET}/out/"])
-    stack.create_job("team-web", name, {"input": {"uri": url}, "output": {"uri": f"s3://{BUCKET}/out/web.png"},
-                                        "steps": [{"op": "invert"}]})
-    status = stack.wait_for_jobs("team-web", [name])[name]["status"]
+    stack.ensure_namespace("team-chokes", read=["https://"], write=[f"s3://{BUCKET}/out/"])
+    stack.create_job("team-chokes", name, {"input": {"uri": url}, "output": {"uri": f"s3://{BUCKET}/out/web.png"},
+                                           "steps": [{"op": "invert"}]})
+    status = stack.wait_for_jobs("team-chokes", [name])[name]["status"]
     assert status["phase"] == "Failed" and status["reason"] in ("UnsafeInput", "InvalidSpec", "StorageNotGranted"), status
     assert "spec.input.uri" in status["message"], status["message"]
     assert "Traceback" not in stack.operator.log_tail(300)
