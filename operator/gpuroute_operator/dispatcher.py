@@ -74,6 +74,9 @@ class DispatcherConfig:
     resume_grace_s: float = 5.0
     """After a restart, how long a resumed job waits for the worker that ran it to re-register
     (workers re-register within about one heartbeat of the new leader starting)."""
+    startup_hold_s: float = 2.0
+    """After taking over, how long a job whose status shows no attempt waits before one is sent:
+    its Dispatched write may have been lost with the previous leader while a worker runs it."""
     finished_memory: int = 100_000
     """Terminal job uids remembered, so late events and duplicate results are ignored cheaply."""
 
@@ -93,10 +96,15 @@ class Resume:
 
 
 class Dispatcher:
-    def __init__(self, effects: Effects, sign: Signer, config: DispatcherConfig | None = None) -> None:
+    def __init__(self, effects: Effects, sign: Signer, config: DispatcherConfig | None = None, *,
+                 started_at: float | None = None) -> None:
+        """`started_at`: when this operator process started leading. Jobs admitted within
+        startup_hold_s of it wait that long for their workers to re-register before a first
+        attempt is sent: one of them may be running it already (None: no such wait)."""
         self.effects = effects
         self.sign = sign
         self.config = config or DispatcherConfig()
+        self.started_at = started_at
         self.jobs: dict[str, Job] = {}
         self.pools: dict[str, PoolState] = {}
         self.sessions: dict[bytes, WorkerConn] = {}
@@ -105,8 +113,8 @@ class Dispatcher:
         self.unrouted: dict[str, Job] = {}
         self.held: dict[str, float] = {}
         """uid -> when to try signing again."""
-        self.resuming: dict[str, tuple[float, Resume]] = {}
-        """uid -> (give up waiting at, what the status said)."""
+        self.resuming: dict[str, float] = {}
+        """uid -> when to stop waiting for a worker that may hold it (after a restart)."""
         self.finished: dict[str, None] = {}
         self._deadlines: list[tuple[float, str]] = []
         """(deadline, uid) of live jobs, earliest first: expiry never scans every job."""
@@ -175,13 +183,18 @@ class Dispatcher:
                 self._dispatch(job, holder[0], now, number=holder[1].attempt)
             else:
                 job.reuse_attempt = True
-                self._place(job, Place.RESUMING, now, resume=(now + self.config.resume_grace_s, resume))
+                self._place(job, Place.RESUMING, now, until=now + self.config.resume_grace_s)
         else:
             job.move(Phase.QUEUED, at=now, reason="Admitted", message="waiting for a worker")
             holder = self._holder_of(job, now)
             if holder is not None:
                 # Its Dispatched status never landed before a restart, but a worker has it.
                 self._dispatch(job, holder[0], now, number=holder[1].attempt)
+            elif self.started_at is not None and now < self.started_at + self.config.startup_hold_s:
+                # Just took over: its status may simply not have caught up with an attempt a
+                # worker is running. Wait for the workers' READY before computing it again.
+                self._place(job, Place.RESUMING, now, until=self.started_at + self.config.startup_hold_s)
+                self._publish(job)
             else:
                 self._route(job, now)
                 self._publish(job)
@@ -319,7 +332,7 @@ class Dispatcher:
     # ---- where a job is: the one place that moves it -----------------------------------------
 
     def _place(self, job: Job, place: Place, now: float, *, front: bool = False,
-               resume: tuple[float, Resume] | None = None) -> None:
+               until: float | None = None) -> None:
         if job.place is Place.QUEUED:
             for pool in self.pools.values():  # a handful of pools; job.pool may already name the next one
                 pool.queue.remove(job.uid)
@@ -335,8 +348,8 @@ class Dispatcher:
         elif place is Place.HELD:
             self.held[job.uid] = now + self.config.signing_retry_s
         elif place is Place.RESUMING:
-            assert resume is not None
-            self.resuming[job.uid] = resume
+            assert until is not None
+            self.resuming[job.uid] = until
 
     # ---- attempts: the two places that open and close them -------------------------------------
 
@@ -620,7 +633,7 @@ class Dispatcher:
         for uid, retry_at in list(self.held.items()):
             if retry_at <= now:
                 self._route(self.jobs[uid], now)
-        for uid, (give_up_at, _resume) in list(self.resuming.items()):
+        for uid, give_up_at in list(self.resuming.items()):
             if give_up_at <= now:
                 job = self.jobs[uid]
                 job.reuse_attempt = False  # the worker that had it did not come back

@@ -120,7 +120,8 @@ class Engine:
         self.keys = PoolKeys(self.zap, self.kube.read_secret_data)
         self.server = WorkerServer(self.context, bind=config.bind, secret_key=config.secret_key, handler=self,
                                    plaintext=config.plaintext)
-        self.dispatcher = Dispatcher(_ShellEffects(self), self._sign)
+        # Started now: this process leads (leader election runs before the engine exists).
+        self.dispatcher = Dispatcher(_ShellEffects(self), self._sign, started_at=time.time())
         self.pool_publisher = PoolStatusPublisher(self.writer)
         self.autoscaler = Autoscaler(self.kube.read_secret_data)
         self.batches = BatchRunner(self.dispatcher, self.writer, self.presigner, self._namespace_grants)

@@ -56,15 +56,15 @@ class World:
                            for name, spec in (pools or {"pool-a": {}, "pool-b": {}}).items()}
         self.dispatcher = self._new_dispatcher()
 
-    def _new_dispatcher(self) -> Dispatcher:
-        dispatcher = Dispatcher(self.effects, self._sign, self.config)
+    def _new_dispatcher(self, started_at: float | None = None) -> Dispatcher:
+        dispatcher = Dispatcher(self.effects, self._sign, self.config, started_at=started_at)
         for spec in self.pool_specs.values():
             dispatcher.set_pool(spec, self.now)
         return dispatcher
 
     def restart(self) -> None:
         """A new operator process: no memory, same API server (the recorded statuses)."""
-        self.dispatcher = self._new_dispatcher()
+        self.dispatcher = self._new_dispatcher(started_at=self.now)
 
     def _sign(self, job: Job, now: float) -> tuple[InputSource, OutputTarget]:
         if self.signing_down:

@@ -419,6 +419,25 @@ def test_a_job_whose_dispatched_status_was_lost_is_adopted_not_recomputed(world:
     assert (world.status("j1")["phase"], world.status("j1")["attempts"]) == ("Completed", 1)
 
 
+def test_after_a_takeover_a_job_without_status_waits_briefly_for_its_worker(world: World) -> None:
+    world.restart()                                          # this process just took over
+    world.submit("j1")
+    w2 = world.connect("pool-a", "w2")
+    assert world.requests() == []                            # held: a worker may be running it
+    w1 = world.connect("pool-a", "w1", jobs=(AttemptId("j1", 1),))
+    assert _only_request(world, w1).job == AttemptId("j1", 1) and not world.requests(w2)
+
+
+def test_after_the_startup_hold_a_job_is_routed(world: World) -> None:
+    world.restart()
+    world.submit("j1")
+    w2 = world.connect("pool-a", "w2")
+    world.advance(world.config.startup_hold_s + 0.1)
+    world.send(w2, Heartbeat())
+    world.dispatcher.tick(world.now, heartbeat=False)
+    assert _only_request(world, w2).job == AttemptId("j1", 1)
+
+
 def test_a_claimed_attempt_cannot_burn_attempts(world: World) -> None:
     world.submit("j1")
     w1 = world.connect("pool-a", "w1", jobs=(AttemptId("j1", 3),))
