@@ -528,6 +528,13 @@ def test_argocd_health_checks_cover_every_phase() -> None:
         ("ImageJob", {"status": {"phase": "Completed", "timing": {"totalMs": 12.5}}}, "Healthy"),
         ("ImageJob", {"status": {"phase": "Failed", "reason": "InvalidSpec"}}, "Degraded"),
         ("ImageJob", {"status": {"phase": "Cancelled"}}, "Suspended"),
+        ("ImageJob", {"status": {"phase": "Processing", "percent": 42.5,
+                                 "items": {"total": 200, "succeeded": 80, "failed": 5}}}, "Progressing"),
+        ("ImageJob", {"status": {"phase": "Completed", "items": {"total": 200, "succeeded": 200, "failed": 0}}}, "Healthy"),
+        ("ImageJob", {"status": {"phase": "Failed", "reason": "ItemsFailed",
+                                 "items": {"total": 200, "succeeded": 195, "failed": 5}}}, "Degraded"),
+        ("ImageJob", {"status": {"phase": "Failed", "reason": "Timeout", "items": {"total": 9, "succeeded": 3}}}, "Degraded"),
+        ("ImageJob", {"status": {"phase": "Cancelled", "items": {"total": 9, "succeeded": 3}}}, "Suspended"),
         ("WorkerPool", {"spec": {}}, "Progressing"),
         ("WorkerPool", {"spec": {}, "status": {"phase": "Available", "connectedWorkers": 2}}, "Healthy"),
         ("WorkerPool", {"spec": {}, "status": {"phase": "Unavailable"}}, "Degraded"),
@@ -550,6 +557,11 @@ def test_argocd_health_check_runs(kind: str, obj: dict[str, Any], expected: str)
     hs = lua.execute(f"return (function() {script} end)()")
     assert hs["status"] == expected
     assert hs["message"]
+    items = obj.get("status", {}).get("items")
+    if items and expected == "Progressing":
+        assert hs["message"].startswith("42.5% (85/200 items, 5 failed)"), hs["message"]
+    elif items and expected == "Degraded" and items.get("failed"):
+        assert hs["message"] == "5 of 200 items failed"
 
 
 def _metric_names(module: Any) -> set[str]:
