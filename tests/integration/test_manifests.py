@@ -248,7 +248,7 @@ def test_management_base_contents() -> None:
     # The Lease identity and the pod the leader labels, from the downward API.
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"zmq": 7700, "health": 8080, "metrics": 9090}
+    assert ports == {"zmq": 7700, "health": 8080, "metrics": 9090, "web": 9091}
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["port"] in ("health", 8080)
     assert container["resources"]["requests"] and container["resources"]["limits"]
@@ -260,7 +260,7 @@ def test_management_base_contents() -> None:
     assert svc["spec"]["type"] == "ClusterIP"
     assert [p["port"] for p in svc["spec"]["ports"]] == [7700]
     metrics = _find(docs, "Service", "gpuroute-operator-metrics")
-    assert [p["port"] for p in metrics["spec"]["ports"]] == [9090]
+    assert [p["port"] for p in metrics["spec"]["ports"]] == [9090, 9091]
     # Only the leader serves the socket and the engine's metrics: both Services select
     # the label the leader puts on its own pod (gpuroute_operator.leader.LEADER_LABEL).
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
@@ -860,3 +860,34 @@ def test_workerpool_status_as_the_operator_writes_it(dyn: Any) -> None:
     expected = {k: v for k, v in status.items() if v is not None}
     expected["workers"] = [{k: v for k, v in w.items() if v is not None} for w in status["workers"]]
     assert got == expected
+
+
+# ----------------------------------------------------------------------------- NetworkPolicies
+
+
+@needs_kubectl
+def test_network_policies_admit_only_what_they_must() -> None:
+    """Rendered (and dry-run applied by test_overlay_applies_with_server_dry_run)."""
+    operator = _find(rendered("management/base"), "NetworkPolicy", "gpuroute-operator-ingress")["spec"]
+    assert operator["policyTypes"] == ["Ingress"]
+    by_port = {p["port"]: rule["from"] for rule in operator["ingress"] for p in rule["ports"]}
+    assert set(by_port) == {7700, 9090, 9091}
+    assert all("ipBlock" in peer for peer in by_port[7700]), "the socket admits listed CIDRs only"
+    for port in (9090, 9091):
+        assert by_port[port] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+    worker = _find(rendered("gpu/base"), "NetworkPolicy", "gpuroute-worker-egress")["spec"]
+    assert set(worker["policyTypes"]) == {"Egress", "Ingress"} and worker["ingress"] == []
+    blocks = [peer["ipBlock"] for rule in worker["egress"] for peer in rule["to"] if "ipBlock" in peer]
+    import ipaddress
+
+    def reachable(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip.version == ipaddress.ip_network(b["cidr"]).version and ip in ipaddress.ip_network(b["cidr"])
+                   and not any(ip in ipaddress.ip_network(e) for e in b.get("except", [])) for b in blocks)
+
+    for denied in ("169.254.169.254", "168.63.129.16", "fd00:ec2::254", "10.0.0.1", "172.16.5.5", "192.168.1.1",
+                   "127.0.0.1", "100.100.100.200", "fe80::1", "fec0::1", "2002:a9fe:a9fe::1"):
+        assert not reachable(denied), denied
+    for allowed in ("52.216.0.1", "20.60.0.1", "2600:1f18::1", "198.51.100.10"):
+        assert reachable(allowed), allowed
