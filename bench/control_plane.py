@@ -291,12 +291,15 @@ def run(*, latency_jobs: int = 200, throughput_jobs: int = 2000, clients: int = 
                 create_job(stack, NS, f"warm-{i}")
                 watch.wait(f"warm-{i}")
             latencies = []
+            # One job at a time: the common case (no queue), where the write budget applies.
+            lat_writes_before = api_writes(stack.control_plane)
             for i in range(latency_jobs):
                 name = f"lat-{i}"
                 started = time.perf_counter()
                 create_job(stack, NS, name)
                 latencies.append(watch.wait(name) - started)
             patches_before = settled_metric(stack, "gpuroute_status_patches_total")
+            lat_writes = writes_per_job(lat_writes_before, api_writes(stack.control_plane), latency_jobs)
             writes_before = api_writes(stack.control_plane)
             cpu_before = cpu_snapshot(stack)
             names = [f"tp-{i}" for i in range(throughput_jobs)]
@@ -328,6 +331,7 @@ def run(*, latency_jobs: int = 200, throughput_jobs: int = 2000, clients: int = 
         "create_rate_jobs_per_s": round(throughput_jobs / (created - started), 1),
         "api_floor_throughput_jobs_per_s": round(floor_rate, 2), "status_patches_per_job": round(per_job, 3),
         "throughput_cpu_ms_per_job": cpu_ms, "api_writes_per_job_by_resource": writes,
+        "one_at_a_time_api_writes_per_job_by_resource": lat_writes,
         "api_writes_per_job": round(all_writes, 3), "api_writes_per_job_without_events": round(all_writes - events, 3),
         "throughput_over_floor": round(throughput / floor_rate, 3),
         "throughput_wall_s": round(finished - started, 2),
@@ -342,7 +346,9 @@ def run(*, latency_jobs: int = 200, throughput_jobs: int = 2000, clients: int = 
                 f"API floor, create + status patch, {clients} clients", floor_rate, higher_is_better=True),
             row("control plane", "status patches per job", per_job, "patches", "one per phase change (4)", 4.0,
                 higher_is_better=False),
-            row("control plane", "API writes per job, Events included (apiserver_request_total)", all_writes,
+            row("control plane", "API writes per job one at a time, Events included", sum(lat_writes.values()),
+                "writes", "issue 10 goal: 2 status writes + 1 terminal Event", 3.0, higher_is_better=False),
+            row("control plane", "API writes per job in the burst, Events included", all_writes,
                 "writes", "issue 10 goal: 2 status writes + 1 terminal Event", 3.0, higher_is_better=False),
             row("control plane", "API writes per job, without the terminal Event", all_writes - events, "writes",
                 "issue 10 goal", 2.0, higher_is_better=False),
