@@ -208,12 +208,16 @@ class Ready:
     models: tuple[str, ...] = ()
     """Super-resolution models the worker serves."""
     jobs: tuple[AttemptId, ...] = ()
-    """Attempts the worker still runs or has answers for (followed after an operator restart)."""
+    """Attempts the worker still runs, or whose answer it is about to send again: they hold slots."""
+    answered: tuple[AttemptId, ...] = ()
+    """Attempts whose answers the worker keeps in its result cache (no slot): after an operator
+    restart a job whose result was lost with the old leader is answered from there."""
 
 
     def to_header(self) -> dict[str, Any]:
         return {"version": PROTOCOL_VERSION, "pool": self.pool, "worker": self.worker, "capacity": self.capacity,
-                "device": self.device, "models": list(self.models), "jobs": [str(j) for j in self.jobs]}
+                "device": self.device, "models": list(self.models), "jobs": [str(j) for j in self.jobs],
+                "answered": [str(j) for j in self.answered]}
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Ready:
@@ -222,14 +226,18 @@ class Ready:
                                 f"(this side speaks {PROTOCOL_VERSION})")
         models = header.get("models") or []
         jobs = header.get("jobs") or []
+        answered = header.get("answered") or []
         if not isinstance(models, list) or len(models) > 256 or not all(isinstance(m, str) and 0 < len(m) <= 253 for m in models):
             raise ProtocolError(f"models: expected a list of names, got {_show(models)}")
         if not isinstance(jobs, list) or len(jobs) > 4096:
             raise ProtocolError(f"jobs: expected a list of at most 4096 job ids, got {_show(jobs)}")
+        if not isinstance(answered, list) or len(answered) > 4096:
+            raise ProtocolError(f"answered: expected a list of at most 4096 job ids, got {_show(answered)}")
         return cls(pool=_text(header, "pool"), worker=_text(header, "worker"),
                    capacity=_int(header, "capacity", low=1, high=4096),
                    device=_text(header, "device", required=False),
-                   models=tuple(models), jobs=tuple(AttemptId.parse(j) for j in jobs))
+                   models=tuple(models), jobs=tuple(AttemptId.parse(j) for j in jobs),
+                   answered=tuple(AttemptId.parse(j) for j in answered))
 
 
 @dataclass(frozen=True)

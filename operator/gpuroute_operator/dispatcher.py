@@ -293,6 +293,7 @@ class Dispatcher:
             return
         request = JobRequest(attempt, tuple(job.spec.steps), source, target, max(1.0, job.deadline - now))
         conn.foreign.discard(attempt)
+        conn.answered.discard(attempt)
         if not self.effects.send(conn.routing_id, request, job.spec.inline):
             # Never left the operator: not an attempt. The session is gone; so is its pool's claim.
             job.reuse_attempt = reuse
@@ -455,13 +456,14 @@ class Dispatcher:
         # Attempts it runs that this operator does not follow (it restarted, or they ended):
         # their slots are busy until answered or adopted.
         conn.foreign = set(ready.jobs) - carried
+        conn.answered = set(ready.answered) - carried - conn.foreign
         pool.workers[routing_id] = conn
         self.sessions[routing_id] = conn
         metrics.WORKERS.labels(pool.spec.name).set(len(pool.workers))
         log.info("worker %s joined pool %s with key %s (%s, capacity %d)", conn.worker, pool.spec.name,
                  principal.key, conn.device, conn.capacity)
         self.effects.send(routing_id, Heartbeat(ping=now))
-        for attempt in sorted(conn.foreign):
+        for attempt in sorted(conn.foreign | conn.answered):
             job = self.jobs.get(attempt.uid)
             if job is not None and self._may_adopt(job, attempt, conn, now):
                 self._dispatch(job, conn, now, number=attempt.attempt)
@@ -481,9 +483,9 @@ class Dispatcher:
 
     def _holder_of(self, job: Job, now: float) -> tuple[WorkerConn, AttemptId] | None:
         for conn in self.sessions.values():
-            if not conn.foreign:
+            if not conn.foreign and not conn.answered:
                 continue
-            for attempt in sorted(conn.foreign, reverse=True):
+            for attempt in sorted(conn.foreign | conn.answered, reverse=True):
                 if attempt.uid == job.uid and self._may_adopt(job, attempt, conn, now):
                     return conn, attempt
         return None

@@ -115,6 +115,17 @@ class OperatorLink:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _answered(self, announced: set[protocol.AttemptId]) -> list[protocol.AttemptId]:
+        out = []
+        for job in self.runner.cached_jobs() if self.runner else []:
+            try:
+                attempt = protocol.AttemptId.parse(job)
+            except ProtocolError:
+                continue
+            if attempt not in announced:
+                out.append(attempt)
+        return out[-4096:]
+
     def _ready(self, resending: list[str]) -> protocol.Ready:
         running = self.runner.running_jobs() if self.runner else []
         jobs = []
@@ -126,7 +137,7 @@ class OperatorLink:
         return protocol.Ready(pool=self.config.pool, worker=self.config.worker_id, capacity=self.config.capacity,
                               device=self.config.gpu_name, models=tuple(sorted(self.config.models)),
                               # Jobs this worker still owns: the operator follows them instead of re-queueing.
-                              jobs=tuple(jobs))
+                              jobs=tuple(jobs), answered=tuple(self._answered(set(jobs))))
 
     async def run(self) -> None:
         backoff = protocol.RECONNECT_INITIAL_S

@@ -20,7 +20,7 @@ from gpuroute.ops_catalog import StepError, normalize_steps
 from gpuroute.protocol import CONTENT_TYPES, MAX_TEXT, ErrorCode, Kind, Message
 from gpuroute.redact import redact
 from gpuroute_worker import metrics
-from gpuroute_worker.codec import DecodeError, decode_image, encode_image, output_options
+from gpuroute_worker.codec import Decoded, DecodeError, Raster, decode_image, encode_image, output_options
 from gpuroute_worker.config import WorkerConfig, transfer_config
 from gpuroute_worker.executor import BatchExecutor
 from gpuroute_worker.ops import OpError, OutOfMemory
@@ -99,6 +99,10 @@ class JobRunner:
         self._tasks[job] = task
         metrics.IN_FLIGHT.set(len(self._tasks))
 
+    def cached_jobs(self) -> list[str]:
+        """Jobs whose answers the result cache holds, oldest first."""
+        return list(self._answers)
+
     def running_jobs(self) -> list[str]:
         return list(self._tasks)
 
@@ -171,13 +175,19 @@ class JobRunner:
 
             t = time.perf_counter()
             options = output_options(output)
-            decoded = await asyncio.to_thread(
-                decode_image, data, max_bytes=self.config.max_input_bytes, max_pixels=self.config.max_input_pixels,
-                keep_metadata=options.keep_metadata)
-            pixels = decoded.pixels
+            # A batching (GPU) executor stacks tensors: make the tensor here, on the decode
+            # thread. The CPU path takes the decoder's Pillow image as it is.
+            wants_tensor = self.executor.batching
+
+            def decode() -> tuple[Decoded, Raster]:
+                decoded = decode_image(data, max_bytes=self.config.max_input_bytes,
+                                       max_pixels=self.config.max_input_pixels, keep_metadata=options.keep_metadata)
+                return decoded, decoded.pixels if wants_tensor else decoded.image
+
+            decoded, pixels = await asyncio.to_thread(decode)
             timing["decodeMs"] = _ms(t)
             # Every step's output against the pixel and memory budget, before anything is allocated.
-            self.executor.check_budget(steps, decoded.pixels, max_pixels=self.config.max_output_pixels,
+            self.executor.check_budget(steps, pixels, max_pixels=self.config.max_output_pixels,
                                        max_bytes=self.config.max_working_bytes)
 
             def check_deadline() -> None:
@@ -190,7 +200,7 @@ class JobRunner:
             timing["executorWaitMs"] = round(max(0.0, _ms(t) - computed.compute_ms), 3)
 
             t = time.perf_counter()
-            encoded = await asyncio.to_thread(encode_image, computed.pixels, fmt=fmt, quality=quality, options=options,
+            encoded = await asyncio.to_thread(encode_image, computed.output, fmt=fmt, quality=quality, options=options,
                                               icc=decoded.icc, exif=decoded.exif)
             timing["encodeMs"] = _ms(t)
 
@@ -227,7 +237,7 @@ class JobRunner:
             "timing": timing,
             "device": self.config.gpu_name,
             # The operator learns each pool's speed per input megapixel from this.
-            "input": {"width": int(pixels.shape[2]), "height": int(pixels.shape[1])},
+            "input": {"width": decoded.width, "height": decoded.height},
             "output": {"bytes": len(encoded.data), "width": encoded.width, "height": encoded.height,
                        "sha256": encoded.sha256, "format": encoded.format},
         }

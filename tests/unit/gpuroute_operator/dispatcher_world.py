@@ -84,11 +84,13 @@ class World:
         return routing_id_for(key_for(pool, worker), worker)
 
     def connect(self, pool: str, worker: str, *, capacity: int = 2, jobs: tuple[AttemptId, ...] = (),
+                answered: tuple[AttemptId, ...] = (),
                 claims: str | None = None, principal: Principal | None = None,
                 routing_id: bytes | None = None) -> bytes:
         routing_id = routing_id or self.routing_id(pool, worker)
         self.dispatcher.on_ready(routing_id, principal or self.principal(pool, worker),
-                                 Ready(pool=claims or pool, worker=worker, capacity=capacity, device="cpu", jobs=jobs),
+                                 Ready(pool=claims or pool, worker=worker, capacity=capacity, device="cpu", jobs=jobs,
+                                       answered=answered),
                                  self.now)
         return routing_id
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuroute.protocol import Accepted, AttemptId, Cancel, Disconnect, ErrorCode, Heartbeat, JobRequest
+from gpuroute.protocol import Accepted, AttemptId, Cancel, Disconnect, ErrorCode, Heartbeat, JobRequest, Ready
 from gpuroute_operator.dispatcher import DispatcherConfig
 from gpuroute_operator.jobs import Place
 from tests.unit.gpuroute_operator.dispatcher_world import GOOD_SHA, World, timing_violations
@@ -436,6 +436,21 @@ def test_after_the_startup_hold_a_job_is_routed(world: World) -> None:
     world.send(w2, Heartbeat())
     world.dispatcher.tick(world.now, heartbeat=False)
     assert _only_request(world, w2).job == AttemptId("j1", 1)
+
+
+def test_a_result_lost_with_the_old_leader_is_answered_from_the_workers_cache(world: World) -> None:
+    world.connect("pool-a", "w1", capacity=1)
+    world.submit("j1")
+    first = world.requests()[-1]
+    world.restart()                                   # the RESULT never reached a status write
+    world.effects.clear()
+    world.submit("j1")
+    world.connect("pool-a", "w2", capacity=1)
+    w1 = world.connect("pool-a", "w1", capacity=1)    # a bare READY: nothing running...
+    world.dispatcher.on_ready(w1, world.principal("pool-a", "w1"),
+                              Ready(pool="pool-a", worker="w1", capacity=1, answered=(first.job,)), world.now)
+    assert _only_request(world, w1).job == first.job  # ...but the answer is in its cache
+    assert world.dispatcher.sessions[w1].free(world.now) == 0   # now it is followed, in a slot
 
 
 def test_a_claimed_attempt_cannot_burn_attempts(world: World) -> None:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gpuroute.protocol import AttemptId, Cancel, ErrorCode, Heartbeat, JobRequest
+from gpuroute.protocol import AttemptId, Cancel, ErrorCode, Heartbeat, JobRequest, Result
 from gpuroute_operator.jobs import Place
 from tests.unit.gpuroute_operator.dispatcher_world import GOOD_SHA, World, timing_violations
 
@@ -70,7 +70,8 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     @rule(worker=st.sampled_from(WORKERS))
     def connect(self, worker: tuple[str, str]) -> None:
-        self.world.connect(*worker, jobs=tuple(sorted(self.holding[worker])))
+        cached = tuple(sorted(a for a, body in self.answered[worker].items() if isinstance(body, Result)))
+        self.world.connect(*worker, jobs=tuple(sorted(self.holding[worker])), answered=cached)
         self.connected.add(worker)
         self._deliver()
 
