@@ -20,7 +20,12 @@ What an image keeps (README, "Image fidelity"):
   the output's background colour (white unless the job says otherwise).
 
 Decoders: only the formats in DECODABLE_FORMATS are tried (Image.open(..., formats=)),
-so Pillow never probes the bytes with its other, less-exercised plugins.
+so Pillow never probes the bytes with its other, less-exercised plugins. HEIC/HEIF
+(iPhone photos) is read through pillow-heif when it is installed (the worker extra).
+
+Pixels: decoding yields a Pillow image, and the CPU path and the encoder work on it
+directly; a tensor is made only for the steps and devices that need one (Decoded.pixels,
+as_tensor), because each conversion costs about as much as a cheap op (about 1 ms/Mpix).
 """
 
 from __future__ import annotations
@@ -43,10 +48,31 @@ from gpuroute.ops_catalog import parse_color
 
 log = logging.getLogger(__name__)
 
+
+def _register_heif() -> bool:
+    """Register pillow-heif's HEIF plugin with Pillow; False when it is not installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    # AVIF stays with Pillow's own plugin (libavif) when that is built in.
+    register_heif_opener()
+    return True
+
+
+HEIF = _register_heif()
+"""Whether HEIC/HEIF input can be read (pillow-heif installed)."""
+
 DECODABLE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF",
-                                      *(("AVIF",) if features.check("avif") else ()))
+                                      *(("AVIF",) if features.check("avif") else ()),
+                                      *(("HEIF",) if HEIF else ()))
 """Pillow plugins allowed to read input bytes, in the order they are tried. The JPEG
-plugin also reads MPO (multi-picture JPEG from phone cameras): its first image is used."""
+plugin also reads MPO (multi-picture JPEG from phone cameras): its first image is used;
+HEIF (pillow-heif) reads the primary image of a HEIC/HEIF file."""
+
+Raster = torch.Tensor | Image.Image
+"""An image between decoding and encoding: a Pillow image (L, LA, RGB, RGBA or I;16) or
+a (C, H, W) uint8 tensor (uint16 for 16-bit grey)."""
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
 ENCODABLE_FORMATS = frozenset(f for f in _PIL_FORMAT if f != "avif" or features.check("avif"))
 """Output formats this worker's Pillow can write."""
@@ -80,11 +106,10 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Decoded:
-    """A decoded input: pixels plus what the output may carry."""
+    """A decoded input: the image plus what the output may carry."""
 
-    pixels: torch.Tensor
-    """(C, H, W) uint8, or uint16 for 16-bit grey; C is 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA).
-    A channels-last view of Pillow's (H, W, C) array, so no copy is made for torch."""
+    image: Image.Image
+    """Loaded, upright, in mode L, LA, RGB, RGBA or I;16 (16-bit grey)."""
     icc: bytes | None = None
     """Profile the pixels are in, carried to the output (keep_metadata only); None means sRGB."""
     exif: bytes | None = None
@@ -92,17 +117,23 @@ class Decoded:
     format: str = ""
     """Pillow's name for the input format (PNG, JPEG, MPO, ...)."""
 
+    @functools.cached_property
+    def pixels(self) -> torch.Tensor:
+        """(C, H, W) uint8, or uint16 for 16-bit grey; C is 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA),
+        channels-last. Made on first use (one copy): only the GPU path and torch steps need it."""
+        return from_pil(self.image)
+
     @property
     def channels(self) -> int:
-        return int(self.pixels.shape[0])
+        return shape_of(self.image)[0]
 
     @property
     def height(self) -> int:
-        return int(self.pixels.shape[1])
+        return self.image.height
 
     @property
     def width(self) -> int:
-        return int(self.pixels.shape[2])
+        return self.image.width
 
 
 @dataclass(frozen=True)
@@ -161,6 +192,24 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     if image.mode not in MODES:
         raise ValueError(f"unexpected mode {image.mode}")
     return to_tensor(np.asarray(image))
+
+
+def shape_of(raster: Raster) -> tuple[int, int, int]:
+    """(C, H, W) of a tensor or Pillow image, without converting it."""
+    if isinstance(raster, Image.Image):
+        channels = 1 if raster.mode.startswith("I;16") else len(raster.getbands())
+        return channels, raster.height, raster.width
+    return int(raster.shape[0]), int(raster.shape[1]), int(raster.shape[2])
+
+
+def as_tensor(raster: Raster) -> torch.Tensor:
+    """A Raster as a (C, H, W) tensor (a copy for a Pillow image, else itself)."""
+    return from_pil(raster) if isinstance(raster, Image.Image) else raster
+
+
+def as_image(raster: Raster) -> Image.Image:
+    """A Raster as a Pillow image (a copy for a tensor, else itself)."""
+    return raster if isinstance(raster, Image.Image) else to_pil(raster)
 
 
 # ---------------------------------------------------------------------------- colour
@@ -256,15 +305,17 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, keep_metadata:
             elif image.mode == "CMYK":
                 image = image.convert("RGB")
             image = _normalise_mode(image)
-            channels = len(image.getbands()) if image.mode != "I;16" else 1
+            channels = shape_of(image)[0]
             if icc is not None and (not keep_metadata or _icc_channels(icc) != (1 if channels <= 2 else 3)):
                 icc = None  # sRGB now, or a profile that no longer describes these pixels
-            pixels = from_pil(image)
+            # Read every byte here, on the decode thread: a lazily loaded image would
+            # decode (and fail) inside the executor instead.
+            image.load()
     except DecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DecodeError(f"input is not a readable image: {exc}") from exc
-    return Decoded(pixels, icc=icc, exif=exif, format=source_format)
+    return Decoded(image, icc=icc, exif=exif, format=source_format)
 
 
 # ---------------------------------------------------------------------------- encode
@@ -290,23 +341,34 @@ def _composite(array: np.ndarray, background: tuple[int, int, int]) -> np.ndarra
     return out.astype(np.uint8)
 
 
-def encode_image(pixels: torch.Tensor, *, fmt: str, quality: int, options: OutputOptions | None = None,
+def _writable(raster: Raster, fmt: str, options: OutputOptions) -> Image.Image:
+    """The Pillow image `fmt` can store: as it is when the format takes its mode, else
+    reduced to 8 bits, composited onto the background or expanded from grey."""
+    channels, _, _ = shape_of(raster)
+    sixteen = raster.mode.startswith("I;16") if isinstance(raster, Image.Image) else raster.dtype == torch.uint16
+    needs_change = ((sixteen and fmt != "png") or (fmt == "jpeg" and channels in (2, 4))
+                    or (fmt in ("webp", "avif") and channels in (1, 2)))
+    if not needs_change:
+        # The common case: the image the last step produced is saved as it is.
+        return as_image(raster)
+    array = to_array(as_tensor(raster))
+    if array.dtype == np.uint16 and fmt != "png":
+        array = _to_8bit(array)
+    if fmt == "jpeg" and array.shape[2] in (2, 4):
+        array = _composite(array, options.background)
+    if fmt in ("webp", "avif") and array.shape[2] in (1, 2):
+        # Neither format stores grey: expand as Pillow would when converting.
+        array = np.concatenate([np.repeat(array[:, :, :1], 3, axis=2), array[:, :, 1:]], axis=2)
+    return to_pil(torch.from_numpy(array).permute(2, 0, 1))
+
+
+def encode_image(pixels: Raster, *, fmt: str, quality: int, options: OutputOptions | None = None,
                  icc: bytes | None = None, exif: bytes | None = None) -> Encoded:
-    """A (C, H, W) uint8 (or 16-bit grey) tensor to PNG, JPEG, WebP or AVIF bytes."""
+    """A Pillow image or (C, H, W) uint8 (or 16-bit grey) tensor to PNG, JPEG, WebP or AVIF bytes."""
     options = options or OutputOptions(format=fmt, quality=quality)
     if fmt not in ENCODABLE_FORMATS:
         raise ValueError(f"output format {fmt!r} is not supported by this worker")
-    array = to_array(pixels)
-    if array.dtype == np.uint16 and fmt != "png":
-        array = _to_8bit(array)
-    channels = array.shape[2]
-    if fmt == "jpeg" and channels in (2, 4):
-        array = _composite(array, options.background)
-        channels = array.shape[2]
-    if fmt in ("webp", "avif") and channels in (1, 2):
-        # Neither format stores grey: expand as Pillow would when converting.
-        array = np.concatenate([np.repeat(array[:, :, :1], 3, axis=2), array[:, :, 1:]], axis=2)
-    image = to_pil(torch.from_numpy(array).permute(2, 0, 1))
+    image = _writable(pixels, fmt, options)
     buffer = io.BytesIO()
     save: dict[str, object] = {}
     if fmt in ("jpeg", "webp", "avif"):

@@ -7,7 +7,10 @@ batched when they share a pipeline and an input shape, up to `max_batch` request
 other threads so the device is never idle waiting for I/O.
 
 On the CPU there is no batching and no wait: each request runs as soon as it is taken,
-through ops.cpu (Pillow's C and torch's uint8 kernels), one image at a time.
+through ops.cpu (Pillow's C and torch's uint8 kernels), one image at a time. A CPU
+request may be the decoder's Pillow image itself, and its result is whatever form the
+last step left (a Pillow image or a tensor), which the encoder takes as it is: no
+tensor<->Pillow copy is made that no step needs.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from gpuroute.ops_catalog import Budget, check_budget
 from gpuroute_worker import metrics
+from gpuroute_worker.codec import Raster, as_tensor, shape_of
 from gpuroute_worker.ops import OutOfMemory, run_pipeline
-from gpuroute_worker.ops.cpu import run_cpu
+from gpuroute_worker.ops.cpu import run_cpu_raster
 from gpuroute_worker.ops.pipeline import step_shapes
 from gpuroute_worker.sr.registry import ModelRegistry
 
@@ -90,21 +95,28 @@ def to_host_levels(out: torch.Tensor, *, sixteen: bool, stats: CopyStats | None 
 class ComputeResult:
     """One request's share of a batch run."""
 
-    pixels: torch.Tensor
-    """(C', H', W') uint8 (uint16 for 16-bit grey) on the CPU."""
+    output: Raster
+    """The result on the host: a (C', H', W') uint8 (uint16 for 16-bit grey) tensor, or on
+    the CPU path a Pillow image when a Pillow step ran last (encode_image takes either)."""
     compute_ms: float
     """Wall time of the batch this request ran in, device work included."""
     batch_size: int
     """How many requests shared the batch."""
 
+    @property
+    def pixels(self) -> torch.Tensor:
+        """The result as a (C', H', W') tensor (a copy when it is a Pillow image)."""
+        return as_tensor(self.output)
+
 
 @dataclass
 class _Request:
     steps: Sequence[Mapping[str, Any]]
-    pixels: torch.Tensor
+    pixels: Raster
     check_deadline: Callable[[], None] | None
     future: Future[ComputeResult] = field(default_factory=Future)
     key: tuple[str, int, int, int, str] = ("", 0, 0, 0, "")
+    """Requests batch together only when their keys (steps, shape, depth) are equal."""
 
 
 def _observe_step(op: str, seconds: float) -> None:
@@ -142,11 +154,14 @@ class BatchExecutor:
         self._thread = threading.Thread(target=self._run, name="gpu-executor", daemon=True)
         self._thread.start()
 
-    def submit(self, steps: Sequence[Mapping[str, Any]], pixels: torch.Tensor,
+    def submit(self, steps: Sequence[Mapping[str, Any]], pixels: Raster,
                check_deadline: Callable[[], None] | None = None) -> Future[ComputeResult]:
-        """Queue one (C, H, W) uint8 (or 16-bit grey) image; the future resolves to its result or error."""
-        key = (json.dumps(steps, sort_keys=True), int(pixels.shape[0]), int(pixels.shape[1]), int(pixels.shape[2]),
-               str(pixels.dtype))
+        """Queue one image, a (C, H, W) uint8 (or 16-bit grey) tensor or a Pillow image; the
+        future resolves to its result or error. Batching executors want tensors (a Pillow
+        image is converted on the device thread); the CPU path runs Pillow images as they are."""
+        sixteen = (pixels.mode.startswith("I;16") if isinstance(pixels, Image.Image)
+                   else pixels.dtype == torch.uint16)
+        key = (json.dumps(steps, sort_keys=True), *shape_of(pixels), "uint16" if sixteen else "uint8")
         request = _Request(steps, pixels, check_deadline, key=key)
         self._inbox.put(request)
         return request.future
@@ -160,12 +175,13 @@ class BatchExecutor:
             return int(torch.cuda.get_device_properties(self.device).total_memory * DEVICE_MEMORY_SHARE)
         return CPU_WORKING_BYTES
 
-    def check_budget(self, steps: Sequence[Mapping[str, Any]], pixels: torch.Tensor, *, max_pixels: int,
+    def check_budget(self, steps: Sequence[Mapping[str, Any]], pixels: Raster, *, max_pixels: int,
                      max_bytes: int | None) -> int:
         """Refuse (OpError/StepError, never retried) a pipeline whose any step would break
         the pixel or memory budget; nothing is allocated. Returns the peak bytes."""
-        shapes = step_shapes(int(pixels.shape[1]), int(pixels.shape[2]), steps, models=self.models)
-        return check_budget(steps, shapes, int(pixels.shape[0]),
+        channels, height, width = shape_of(pixels)
+        shapes = step_shapes(height, width, steps, models=self.models)
+        return check_budget(steps, shapes, channels,
                             Budget(max_pixels=max_pixels, max_bytes=self.working_budget(max_bytes)))
 
     def close(self, timeout: float = 5.0) -> None:
@@ -251,10 +267,11 @@ class BatchExecutor:
 
         try:
             with torch.inference_mode():
-                images = to_device_floats([r.pixels for r in batch], self.device, self.copies)
+                pixels = [as_tensor(r.pixels) for r in batch]
+                images = to_device_floats(pixels, self.device, self.copies)
                 out = run_pipeline(images, steps, models=self.models, check_deadline=check_all,
                                    on_step=_observe_step)
-                quantized = to_host_levels(out, sixteen=batch[0].pixels.dtype == torch.uint16, stats=self.copies)
+                quantized = to_host_levels(out, sixteen=pixels[0].dtype == torch.uint16, stats=self.copies)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as exc:  # every request in the batch gets exactly one answer
@@ -277,8 +294,8 @@ class BatchExecutor:
     def _execute_cpu(self, request: _Request) -> None:
         started = time.perf_counter()
         try:
-            out = run_cpu(request.pixels, request.steps, models=self.models, check_deadline=request.check_deadline,
-                          on_step=_observe_step)
+            out = run_cpu_raster(request.pixels, request.steps, models=self.models,
+                                 check_deadline=request.check_deadline, on_step=_observe_step)
         except Exception as exc:  # the request gets exactly one answer
             log.info("job failed on the CPU: %s", exc)
             request.future.set_exception(exc)

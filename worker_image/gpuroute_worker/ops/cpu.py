@@ -12,6 +12,14 @@ C, so a worker without a GPU runs 8-bit images step by step through:
   alpha) come with them;
 - the torch float code for what Pillow cannot do: 16-bit images and model steps.
 
+The image stays in the form the last step left it in: the decoder's Pillow image goes
+through Pillow steps untouched and comes out as the Pillow image the encoder saves, and a
+conversion (about 1 ms/Mpix each way, as much as a cheap op) happens only where a torch
+step follows a Pillow one or the reverse. Tone ops that map each level on its own
+(brightness, contrast, gamma, invert) are one lookup table over every band, alpha mapped
+to itself: Pillow's own blend computes the table on a 256-level ramp, so the result is
+Pillow's, without ImageEnhance's full-size degenerate image or a split and merge.
+
 Consecutive torch float steps stay in float between them; every other step works on
 8-bit pixels, as Pillow does. Nothing waits for batch-mates: the executor runs each CPU
 request as soon as it arrives.
@@ -26,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps, ImageStat
 from torch import Tensor
 
-from gpuroute_worker.codec import MODES, from_pil, to_array, to_pil, to_tensor
+from gpuroute_worker.codec import MODES, Raster, as_tensor, from_pil, shape_of, to_array, to_pil, to_tensor
 from gpuroute_worker.ops import pipeline, resample
 from gpuroute_worker.ops.filters import SEPIA
 from gpuroute_worker.ops.transforms import fill_levels
@@ -50,11 +58,19 @@ _SEPIA_MATRIX = tuple(v for row in SEPIA for v in (*row, 0.0))
 class _Frame:
     """The image between steps: a Pillow image, a uint8/uint16 tensor or a float batch."""
 
-    def __init__(self, pixels: Tensor) -> None:
+    def __init__(self, source: Raster) -> None:
         self._image: Image.Image | None = None
-        self._pixels: Tensor | None = pixels
+        self._pixels: Tensor | None = None
         self._float: Tensor | None = None
-        self.sixteen = pixels.dtype == torch.uint16
+        self.sixteen = False
+        if isinstance(source, Image.Image):
+            self.set_image(source)
+        else:
+            self.set_pixels(source)
+
+    def result(self) -> Raster:
+        """The image as it is now: a Pillow image after a Pillow step, else a tensor."""
+        return self._image if self._image is not None else self.pixels()
 
     def image(self) -> Image.Image:
         if self._image is None:
@@ -82,7 +98,7 @@ class _Frame:
 
     def set_image(self, image: Image.Image) -> None:
         self._image, self._pixels, self._float = image, None, None
-        self.sixteen = image.mode == "I;16"
+        self.sixteen = image.mode.startswith("I;16")
 
     def set_pixels(self, pixels: Tensor) -> None:
         self._image, self._pixels, self._float = None, pixels, None
@@ -129,10 +145,45 @@ def _colour_only(fn: Callable[[Image.Image], Image.Image]) -> Callable[[Image.Im
     return run
 
 
-def _gamma(value: float) -> Callable[[Image.Image], Image.Image]:
+_IDENTITY = list(range(256))
+_RAMP = Image.frombytes("L", (256, 1), bytes(_IDENTITY))
+"""Every 8-bit level once: Pillow's per-level functions evaluated on it give their table."""
+
+
+def _tone(image: Image.Image, colour_table: Sequence[int]) -> Image.Image:
+    """`colour_table` on every colour band, alpha unchanged, in one pass over the pixels."""
+    bands = len(image.getbands())
+    alpha = image.mode in ("LA", "RGBA")
+    return image.point(list(colour_table) * (bands - alpha) + _IDENTITY * alpha)
+
+
+def _blend_table(base: int, factor: float) -> list[int]:
+    """Image.blend(base, level, factor) for every level, by Pillow's own blend (its float
+    arithmetic and truncation), so the table gives exactly ImageEnhance's result."""
+    return list(Image.blend(Image.new("L", (256, 1), base), _RAMP, factor).tobytes())
+
+
+def _brightness(image: Image.Image, factor: float) -> Image.Image:
+    # ImageEnhance.Brightness blends with black; its alpha is the image's own, so alpha
+    # blends with itself and stays.
+    return _tone(image, _blend_table(0, factor))
+
+
+def _contrast(image: Image.Image, factor: float) -> Image.Image:
+    # ImageEnhance.Contrast blends with the grey of the image's mean luma (rounded), alpha
+    # again the image's own.
+    grey = image if image.mode == "L" else image.convert("L")
+    mean = int(ImageStat.Stat(grey).mean[0] + 0.5)
+    return _tone(image, _blend_table(mean, factor))
+
+
+def _gamma(image: Image.Image, value: float) -> Image.Image:
     # The float op computes in ** (1 / gamma) and rounds once; this table does the same.
-    table = [round(255.0 * (i / 255.0) ** (1.0 / value)) for i in range(256)]
-    return lambda colour: colour.point(table * len(colour.getbands()))
+    return _tone(image, [round(255.0 * (i / 255.0) ** (1.0 / value)) for i in range(256)])
+
+
+def _invert(image: Image.Image) -> Image.Image:
+    return _tone(image, _IDENTITY[::-1])
 
 
 def _sepia(amount: float) -> Callable[[Image.Image], Image.Image]:
@@ -198,15 +249,15 @@ def _pillow_step(step: Step) -> Callable[[Image.Image], Image.Image] | None:
         if step["method"] == "median" else (lambda im: im.filter(ImageFilter.GaussianBlur(step["radius"]))),
         "autocontrast": lambda: _colour_only(lambda c: ImageOps.autocontrast(c, cutoff=step["cutoff"])),
         "equalize": lambda: _colour_only(ImageOps.equalize),
-        "gamma": lambda: _colour_only(_gamma(step["gamma"])),
-        "brightness": lambda: lambda im: ImageEnhance.Brightness(im).enhance(step["factor"]),
-        "contrast": lambda: lambda im: ImageEnhance.Contrast(im).enhance(step["factor"]),
+        "gamma": lambda: lambda im: _gamma(im, step["gamma"]),
+        "brightness": lambda: lambda im: _brightness(im, step["factor"]),
+        "contrast": lambda: lambda im: _contrast(im, step["factor"]),
         "saturation": lambda: lambda im: ImageEnhance.Color(im).enhance(step["factor"]),
         "edges": lambda: lambda im: im.filter(ImageFilter.FIND_EDGES),
         "emboss": lambda: lambda im: im.filter(ImageFilter.EMBOSS),
         "grayscale": lambda: _colour_only(_grayscale),
         "sepia": lambda: _colour_only(_sepia(step["amount"])),
-        "invert": lambda: _colour_only(ImageOps.invert),
+        "invert": lambda: _invert,
         "crop": lambda: lambda im: im.crop((step["x"], step["y"], step["x"] + step["width"],
                                             step["y"] + step["height"])),
         "flip": lambda: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT if step["direction"] == "horizontal"
@@ -271,14 +322,24 @@ def _mode_of(frame: _Frame) -> str:
     return "I;16" if frame.sixteen and channels == 1 else MODES[channels - 1]
 
 
-def run_cpu(pixels: Tensor, steps: Sequence[Step], *, models: ModelRegistry | None = None,
+def run_cpu(pixels: Raster, steps: Sequence[Step], *, models: ModelRegistry | None = None,
             check_deadline: Deadline = None, on_step: StepTimer = None) -> Tensor:
-    """Run normalized `steps` on one (C, H, W) uint8 (or 16-bit grey) image; returns (C', H', W').
+    """run_cpu_raster, with the result as a (C', H', W') tensor."""
+    return as_tensor(run_cpu_raster(pixels, steps, models=models, check_deadline=check_deadline, on_step=on_step))
 
-    Shapes and parameters are validated first (pipeline.output_shape), as on the GPU.
+
+def run_cpu_raster(source: Raster, steps: Sequence[Step], *, models: ModelRegistry | None = None,
+                   check_deadline: Deadline = None, on_step: StepTimer = None) -> Raster:
+    """Run normalized `steps` on one image: a Pillow image (L, LA, RGB, RGBA, I;16) or a
+    (C, H, W) uint8 (or 16-bit grey) tensor. Returns the result in the form the last step
+    left it (a Pillow image or a tensor), which codec.encode_image takes as it is.
+
+    Shapes and parameters are validated first (pipeline.output_shape), as on the GPU;
+    `check_deadline` runs before every step.
     """
-    pipeline.output_shape(int(pixels.shape[1]), int(pixels.shape[2]), steps, models=models)
-    frame = _Frame(pixels)
+    _, height, width = shape_of(source)
+    pipeline.output_shape(height, width, steps, models=models)
+    frame = _Frame(source)
     for index, step in enumerate(steps):
         if check_deadline is not None:
             check_deadline()
@@ -299,4 +360,4 @@ def run_cpu(pixels: Tensor, steps: Sequence[Step], *, models: ModelRegistry | No
             frame.set_floats(x.clamp(0.0, 1.0))
         if on_step is not None:
             on_step(step["op"], time.perf_counter() - started)
-    return frame.pixels()
+    return frame.result()
