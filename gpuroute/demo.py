@@ -29,6 +29,8 @@ NAMESPACE = "demo"
 POOL = "local-pool"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+GENERATED = 20
+"""Synthetic images uploaded next to the photographs, for the batch example."""
 COLUMNS = ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs", "uploadMs", "totalMs")
 
 
@@ -38,6 +40,21 @@ def _sample_png(name: str) -> bytes:
 
     buffer = io.BytesIO()
     Image.fromarray(getattr(data, name)()).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _generated_png(index: int) -> bytes:
+    """A small synthetic image (gradient plus noise), so the batch example has more than a handful of items."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(index)
+    ramp = np.linspace(0, 255, 160, dtype=np.float32)
+    pixels = np.stack([np.tile(ramp, (120, 1)), np.tile(ramp[::-1], (120, 1)),
+                       np.full((120, 160), 40.0 * (index % 6))], axis=-1)
+    pixels += rng.normal(0, 12, pixels.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -72,7 +89,11 @@ def run_demo(*, workdir: str | None, output_dir: str, keep_running: bool, worker
         s3.create_bucket(BUCKET)
         for name in SAMPLES:
             s3.client().put_object(Bucket=BUCKET, Key=f"inputs/{name}.png", Body=_sample_png(name))
-        print(f"  moto S3 at {s3.endpoint_url}: uploaded {len(SAMPLES)} photographs to s3://{BUCKET}/inputs/")
+        for index in range(GENERATED):
+            s3.client().put_object(Bucket=BUCKET, Key=f"inputs/generated/gradient-{index:02d}.png",
+                                   Body=_generated_png(index))
+        print(f"  moto S3 at {s3.endpoint_url}: uploaded {len(SAMPLES)} photographs and {GENERATED} generated "
+              f"images to s3://{BUCKET}/inputs/")
         stack = LocalStack(root / "stack", cp, s3)
         try:
             stack.ensure_namespace(NAMESPACE, read=[f"s3://{BUCKET}/inputs/"], write=[f"s3://{BUCKET}/outputs/"])
@@ -102,6 +123,14 @@ def run_demo(*, workdir: str | None, output_dir: str, keep_running: bool, worker
                 status = body.get("status") or {}
                 if status.get("phase") != "Completed":
                     failed.append(f"{name}: {status.get('phase')} {status.get('reason')}: {status.get('message')}")
+                    continue
+                if "items" in status:  # a batch: its outputs are listed in its results manifest
+                    items = status["items"]
+                    print(f"batch {name}: {status.get('progress')} items, {items.get('succeeded')} succeeded, "
+                          f"{items.get('failed')} failed; manifest {status.get('results')}")
+                    key = str(status.get("results", "")).split(f"s3://{BUCKET}/", 1)[-1]
+                    manifest = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+                    (out / f"{name}.results.jsonl").write_bytes(manifest)
                     continue
                 key = status["output"]["uri"].split(f"s3://{BUCKET}/", 1)[1]
                 (out / Path(key).name).write_bytes(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())

@@ -24,6 +24,7 @@ import zmq.utils.monitor
 
 from gpuroute import protocol
 from gpuroute.protocol import Body, Disconnect, Kind, Message, ProtocolError
+from gpuroute.zmqsend import send_now
 from gpuroute_operator import metrics
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ class WorkerServer:
         self._handler = handler
         self._plaintext = plaintext
         self._socket: zmq.asyncio.Socket | None = None
-        self._sender: zmq.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._dialed: set[str] = set()
         self._peers: dict[bytes, _Peer] = {}
@@ -89,10 +89,6 @@ class WorkerServer:
         socket.bind(self._bind)
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = socket
-        # Sends go through a synchronous shadow of the same socket: an asyncio socket's
-        # non-blocking send reports EHOSTUNREACH/EAGAIN in a Future nobody awaits, so a
-        # vanished worker would look reachable. Same thread, same libzmq socket.
-        self._sender = zmq.Socket.shadow(socket.underlying)
         self._task = asyncio.get_running_loop().create_task(self._receive(), name="worker-server")
         # ACCEPTED and CONNECTED carry the descriptor (HANDSHAKE_SUCCEEDED does not).
         monitor = socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -163,14 +159,13 @@ class WorkerServer:
 
     def send(self, routing_id: bytes, body: Body, payload: bytes | None = None) -> bool:
         """Send without blocking; False if the worker is gone or its queue is full."""
-        assert self._sender is not None
+        assert self._socket is not None
         frames = protocol.encode(body, payload=payload)
-        try:
-            self._sender.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+        error = send_now(self._socket, [routing_id, *frames])
+        if error is not None:
+            if error.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
-            raise
+            raise error
         metrics.MESSAGES.labels("out", frames[0].decode()).inc()
         return True
 

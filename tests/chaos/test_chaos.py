@@ -150,6 +150,7 @@ def _disrupt(stack: LocalStack, control_plane: ControlPlane, proxy: TcpProxy, su
     """The schedule: 3 leader kills, 5 worker kills, 10 s of S3 down, 1 API server restart."""
 
     def leader() -> None:
+        stack.wait_for_leader(timeout=30)  # after an API server restart the old leader may have stepped down
         name = stack.kill_leader()
         done.note(started, f"SIGKILL leader {name}", "leader kills")
 

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from gpuroute import protocol
 from gpuroute.protocol import Kind, Message, ProtocolError
+from gpuroute.zmqsend import send_now
 from gpuroute_worker import metrics
 from gpuroute_worker.config import WorkerConfig
 from gpuroute_worker.runtime import JobRunner
@@ -103,14 +104,12 @@ class OperatorLink:
         """Queue a message to the operator; while disconnected it is re-sent after READY."""
         if self._socket is None or not self._announced:
             return
-        try:
-            # A synchronous shadow of the socket: the asyncio socket would report EAGAIN in
-            # an unawaited Future instead of raising it here.
-            zmq.Socket.shadow(self._socket.underlying).send_multipart(protocol.encode(kind, header),
-                                                                       flags=zmq.NOBLOCK)
-        except zmq.Again:
+        error = send_now(self._socket, protocol.encode(kind, header))
+        if isinstance(error, zmq.Again):
             # High-water mark reached: the operator is unreachable; answers are re-sent later.
             log.warning("operator link full, %s deferred", getattr(kind, "name", type(kind).__name__))
+        elif error is not None:
+            raise error
 
     def stop(self) -> None:
         self._stopping.set()
