@@ -1,11 +1,16 @@
 """Worker ops on the CPU: what a CPU worker's executor runs vs Pillow doing the same work.
 
 A 1024x1024 photograph (scikit-image's astronaut, resized; random pixels without
-scikit-image), each op through `ops.cpu.run_cpu` exactly as the executor calls it on a
-CPU device: a decoded (C, H, W) uint8 tensor in, one out, any conversion to and from
-Pillow included. The reference is Pillow on the same image, same run. The JSON also
-holds the torch float code the GPU runs (`run_pipeline` with the executor's uint8 ->
-float -> uint8 conversions), measured on this CPU, which is what CPU workers ran before.
+scikit-image). Both sides do the same work, from what the decoder produces to what the
+encoder saves:
+- gpuroute: `ops.cpu.run_cpu_raster` exactly as the executor calls it on a CPU device,
+  on the Pillow image `codec.decode_image` hands over, plus the conversion the encoder
+  makes when the result is a tensor (`codec.as_image`; none when a Pillow step ran last);
+- Pillow: the op on the same Pillow image, whose result the encoder saves as it is.
+Any tensor<->Pillow copy the worker makes is inside its figure; none is added that the
+worker's path does not make. The JSON also holds the torch float code the GPU runs
+(`run_pipeline` with the executor's uint8 -> float -> uint8 conversions), measured on
+this CPU, which is what CPU workers ran before.
 
 Figures are milliseconds per megapixel of output, the fastest of a few repeats (the
 cores are shared; interference only adds time). The table compares at ONE torch thread,
@@ -26,9 +31,9 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from bench.common import best_of, row
 from gpuroute.ops_catalog import normalize_steps
-from gpuroute_worker.codec import to_tensor
+from gpuroute_worker.codec import as_image, to_tensor
 from gpuroute_worker.ops import run_pipeline
-from gpuroute_worker.ops.cpu import run_cpu
+from gpuroute_worker.ops.cpu import run_cpu_raster
 
 SIZE = 1024
 
@@ -71,9 +76,8 @@ def _image() -> Image.Image:
 
 
 def run(*, ops: list[str] | None = None, repeats: int = 5, threads: int = 1) -> dict[str, Any]:
-    image = _image()
-    decoded = to_tensor(np.asarray(image).copy())  # what codec.decode_image hands the executor
-    pixels = decoded.unsqueeze(0)
+    image = _image()  # what codec.decode_image hands a CPU executor
+    pixels = to_tensor(np.asarray(image).copy()).unsqueeze(0)  # what a GPU executor gets
     results: dict[str, Any] = {"size": SIZE, "torch_threads": threads, "all_threads": _ALL_THREADS, "ops": {},
                                "rows": []}
     previous = torch.get_num_threads()
@@ -82,9 +86,10 @@ def run(*, ops: list[str] | None = None, repeats: int = 5, threads: int = 1) -> 
             step, reference = OPS[name]
             steps = normalize_steps([step])
 
-            def ours(steps: Any = steps) -> torch.Tensor:
-                # What BatchExecutor._execute_cpu does for one image.
-                return run_cpu(decoded, steps).unsqueeze(0)
+            def ours(steps: Any = steps) -> Image.Image:
+                # What BatchExecutor._execute_cpu does for one image, and the encoder's
+                # conversion of a tensor result into the Pillow image it saves.
+                return as_image(run_cpu_raster(image, steps))
 
             def torch_float(steps: Any = steps) -> torch.Tensor:
                 # The GPU code on this CPU, with the executor's conversions around a batch.
@@ -92,11 +97,11 @@ def run(*, ops: list[str] | None = None, repeats: int = 5, threads: int = 1) -> 
                 return out.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
             torch.set_num_threads(threads)
-            shape = ours().shape
-            ref_size = reference(image).size
-            if (ref_size[1], ref_size[0]) != (shape[-2], shape[-1]):
-                raise AssertionError(f"{name}: gpuroute gives {shape[-1]}x{shape[-2]}, Pillow {ref_size}: not the same work")
-            out_mpix = shape[-1] * shape[-2] / 1e6
+            mine, theirs = ours(), reference(image)
+            if (mine.size, mine.mode) != (theirs.size, theirs.mode):
+                raise AssertionError(f"{name}: gpuroute gives {mine.mode} {mine.size}, Pillow {theirs.mode} "
+                                     f"{theirs.size}: not the same work")
+            out_mpix = mine.width * mine.height / 1e6
             # Interleaved rounds, fastest of each: drift on the shared cores hits both alike.
             t_ours, t_ref = float("inf"), float("inf")
             for _ in range(repeats):
@@ -107,6 +112,7 @@ def run(*, ops: list[str] | None = None, repeats: int = 5, threads: int = 1) -> 
                 "gpuroute_ms_per_mpix": round(t_ours * 1000 / out_mpix, 2),
                 "pillow_ms_per_mpix": round(t_ref * 1000 / out_mpix, 2),
                 "torch_float_ms_per_mpix": round(t_float * 1000 / out_mpix, 2),
+                "ratio": round(t_ref / t_ours, 2),
                 "output_mpix": round(out_mpix, 3),
             }
             torch.set_num_threads(_ALL_THREADS)

@@ -75,6 +75,16 @@ def test_invert_and_gamma_tables_keep_alpha(mode: str) -> None:
     assert np.array_equal(np.asarray(inverted)[..., -1], np.asarray(alpha))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (5, 1), (2, 3), (31, 17)])
+def test_median_3_is_pillows_on_any_size(mode: str, size: tuple[int, int]) -> None:
+    bands = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
+    array = np.random.default_rng(size[0] * 100 + size[1]).integers(0, 256, (*size, bands), dtype=np.uint8)
+    image = Image.fromarray(array[:, :, 0] if bands == 1 else array)
+    ours = run_cpu_raster(image, normalize_steps([{"op": "denoise", "method": "median", "size": 3}]))
+    assert np.array_equal(_array(ours), _array(image.filter(ImageFilter.MedianFilter(3))))
+
+
 def test_sixteen_bit_pillow_input_stays_sixteen_bits() -> None:
     levels = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
     out = run_cpu_raster(Image.fromarray(levels), normalize_steps([{"op": "flip"}, {"op": "blur", "radius": 1}]))

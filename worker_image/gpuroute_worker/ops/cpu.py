@@ -216,6 +216,30 @@ def _rotate(image: Image.Image, step: Step) -> Image.Image:
     return image.rotate(step["angle"], resample=method, expand=step["expand"], fillcolor=fill)
 
 
+def _sort3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    return np.minimum(low, c), np.minimum(high, np.maximum(low, c)), np.maximum(high, c)
+
+
+def _median3(image: Image.Image) -> Image.Image:
+    """ImageFilter.MedianFilter(3), exactly, about 5x faster than Pillow's generic rank
+    filter (which sorts every window): sort each column of three once, then the median of
+    a 3x3 window is the median of (largest column minimum, median of column medians,
+    smallest column maximum). Every band on its own, alpha included, and the edges
+    replicated, as Pillow does."""
+    array = np.asarray(image)
+    wide = array.ndim == 3
+    padded = np.pad(array, ((1, 1), (1, 1)) + (((0, 0),) if wide else ()), mode="edge")
+    width = array.shape[1]
+    low, mid, high = _sort3(padded[:-2], padded[1:-1], padded[2:])
+    cols = [slice(i, i + width) for i in range(3)]
+    lows = np.maximum(np.maximum(low[:, cols[0]], low[:, cols[1]]), low[:, cols[2]])
+    highs = np.minimum(np.minimum(high[:, cols[0]], high[:, cols[1]]), high[:, cols[2]])
+    mids = _sort3(mid[:, cols[0]], mid[:, cols[1]], mid[:, cols[2]])[1]
+    out = _sort3(lows, mids, highs)[1]
+    return Image.fromarray(out, mode=image.mode)
+
+
 def _pad(image: Image.Image, step: Step) -> Image.Image:
     left, top, right, bottom = step["left"], step["top"], step["right"], step["bottom"]
     if step["mode"] == "constant":
@@ -245,7 +269,8 @@ def _pillow_step(step: Step) -> Callable[[Image.Image], Image.Image] | None:
         "blur": lambda: lambda im: im.filter(ImageFilter.GaussianBlur(step["radius"])),
         "sharpen": lambda: lambda im: im.filter(ImageFilter.UnsharpMask(step["radius"], step["percent"],
                                                                         step["threshold"])),
-        "denoise": lambda: (lambda im: im.filter(ImageFilter.MedianFilter(step["size"])))
+        "denoise": lambda: (_median3 if step["size"] == 3
+                            else lambda im: im.filter(ImageFilter.MedianFilter(step["size"])))
         if step["method"] == "median" else (lambda im: im.filter(ImageFilter.GaussianBlur(step["radius"]))),
         "autocontrast": lambda: _colour_only(lambda c: ImageOps.autocontrast(c, cutoff=step["cutoff"])),
         "equalize": lambda: _colour_only(ImageOps.equalize),
