@@ -31,7 +31,7 @@ from typing import Any
 from bench.common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("control_plane", "dispatch", "dataplane", "transfers", "worker_ops", "operator_memory", "gpu")
+ORDER = ("control_plane", "watch_cost", "dispatch", "dataplane", "transfers", "worker_ops", "operator_memory", "gpu")
 NAMES = (*ORDER, "routing_sim")
 
 
@@ -74,6 +74,11 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, An
 
         return m.run(throughput_jobs=args.jobs, latency_jobs=args.latency_jobs)
 
+    def watch_cost() -> dict[str, Any]:
+        from bench import watch_cost as m
+
+        return m.run()
+
     def dispatch() -> dict[str, Any]:
         from bench import dispatch as m
 
@@ -111,7 +116,8 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, An
             return {"skipped": f"bench.routing_sim not importable: {exc}"}
         return m.run(jobs=args.routing_jobs, seed=0)
 
-    return {"control_plane": control_plane, "dispatch": dispatch, "dataplane": dataplane, "transfers": transfers,
+    return {"control_plane": control_plane, "watch_cost": watch_cost, "dispatch": dispatch, "dataplane": dataplane,
+            "transfers": transfers,
             "worker_ops": worker_ops,
             "operator_memory": operator_memory, "gpu": gpu, "routing_sim": routing_sim}
 

@@ -17,7 +17,8 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,15 @@ class AsyncKube:
             except ValueError as exc:
                 raise KubeAPIError(response.status, f"not JSON: {text[:200]}") from exc
             return response.status, decoded
+
+    @asynccontextmanager
+    async def stream(self, path: str, params: Mapping[str, str], *,
+                     timeout: aiohttp.ClientTimeout) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A GET whose body is read as it arrives (a watch), on the same pooled connections."""
+        headers = {**self._headers(), "Accept": "application/json"}
+        self.requests += 1
+        async with self._open().get(path, params=params, headers=headers, timeout=timeout) as response:
+            yield response
 
     async def patch_status(self, kind: str, namespace: str | None, name: str, status: Mapping[str, Any]) -> bool:
         """Merge-patch the status subresource; False if the object is gone."""
