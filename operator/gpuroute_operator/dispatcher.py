@@ -7,9 +7,9 @@ operator runs.
 
 Invariants this module owns (each is tested):
 - A job is in exactly one place (job.place); the pool queues and the unrouted, held and
-  resuming maps are indexes of that field, changed only by `_place`.
-- An attempt exists once it has been sent, on exactly one session: `self.attempts`,
-  `job.live` and `session.attempts` change together, only in `_open` and `_close`.
+  resuming maps are indexes of that field, changed only by `Ledger.place`.
+- An attempt exists once it has been sent, on exactly one session: the ledger's attempts,
+  `job.live` and `session.attempts` change together, only in `Ledger.open` and `Ledger.close`.
   `job.attempts` counts up only when an attempt is sent, never back.
 - A session may only answer attempts sent on it; its pool is the one ZAP admitted its
   key for, and its routing id must be bound to that key.
@@ -20,7 +20,6 @@ Invariants this module owns (each is tested):
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,8 +44,9 @@ from gpuroute.protocol import (
 from gpuroute.redact import redact
 from gpuroute_operator import metrics
 from gpuroute_operator.effects import Effects, TerminalEvent
-from gpuroute_operator.identity import Principal
+from gpuroute_operator.identity import Principal, ready_refusal
 from gpuroute_operator.jobs import Job, Place
+from gpuroute_operator.ledger import Ledger
 from gpuroute_operator.phases import Phase
 from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn, ewma
 from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
@@ -105,21 +105,39 @@ class Dispatcher:
         self.sign = sign
         self.config = config or DispatcherConfig()
         self.started_at = started_at
-        self.jobs: dict[str, Job] = {}
         self.pools: dict[str, PoolState] = {}
-        self.sessions: dict[bytes, WorkerConn] = {}
-        self.attempts: dict[AttemptId, bytes] = {}
-        """Every attempt out, and the session it was sent on."""
-        self.unrouted: dict[str, Job] = {}
-        self.held: dict[str, float] = {}
-        """uid -> when to try signing again."""
-        self.resuming: dict[str, float] = {}
-        """uid -> when to stop waiting for a worker that may hold it (after a restart)."""
-        self.finished: dict[str, None] = {}
-        self._deadlines: list[tuple[float, str]] = []
-        """(deadline, uid) of live jobs, earliest first: expiry never scans every job."""
+        self.ledger = Ledger(self.pools, finished_memory=self.config.finished_memory)
         self.priors = PipelinePriors()
         self.counters: dict[str, int] = {}
+
+    # What the shell, the status page and tests read: the ledger's books.
+    @property
+    def jobs(self) -> dict[str, Job]:
+        return self.ledger.jobs
+
+    @property
+    def sessions(self) -> dict[bytes, WorkerConn]:
+        return self.ledger.sessions
+
+    @property
+    def attempts(self) -> dict[AttemptId, bytes]:
+        return self.ledger.attempts
+
+    @property
+    def unrouted(self) -> dict[str, Job]:
+        return self.ledger.unrouted
+
+    @property
+    def held(self) -> dict[str, float]:
+        return self.ledger.held
+
+    @property
+    def resuming(self) -> dict[str, float]:
+        return self.ledger.resuming
+
+    @property
+    def finished(self) -> dict[str, None]:
+        return self.ledger.finished
         """Dropped and refused messages by why (also exported as metrics)."""
 
     # ---- pools and keys ------------------------------------------------------------------
@@ -166,8 +184,7 @@ class Dispatcher:
         """
         if job.uid in self.jobs or job.uid in self.finished:
             return
-        self.jobs[job.uid] = job
-        heapq.heappush(self._deadlines, (job.deadline, job.uid))
+        self.ledger.add(job)
         metrics.JOBS_ADMITTED.labels(job.priority).inc()
         if cancel is not None:
             self._finish(job, Phase.CANCELLED, "CancelRequested", cancel, now)
@@ -183,7 +200,7 @@ class Dispatcher:
                 self._dispatch(job, holder[0], now, number=holder[1].attempt)
             else:
                 job.reuse_attempt = True
-                self._place(job, Place.RESUMING, now, until=now + self.config.resume_grace_s)
+                self.ledger.place(job, Place.RESUMING, until=now + self.config.resume_grace_s)
         else:
             job.move(Phase.QUEUED, at=now, reason="Admitted", message="waiting for a worker")
             holder = self._holder_of(job, now)
@@ -193,7 +210,7 @@ class Dispatcher:
             elif self.started_at is not None and now < self.started_at + self.config.startup_hold_s:
                 # Just took over: its status may simply not have caught up with an attempt a
                 # worker is running. Wait for the workers' READY before computing it again.
-                self._place(job, Place.RESUMING, now, until=self.started_at + self.config.startup_hold_s)
+                self.ledger.place(job, Place.RESUMING, until=self.started_at + self.config.startup_hold_s)
                 self._publish(job)
             else:
                 self._route(job, now)
@@ -207,12 +224,11 @@ class Dispatcher:
 
     def forget(self, uid: str, now: float) -> None:
         """The ImageJob was deleted: stop its work everywhere, write nothing more."""
-        job = self.jobs.pop(uid, None)
+        job = self.jobs.get(uid)
         if job is None:
             return
         self._cancel_attempts(job)
-        self._place(job, Place.DONE, now)
-        self._remember_finished(uid)
+        self.ledger.remove(job)
         self.effects.forget(job.ref)
 
     def spec_changed(self, uid: str, generation: int) -> None:
@@ -253,11 +269,11 @@ class Dispatcher:
             decision = alt if alt.pool else decision
         if decision.pool is None:
             job.reason, job.message = "NoEligiblePool", decision.reason
-            self._place(job, Place.UNROUTED, now)
+            self.ledger.place(job, Place.UNROUTED)
             return
         job.pool = decision.pool
         job.decision = decision.reason
-        self._place(job, Place.QUEUED, now, front=front)
+        self.ledger.place(job, Place.QUEUED, front=front)
 
     def pump(self, now: float) -> None:
         """Dispatch queued jobs to free workers, pool by pool."""
@@ -269,7 +285,7 @@ class Dispatcher:
                 job = pool.queue.pop()
                 if job is None:
                     break
-                self._place(job, Place.NEW, now)
+                self.ledger.place(job, Place.NEW)
                 preferred = pool.free_worker(now, job.preferred_worker) if job.preferred_worker else conn
                 self._dispatch(job, preferred or conn, now)
 
@@ -302,7 +318,7 @@ class Dispatcher:
             return
         job.attempts = number
         job.reuse_attempt = False
-        self._open(job, attempt, conn)
+        self.ledger.open(job, attempt, conn)
         first = job.dispatched_at is None
         job.pool, job.worker, job.gpu = conn.pool, conn.worker, conn.device
         job.dispatched_at = now
@@ -316,7 +332,7 @@ class Dispatcher:
         first = job.reason != "StorageUnavailable"
         job.move(Phase.QUEUED, at=now, reason="StorageUnavailable",
                  message=f"{why}; retrying every {self.config.signing_retry_s:g} s until timeoutSeconds")
-        self._place(job, Place.HELD, now)
+        self.ledger.place(job, Place.HELD, until=now + self.config.signing_retry_s)
         self._publish(job)
         if first:  # one Event per outage, not one per retry
             metrics.JOBS_REQUEUED.labels("StorageUnavailable").inc()
@@ -330,46 +346,6 @@ class Dispatcher:
         self._publish(job)
         self._warn(job, "Requeued", f"{message}; {job.decision or job.message}")
 
-    # ---- where a job is: the one place that moves it -----------------------------------------
-
-    def _place(self, job: Job, place: Place, now: float, *, front: bool = False,
-               until: float | None = None) -> None:
-        if job.place is Place.QUEUED:
-            for pool in self.pools.values():  # a handful of pools; job.pool may already name the next one
-                pool.queue.remove(job.uid)
-        self.unrouted.pop(job.uid, None)
-        self.held.pop(job.uid, None)
-        self.resuming.pop(job.uid, None)
-        job.place = place
-        if place is Place.QUEUED:
-            assert job.pool is not None
-            self.pools[job.pool].queue.push(job, front=front)
-        elif place is Place.UNROUTED:
-            self.unrouted[job.uid] = job
-        elif place is Place.HELD:
-            self.held[job.uid] = now + self.config.signing_retry_s
-        elif place is Place.RESUMING:
-            assert until is not None
-            self.resuming[job.uid] = until
-
-    # ---- attempts: the two places that open and close them -------------------------------------
-
-    def _open(self, job: Job, attempt: AttemptId, conn: WorkerConn) -> None:
-        self.attempts[attempt] = conn.routing_id
-        job.live.add(attempt)
-        conn.attempts.add(attempt)
-        self._place(job, Place.RUNNING, 0.0)
-
-    def _close(self, attempt: AttemptId) -> Job | None:
-        routing_id = self.attempts.pop(attempt, None)
-        conn = self.sessions.get(routing_id) if routing_id is not None else None
-        if conn is not None:
-            conn.attempts.discard(attempt)
-        job = self.jobs.get(attempt.uid)
-        if job is not None:
-            job.live.discard(attempt)
-        return job
-
     def _cancel_attempts(self, job: Job, *, keep: AttemptId | None = None) -> None:
         for attempt in list(job.live):
             if attempt == keep:
@@ -377,7 +353,7 @@ class Dispatcher:
             routing_id = self.attempts.get(attempt)
             if routing_id is not None:
                 self.effects.send(routing_id, Cancel(attempt))
-            self._close(attempt)
+            self.ledger.close(attempt)
 
     # ---- endings ------------------------------------------------------------------------------
 
@@ -388,12 +364,10 @@ class Dispatcher:
         job.move(phase, at=now, reason=reason, message=message)
         self._cancel_attempts(job, keep=result.job if result else None)
         if result is not None:
-            self._close(result.job)
-        self._place(job, Place.DONE, now)
+            self.ledger.close(result.job)
+        self.ledger.remove(job)
         job.completed_at = now
         job.timing = _timing(job, result, now)
-        self.jobs.pop(job.uid, None)
-        self._remember_finished(job.uid)
         if job.batch is not None:
             self.effects.item(job, terminal=True)
         else:
@@ -401,11 +375,6 @@ class Dispatcher:
                                   warning=phase is Phase.FAILED)
             self.effects.publish(job.ref, job.status(), urgent=True, terminal_event=event)
         metrics.JOBS_FINISHED.labels(phase.value, reason).inc()
-
-    def _remember_finished(self, uid: str) -> None:
-        self.finished[uid] = None
-        while len(self.finished) > self.config.finished_memory:
-            del self.finished[next(iter(self.finished))]
 
     def _warn(self, job: Job, reason: str, message: str) -> None:
         # A batch item's troubles show in its batch's counts and manifest, not as one Event each.
@@ -422,19 +391,8 @@ class Dispatcher:
 
     def on_ready(self, routing_id: bytes, principal: Principal, ready: Ready, now: float) -> None:
         pool = self.pools.get(principal.pool)
-        why = ""
-        if pool is None:
-            why = f"pool {principal.pool} does not exist"
-        elif ready.pool != principal.pool:
-            why = f"key {principal} belongs to pool {principal.pool}, READY claims pool {ready.pool}"
-        elif not principal.owns(routing_id):
-            why = f"routing id is not bound to key {principal} (expected '<public key>/<worker>')"
-        else:
-            others = [c for c in pool.workers.values()
-                      if c.principal == principal and c.routing_id != routing_id]
-            if len(others) >= pool.spec.max_connections_per_key:
-                why = (f"key {principal} already has {len(others)} live connection(s) "
-                       f"(spec.maxConnectionsPerKey={pool.spec.max_connections_per_key})")
+        why = ready_refusal(routing_id, principal, ready, pool.spec if pool else None,
+                            list(pool.workers.values()) if pool else [])
         if why or pool is None:
             self._count("bad_ready")
             log.warning("refused READY from key %s: %s", principal, why)
@@ -539,12 +497,12 @@ class Dispatcher:
     def on_result(self, conn: WorkerConn, result: Result, now: float) -> None:
         job = self.jobs.get(result.job.uid)
         if job is None or job.phase.terminal:
-            self._close(result.job)
+            self.ledger.close(result.job)
             self._count("duplicate_result")
             return
         if now > job.deadline:
             # timeoutSeconds bounds the job, whatever arrives between two ticks.
-            self._close(result.job)
+            self.ledger.close(result.job)
             self.expire(now)
             return
         pool = self.pools.get(conn.pool)
@@ -564,7 +522,7 @@ class Dispatcher:
 
     def on_error(self, conn: WorkerConn, error: Error, now: float) -> None:
         error = dataclasses.replace(error, message=redact(error.message))  # a worker's text never reaches status unredacted
-        job = self._close(error.job)
+        job = self.ledger.close(error.job)
         if job is None or job.phase.terminal or job.live:
             return  # gone, or another attempt is still out and will decide
         if error.rejected:
@@ -613,7 +571,7 @@ class Dispatcher:
             self.effects.kick(conn.routing_id, why)
         log.warning("worker %s of pool %s %s; re-queueing %d jobs", conn.worker, conn.pool, why, len(conn.attempts))
         for attempt in sorted(conn.attempts):
-            job = self._close(attempt)
+            job = self.ledger.close(attempt)
             if job is not None and not job.live and not job.phase.terminal:
                 self._requeue(job, "WorkerLost", f"worker {conn.pool}/{conn.worker} {why} during attempt {job.attempts}", now)
         if pool is not None and not pool.workers:
@@ -644,13 +602,9 @@ class Dispatcher:
         self.pump(now)
 
     def expire(self, now: float) -> None:
-        while self._deadlines and self._deadlines[0][0] < now:
-            _, uid = heapq.heappop(self._deadlines)
-            job = self.jobs.get(uid)
-            if job is not None:  # else it ended already
-                self._finish(job, Phase.FAILED, "Timeout",
-                             f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})",
-                             now)
+        for job in list(self.ledger.past_deadline(now)):
+            self._finish(job, Phase.FAILED, "Timeout",
+                         f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})", now)
 
     def _reroute_unrouted(self, now: float) -> None:
         for job in list(self.unrouted.values()):
