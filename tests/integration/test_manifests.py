@@ -560,8 +560,8 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
 # Every rule the operator is granted, and the code that needs it: (file, text that makes
 # the call). A granted verb missing here, or a row whose code is gone, fails the test.
 _OPERATOR_RULE_USES: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, str]] = {
-    ("gpuroute.io", "imagejobs", "list", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "imagejobs")'),
-    ("gpuroute.io", "imagejobs", "watch", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "imagejobs")'),
+    ("gpuroute.io", "imagejobs", "list", ()): ("job_watch.py", 'self.api.request("GET", self.config.path + query)'),
+    ("gpuroute.io", "imagejobs", "watch", ()): ("job_watch.py", 'params = {"watch": "1"'),
     ("gpuroute.io", "imagejobs/status", "patch", ()): ("kube_async.py", 'name) + "/status"'),
     ("gpuroute.io", "workerpools", "list", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "workerpools")'),
     ("gpuroute.io", "workerpools", "watch", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "workerpools")'),
