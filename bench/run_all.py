@@ -12,7 +12,10 @@ Sizes (flags, or environment variables for `make bench`):
   --memory / GPUROUTE_BENCH_MEMORY             operator-memory job counts (1000,10000)
   --dispatch-jobs / GPUROUTE_BENCH_DISPATCH_JOBS  dispatch round trips per series (100)
   --routing-jobs / GPUROUTE_BENCH_ROUTING_JOBS routing-simulation trace length (10000)
-  --only NAME[,NAME]                           run a subset (names below)
+  --batch-items / GPUROUTE_BENCH_BATCH_ITEMS   items in the batch arm of `batch` (3000; the issue's 10000)
+  --batch-singles / GPUROUTE_BENCH_BATCH_SINGLES  single ImageJobs in its other arm (1000)
+  --only NAME[,NAME]                           run a subset (names below); the others' results
+                                               are kept from the existing latest.json, dated
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 from bench.common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("control_plane", "watch_cost", "dispatch", "dataplane", "transfers", "worker_ops", "operator_memory", "gpu")
+ORDER = ("control_plane", "batch", "watch_cost", "dispatch", "dataplane", "transfers", "worker_ops", "operator_memory", "gpu")
 NAMES = (*ORDER, "routing_sim")
 
 
@@ -56,6 +59,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--memory", default=os.environ.get("GPUROUTE_BENCH_MEMORY", "1000,10000"))
     parser.add_argument("--dispatch-jobs", type=int, default=_env_int("GPUROUTE_BENCH_DISPATCH_JOBS", 100))
     parser.add_argument("--routing-jobs", type=int, default=_env_int("GPUROUTE_BENCH_ROUTING_JOBS", 10_000))
+    parser.add_argument("--batch-items", type=int, default=_env_int("GPUROUTE_BENCH_BATCH_ITEMS", 3000))
+    parser.add_argument("--batch-singles", type=int, default=_env_int("GPUROUTE_BENCH_BATCH_SINGLES", 1000))
     parser.add_argument("--only", default=os.environ.get("GPUROUTE_BENCH_ONLY", ""),
                         help=f"comma-separated subset of {', '.join(NAMES)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json and latest.md")
@@ -78,6 +83,11 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, An
         from bench import watch_cost as m
 
         return m.run()
+
+    def batch() -> dict[str, Any]:
+        from bench import batch as m
+
+        return m.run(batch_items=args.batch_items, single_items=args.batch_singles)
 
     def dispatch() -> dict[str, Any]:
         from bench import dispatch as m
@@ -116,7 +126,8 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, An
             return {"skipped": f"bench.routing_sim not importable: {exc}"}
         return m.run(jobs=args.routing_jobs, seed=0)
 
-    return {"control_plane": control_plane, "watch_cost": watch_cost, "dispatch": dispatch, "dataplane": dataplane,
+    return {"control_plane": control_plane, "batch": batch, "watch_cost": watch_cost, "dispatch": dispatch,
+            "dataplane": dataplane,
             "transfers": transfers,
             "worker_ops": worker_ops,
             "operator_memory": operator_memory, "gpu": gpu, "routing_sim": routing_sim}
@@ -144,12 +155,31 @@ def render(results: dict[str, Any]) -> str:
             notes.append(f"- {key}: skipped: {entry['skipped']}")
         if "error" in entry:
             notes.append(f"- {key}: FAILED: {entry['error'].strip().splitlines()[-1]}")
+    for key, date in sorted((results.get("kept_from_earlier_run") or {}).items()):
+        notes.append(f"- {key}: from the earlier run of {date} (not re-run this time)")
     if notes:
         parts += ["", *notes]
     sim = results.get("routing_sim") or {}
     if sim and "skipped" not in sim and "error" not in sim:
         parts += ["", _routing_markdown(sim)]
     return "\n".join(parts) + "\n"
+
+
+def _keep_earlier(results: dict[str, Any], path: Path, ran: list[str]) -> None:
+    """A subset run (--only) keeps the other benchmarks' results from the existing file, each
+    named with the date it was measured, so one re-measured benchmark does not erase the rest."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    kept = results.setdefault("kept_from_earlier_run", {})
+    for key in NAMES:
+        if key in ran or key not in earlier:
+            continue
+        results[key] = earlier[key]
+        kept[key] = (earlier.get("kept_from_earlier_run") or {}).get(key) or earlier.get("date", "?")
+        if key in (earlier.get("durations_s") or {}):
+            results["durations_s"][key] = earlier["durations_s"][key]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         results["durations_s"][name] = round(time.perf_counter() - t, 1)
         print(f"  {name}: {results['durations_s'][name]} s", flush=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
+    _keep_earlier(results, args.out / "latest.json", args.only)
     text = render(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
