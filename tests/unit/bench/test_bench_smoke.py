@@ -23,7 +23,9 @@ def _check_rows(rows: list[dict[str, Any]]) -> None:
     assert rows
     for r in rows:
         assert set(r) == ROW_FIELDS, r
-        assert r["value"] > 0 and r["baseline_value"] > 0 and r["ratio"] > 0, r
+        # Toy sizes: a figure may round to 0 (a microsecond op against a scheduling spike);
+        # what matters here is that every path ran and reported a finite, non-negative number.
+        assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("value", "baseline_value", "ratio")), r
     assert run_all.table(rows).count("\n") == len(rows) + 1
 
 
