@@ -3,10 +3,10 @@
 The rules live in dispatcher.py (pure, synchronous). This module only carries events
 in (ImageJob and WorkerPool changes, worker messages, ticks of the clock) and the
 dispatcher's effects out (sends on the ROUTER socket, status writes and Events through
-the StatusWriter), and never blocks kopf's event loop: Kubernetes reads go to threads,
+the StatusWriter), and never blocks the event loop: Kubernetes reads go to threads,
 status writes to the StatusWriter, socket I/O is non-blocking.
 
-The CRs are the durable queue. After a restart kopf lists every ImageJob again; each
+The CRs are the durable queue. After a restart the watch lists every ImageJob again; each
 non-terminal one is admitted again, and one whose status says an attempt was out is
 re-sent under the same attempt id to the worker that still has it, which joins the
 running attempt or answers from its result cache instead of computing it again.

@@ -35,7 +35,7 @@ def run_operator(config: EngineConfig, *, web: WebConfig, liveness_port: int | N
     if election is not None:
         # As controller-runtime's manager does: nothing starts before this replica
         # holds the Lease, so only the leader binds the socket and writes status, and
-        # kopf's initial listing hands a new leader every ImageJob to resume.
+        # the ImageJob watch's initial listing hands a new leader every ImageJob to resume.
         elector = LeaderElector(kube_api_client(config.kubeconfig), election)
         with _standby_health(liveness_port, elector):
             elector.wait_until_leading()
