@@ -103,6 +103,8 @@ class BatchRunner:
         """Batches whose grants are being read; a uid leaves it when deleted meanwhile."""
         self.started_at = time.monotonic()
         self.status_writes = 0
+        self._refill = max(1, self.config.window // 8)
+        """Free window slots that are worth waking a batch's loop for."""
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -195,7 +197,11 @@ class BatchRunner:
             run.state.untrack(job.uid)  # not done: a resumed batch would run it
         else:
             run.lines.append(run.state.record(job.uid, ItemOutcome.from_job(job, entry[0].uri, entry[1].uri)))
-        run.wake.set()
+        # Woken once a refill's worth of the window is free (or nothing is out), not per item:
+        # the items still queued keep the workers busy meanwhile, and the loop's own 0.5 s tick
+        # flushes the journal and writes status. Saves a loop pass per item at hundreds a second.
+        if len(run.outstanding) <= self.config.window - self._refill or not run.outstanding:
+            run.wake.set()
 
     # ---- one batch --------------------------------------------------------------------------------
 
