@@ -42,7 +42,7 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     settings.scanning.disabled = True
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # Not a kopf setting: its per-object logger writes "Handler ... succeeded" at INFO
-        # for every WorkerPool event (about 15% of its per-event CPU); errors still show.
+        # for every WorkerPool event (10 to 15% of its per-event CPU); errors still show.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     engine = Engine(memo.engine_config)
     await engine.start()
