@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import atexit
+import base64
 import collections
 import json
 import os
@@ -532,6 +533,15 @@ class ControlPlane:
                 f"TLS verification of {self.server} against {self.ca_file} failed: {exc}; "
                 f"apiserver log:\n{apiserver.log_tail()}"
             ) from exc
+
+    def inline_kubeconfig(self) -> str:
+        """The kubeconfig with its CA certificate inline (certificate-authority-data): what a
+        scaling Secret must hold, since the operator refuses kubeconfigs that read files."""
+        config = yaml.safe_load(Path(self.kubeconfig).read_text())
+        for entry in config["clusters"]:
+            path = entry["cluster"].pop("certificate-authority")
+            entry["cluster"]["certificate-authority-data"] = base64.b64encode(Path(path).read_bytes()).decode()
+        return yaml.safe_dump(config, sort_keys=False)
 
     def _write_kubeconfig(self) -> None:
         name = self.config.name

@@ -181,6 +181,7 @@ def _disrupt(stack: LocalStack, control_plane: ControlPlane, proxy: TcpProxy, su
             done.note(started, f"{action.__name__} skipped: {exc}", "skipped")
 
 
+@pytest.mark.timeout(int(DRAIN_TIMEOUT_S) + 300)  # the suite's 300 s default is for ordinary tests
 def test_chaos_every_job_exactly_once(chaos_stack: tuple[LocalStack, ControlPlane, S3Server, TcpProxy]) -> None:
     stack, control_plane, s3, proxy = chaos_stack
     client = s3.client()

@@ -10,7 +10,6 @@ import base64
 import io
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +45,7 @@ def clusters(control_plane: Any, s3_server: Any,
     s3_server.client().put_object(Bucket=BUCKET, Key="in/x.png", Body=buffer.getvalue())
     stack = LocalStack(tmp_path_factory.mktemp("elastic"), control_plane, s3_server)
     stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
-    kubeconfig = Path(gpu.kubeconfig).read_text()
+    kubeconfig = gpu.inline_kubeconfig()  # the operator refuses kubeconfigs that read files
     stack.core.create_namespaced_secret(stack.namespace, {
         "metadata": {"name": "gpu-elastic-kubeconfig"},
         "data": {"kubeconfig": base64.b64encode(kubeconfig.encode()).decode()}})

@@ -133,7 +133,7 @@ def test_admin_sees_everything_and_metrics_are_open(stack: LocalStack) -> None:
     code, body = _curl(f"http://127.0.0.1:{stack.operator_web_port}/api/status", stack.control_plane.token)
     assert code == 200
     assert {f"{TEAM_A}/ok", f"{TEAM_B}/ok"} <= _jobs(body)
-    assert [p["name"] for p in json.loads(body)["pools"]] == [POOL]
+    assert POOL in [p["name"] for p in json.loads(body)["pools"]]  # other modules' pools share the control plane
     code, metrics = _curl(f"http://127.0.0.1:{stack.operator_metrics_port}/metrics")
     assert code == 200 and "gpuroute" in metrics
     assert _curl(f"http://127.0.0.1:{stack.operator_metrics_port}/api/status")[0] == 404, "no status API on the metrics port"
