@@ -468,7 +468,10 @@ class Dispatcher:
                 conn.rtt_ms = ewma(conn.rtt_ms, (now - body.pong) * 1000.0)
         elif isinstance(body, (Accepted, Progress, Result, Error)):
             if body.job in conn.foreign and isinstance(body, (Result, Error)):
-                conn.foreign.discard(body.job)  # an attempt nobody follows ended: its slot is free
+                # An attempt nobody follows (yet) ended: its slot is free, and its answer stays in
+                # the worker's cache, where a job admitted a moment later can still adopt it.
+                conn.foreign.discard(body.job)
+                conn.answered.add(body.job)
             if body.job not in conn.attempts:
                 self._count("foreign_attempt")
                 log.warning("dropped %s for %s from key %s: that attempt was not sent on this connection",

@@ -453,6 +453,15 @@ def test_a_result_lost_with_the_old_leader_is_answered_from_the_workers_cache(wo
     assert world.dispatcher.sessions[w1].free(world.now) == 0   # now it is followed, in a slot
 
 
+def test_an_answer_sent_before_its_job_is_admitted_is_adopted_later(world: World) -> None:
+    world.restart()
+    w1 = world.connect("pool-a", "w1", jobs=(AttemptId("j1", 1),))   # it re-sends its answer...
+    world.send(w1, world.result(AttemptId("j1", 1)))                   # ...before j1 is known: dropped
+    w2 = world.connect("pool-a", "w2")
+    world.submit("j1")                                                 # admitted afterwards
+    assert _only_request(world, w1).job == AttemptId("j1", 1) and not world.requests(w2)
+
+
 def test_a_claimed_attempt_cannot_burn_attempts(world: World) -> None:
     world.submit("j1")
     w1 = world.connect("pool-a", "w1", jobs=(AttemptId("j1", 3),))
