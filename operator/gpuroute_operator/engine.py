@@ -124,6 +124,8 @@ class Engine:
         self.dispatcher = Dispatcher(_ShellEffects(self), self._sign, started_at=time.time())
         self.pool_publisher = PoolStatusPublisher(self.writer)
         self.autoscaler = Autoscaler(self.kube.read_secret_data)
+        self.scaling_problems: dict[str, str] = {}
+        """Pool -> why its remote autoscaling last failed (the ScalingReady condition)."""
         self.batches = BatchRunner(self.dispatcher, self.writer, self.presigner, self._namespace_grants)
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._grants: dict[str, tuple[StorageGrants, float]] = {}
@@ -145,7 +147,8 @@ class Engine:
         return self.dispatcher.unrouted
 
     def pool_status(self, pool: PoolState) -> dict[str, Any]:
-        return pool_status(pool, problem=self.keys.problems.get(pool.spec.name, ""), now=time.time())
+        return pool_status(pool, problem=self.keys.problems.get(pool.spec.name, ""),
+                           scaling_problem=self.scaling_problems.get(pool.spec.name, ""), now=time.time())
 
     def remember_recent(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
         self.recent[ref.uid] = {"namespace": ref.namespace, "name": ref.name, **status}
@@ -165,7 +168,8 @@ class Engine:
         self._tasks = [
             loop.create_task(self._tick_loop(), name="engine-tick"),
             # Its own loop: a slow GPU-cluster API must never delay heartbeats or dispatch.
-            loop.create_task(autoscale_loop(self.autoscaler, self.dispatcher, self.writer), name="autoscaler"),
+            loop.create_task(autoscale_loop(self.autoscaler, self.dispatcher, self.writer, self.scaling_problems),
+                             name="autoscaler"),
         ]
 
     async def stop(self) -> None:
@@ -321,7 +325,7 @@ class Engine:
                 if beat:
                     last_beat = now
                 self.dispatcher.tick(now, heartbeat=beat)
-                self.pool_publisher.publish(self.dispatcher, self.keys.problems, now)
+                self.pool_publisher.publish(self.dispatcher, self.keys.problems, now, self.scaling_problems)
                 for name, pool in list(self.pools.items()):
                     if self.keys.due(name, time.monotonic()):
                         await self._load_keys(pool.spec)

@@ -23,14 +23,15 @@ POOL_STATUS_EVERY_S = 10.0
 """Pool status is re-written at least this often while it changes only in heartbeat details."""
 POOL_STATUS_MIN_S = 3.0
 """Counter-only changes (in flight, queued, throughput) are written at most this often."""
-SUBSTANTIVE = ("phase", "connectedWorkers", "workerIds", "available", "observedGeneration")
+SUBSTANTIVE = ("phase", "connectedWorkers", "workerIds", "available", "scaling", "observedGeneration")
 """Fields of the comparison key whose change is written at once."""
 MAX_PIPELINES_SHOWN = 20
 """Cost classes listed on a WorkerPool's status, most used first (the object must stay small)."""
 
 
-def pool_status(pool: PoolState, *, problem: str = "", now: float) -> dict[str, Any]:
-    """The WorkerPool status subresource for `pool` as it is at `now`."""
+def pool_status(pool: PoolState, *, problem: str = "", scaling_problem: str = "", now: float) -> dict[str, Any]:
+    """The WorkerPool status subresource for `pool` as it is at `now`; `scaling_problem` is why
+    its remote autoscaling last failed ("" when it works or the pool has no spec.scaling)."""
     view = pool.view()
     available = view.workers > 0 and not problem
     phase = "Available" if available else ("Degraded" if view.workers > 0 else "Unavailable")
@@ -52,9 +53,20 @@ def pool_status(pool: PoolState, *, problem: str = "", now: float) -> dict[str, 
         "pipelines": pipeline_status(pool),
         "lastHeartbeat": now_rfc3339(last) if last else None,
         "conditions": [{"type": "Available", "status": "True" if available else "False", "reason": reason,
-                        "message": message, "lastTransitionTime": now_rfc3339(now)}],
+                        "message": message, "lastTransitionTime": now_rfc3339(now)},
+                       *_scaling_condition(pool, scaling_problem, now)],
         "observedGeneration": pool.spec.generation,
     }
+
+
+def _scaling_condition(pool: PoolState, problem: str, now: float) -> list[dict[str, Any]]:
+    """ScalingReady, for pools with spec.scaling: False with the reason (a refused kubeconfig
+    entry, an unreachable GPU-cluster API) until the autoscaler succeeds again."""
+    if pool.spec.scaling is None:
+        return []
+    return [{"type": "ScalingReady", "status": "False" if problem else "True",
+             "reason": "ScaleFailed" if problem else "Reconciling", "message": problem,
+             "lastTransitionTime": now_rfc3339(now)}]
 
 
 def pipeline_status(pool: PoolState) -> list[dict[str, Any]]:
@@ -76,7 +88,8 @@ class PoolStatusPublisher:
         self._writer = writer
         self._sent: dict[str, tuple[dict[str, Any], float, str]] = {}
 
-    def publish(self, dispatcher: Dispatcher, problems: dict[str, str], now: float) -> None:
+    def publish(self, dispatcher: Dispatcher, problems: dict[str, str], now: float,
+                scaling_problems: dict[str, str] | None = None) -> None:
         metrics.UNROUTED.set(len(dispatcher.unrouted))
         metrics.STORAGE_WAITING.set(len(dispatcher.held))
         by_phase = {phase: 0 for phase in (Phase.QUEUED, Phase.DISPATCHED, Phase.PROCESSING)}
@@ -86,7 +99,8 @@ class PoolStatusPublisher:
         for phase, count in by_phase.items():
             metrics.JOBS_ACTIVE.labels(phase.value).set(count)
         for name, pool in dispatcher.pools.items():
-            status = pool_status(pool, problem=problems.get(name, ""), now=now)
+            status = pool_status(pool, problem=problems.get(name, ""),
+                                 scaling_problem=(scaling_problems or {}).get(name, ""), now=now)
             for priority in ("realtime", "batch"):
                 metrics.QUEUE_DEPTH.labels(name, priority).set(pool.queue.count(priority))
             metrics.IN_FLIGHT.labels(name).set(status["inFlight"])
@@ -97,6 +111,7 @@ class PoolStatusPublisher:
                    if k not in ("lastHeartbeat", "conditions", "workers", "rttMs", "pipelines")}
             key["workerIds"] = sorted(w["id"] for w in status["workers"])
             key["available"] = status["conditions"][0]["status"]
+            key["scaling"] = [(c["status"], c["message"]) for c in status["conditions"][1:]]
             previous = self._sent.get(name)
             if previous and previous[0] == key and now - previous[1] < POOL_STATUS_EVERY_S:
                 continue

@@ -22,8 +22,10 @@ AUTOSCALE_PERIOD_S = 2.0
 """How often pools with spec.scaling are looked at (the autoscaler rate-limits each to 5 s)."""
 
 
-async def autoscale_loop(autoscaler: Autoscaler, dispatcher: Dispatcher, writer: StatusWriter) -> None:
-    failures: dict[str, str] = {}
+async def autoscale_loop(autoscaler: Autoscaler, dispatcher: Dispatcher, writer: StatusWriter,
+                         failures: dict[str, str]) -> None:
+    """Runs forever; `failures` (pool -> why its scaling last failed) is shared with the pool
+    status, which shows it as the ScalingReady condition."""
     while True:
         await asyncio.sleep(AUTOSCALE_PERIOD_S)
         try:
@@ -38,6 +40,7 @@ async def _reconcile_all(autoscaler: Autoscaler, dispatcher: Dispatcher, writer:
     for name, pool in list(dispatcher.pools.items()):
         if pool.spec.scaling is None:
             autoscaler.forget(name)  # scaling removed from the spec: close its client
+            failures.pop(name, None)
             continue
         queued = len(pool.queue) + dispatcher.waiting_for(pool, time.time())
         decision = await autoscaler.reconcile(name, pool.spec.scaling, queued=queued, in_flight=pool.busy, now=now)
