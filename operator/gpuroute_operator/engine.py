@@ -78,6 +78,9 @@ class EngineConfig:
     """Dev only: no CURVE on the socket. Never used by the demo or tests' main path."""
     azure_accounts: tuple[AzureAccount, ...] = ()
     """Azure storage accounts the operator signs SAS URLs for."""
+    resume_hold: bool = True
+    """Hold jobs without an attempt in status for a moment at start, for workers to claim them
+    (False when this replica knows it did not take over from a leader that died)."""
 
 
 class _ShellEffects:
@@ -121,7 +124,8 @@ class Engine:
         self.server = WorkerServer(self.context, bind=config.bind, secret_key=config.secret_key, handler=self,
                                    plaintext=config.plaintext)
         # Started now: this process leads (leader election runs before the engine exists).
-        self.dispatcher = Dispatcher(_ShellEffects(self), self._sign, started_at=time.time())
+        self.dispatcher = Dispatcher(_ShellEffects(self), self._sign,
+                                     started_at=time.time() if config.resume_hold else None)
         self.pool_publisher = PoolStatusPublisher(self.writer)
         self.autoscaler = Autoscaler(self.kube.read_secret_data)
         self.scaling_problems: dict[str, str] = {}

@@ -267,6 +267,8 @@ class LeaderElector:
         self._clock = clock
         self._wall = wall
         self._seen: Observation | None = None
+        self.took_over = False
+        """Whether this replica took the Lease from another that had not released it."""
         self._leading = False
         self._last_renewed = 0.0
         self._labelled = False
@@ -304,6 +306,11 @@ class LeaderElector:
             self._seen = observe(self._seen, _record_of(lease), version or "", started)
         else:
             self._seen = None
+        if not self._leading:
+            # Who held it before us: another replica that did not hand it back means work
+            # may be in flight that its last status writes do not show yet.
+            previous = self._seen.record.holder if self._seen else ""
+            self.took_over = bool(previous) and previous != self.config.identity
         decision = decide(self._seen, identity=self.config.identity, leading=self._leading, now=started,
                           wall=_micro_time(self._wall()), lease_duration_s=self.config.lease_duration_s)
         if decision.action is Action.WAIT:

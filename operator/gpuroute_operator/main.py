@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http.server
 import logging
 import os
@@ -40,6 +41,9 @@ def run_operator(config: EngineConfig, *, web: WebConfig, liveness_port: int | N
         with _standby_health(liveness_port, elector):
             elector.wait_until_leading()
         elector.start_renewing(on_lost=_exit_on_lost)
+        # A fresh start, or a predecessor that handed the Lease back after flushing its status
+        # writes, leaves nothing in flight that status does not show: no need to wait for workers.
+        config = dataclasses.replace(config, resume_hold=elector.took_over)
     try:
         asyncio.run(kopf.operator(
             standalone=True,
