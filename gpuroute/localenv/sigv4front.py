@@ -29,8 +29,10 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgra
         "proxy-authenticate"}
 
 
-def verify_presigned(method: str, host: str, raw_path: str, headers: dict[str, str], now: dt.datetime) -> str | None:
-    """None when the presigned request is valid; otherwise the S3 error code."""
+def verify_presigned(method: str, host: str, raw_path: str, headers: dict[str, str], now: dt.datetime, *,
+                     not_before: dt.datetime | None = None) -> str | None:
+    """None when the presigned request is valid; otherwise the S3 error code. `not_before`:
+    signatures dated earlier are refused (credentials rotated since)."""
     from botocore.auth import S3SigV4QueryAuth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
@@ -52,6 +54,8 @@ def verify_presigned(method: str, host: str, raw_path: str, headers: dict[str, s
         return "AccessDenied"
     if now > signed_at + dt.timedelta(seconds=expires) or signed_at > now + dt.timedelta(minutes=15):
         return "AccessDenied"
+    if not_before is not None and signed_at < not_before:
+        return "ExpiredToken"
     # The request as botocore built it, minus the signature, signed again with the same date.
     unsigned = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in params
                         if k != "X-Amz-Signature")
@@ -76,6 +80,8 @@ class VerifyingS3:
         self._server: ThreadingHTTPServer | None = None
         self.refused: list[str] = []
         """Error codes of refused requests, in order (for tests)."""
+        self.not_before: dt.datetime | None = None
+        """Signatures dated before this are refused, as after a credential rotation."""
 
     @property
     def endpoint_url(self) -> str:
@@ -100,7 +106,7 @@ class VerifyingS3:
                 body = self.rfile.read(length) if length else b""
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 error = verify_presigned(self.command, headers.get("host", ""), self.path, headers,
-                                         dt.datetime.now(dt.UTC))
+                                         dt.datetime.now(dt.UTC), not_before=front.not_before)
                 if error is not None:
                     front.refused.append(error)
                     payload = (f"<Error><Code>{error}</Code><Message>refused by the verifying front"
@@ -134,6 +140,11 @@ class VerifyingS3:
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="sigv4-front", daemon=True).start()
         return self
+
+    def rotate(self) -> None:
+        """From now on refuse every URL signed before this second, as storage does once the
+        credentials that signed them are rotated away (X-Amz-Date has one-second resolution)."""
+        self.not_before = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
     def stop(self) -> None:
         if self._server is not None:

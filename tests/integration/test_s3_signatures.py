@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -11,6 +12,7 @@ from botocore.config import Config
 
 from gpuroute.localenv.objectstore import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, REGION
 from gpuroute.localenv.sigv4front import VerifyingS3
+from gpuroute.localenv.stack import LocalStack, PoolConfig
 from gpuroute_operator.spec import parse_storage_uri
 from gpuroute_operator.storage import Presigner
 from gpuroute_worker.transfer import TransferClient, TransferConfig, TransferError
@@ -64,3 +66,77 @@ def test_expired_presigned_url_is_refused_by_storage(s3: VerifyingS3) -> None:
         TransferClient(FAST).download(url, max_bytes=100, untrusted=False)
     assert caught.value.rejected is True and "expired" in str(caught.value)
     assert s3.refused[-1] == "AccessDenied"
+
+
+@pytest.fixture(scope="module")
+def signed_stack(s3: VerifyingS3, control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """Operator and a worker whose presigned URLs go through the verifying front."""
+    s3.backend.client().put_object(Bucket="signed", Key="team-a/big.png", Body=_png(768, 512))
+    stack = LocalStack(tmp_path_factory.mktemp("signed"), control_plane, s3.backend)
+    stack.ensure_namespace(NS, read=["s3://signed/team-a/"], write=["s3://signed/team-a/out/"])
+    stack.add_pool(PoolConfig(POOL, workers=("s1",)))
+    stack.start_operator(extra_env={"AWS_ENDPOINT_URL_S3": s3.endpoint_url})
+    stack.start_worker(POOL, "s1")
+    stack.wait_for_pool(POOL, workers=1)
+    yield stack
+    stack.stop()
+
+
+NS, POOL = "team-signed", "signed-pool"
+# Slow on purpose (seconds on a CPU worker): the rotation must fall between signing and upload.
+SLOW = [{"op": "upscale", "width": 4096, "method": "lanczos"}, {"op": "rotate", "angle": 7, "expand": True},
+        {"op": "sharpen", "radius": 3}, {"op": "denoise", "method": "median", "size": 5},
+        {"op": "rotate", "angle": -7, "expand": True}, {"op": "blur", "radius": 4}]
+
+
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_url_refused_after_rotation_is_signed_again_without_spending_an_attempt(
+        s3: VerifyingS3, signed_stack: LocalStack) -> None:
+    stack = signed_stack
+    stack.create_job(NS, "rotated", {"input": {"uri": "s3://signed/team-a/big.png"},
+                                     "output": {"uri": "s3://signed/team-a/out/rotated.png"}, "steps": SLOW,
+                                     "maxAttempts": 1})
+    deadline = time.monotonic() + 60
+    while (phase := (stack.get_job(NS, "rotated").get("status") or {}).get("phase")) not in ("Dispatched",
+                                                                                               "Processing"):
+        assert phase not in ("Completed", "Failed"), stack.get_job(NS, "rotated")["status"]
+        assert time.monotonic() < deadline, "the job was never dispatched"
+        time.sleep(0.05)
+    refused_before = len(s3.refused)
+    time.sleep(1.1)  # the upload URL was signed at least a second before the rotation...
+    s3.rotate()      # ...so storage refuses it, as after a credential rotation
+    status = stack.wait_for_jobs(NS, ["rotated"], timeout=120)["rotated"]["status"]
+    assert "ExpiredToken" in s3.refused[refused_before:], f"the rotation came after the upload: {status['timing']}"
+    assert (status["phase"], status["attempts"]) == ("Completed", 1), status
+    stored = s3.backend.client().get_object(Bucket="signed", Key="team-a/out/rotated.png")["Body"].read()
+    import hashlib
+    assert status["output"]["sha256"] == hashlib.sha256(stored).hexdigest()
+
+
+def test_grants_hold_against_a_storage_that_checks_signatures(s3: VerifyingS3, signed_stack: LocalStack) -> None:
+    stack = signed_stack
+    stack.create_job(NS, "granted", {"input": {"uri": "s3://signed/team-a/in.png"},
+                                     "output": {"uri": "s3://signed/team-a/out/granted.png"}, "steps": [{"op": "invert"}]})
+    stack.create_job(NS, "sibling", {"input": {"uri": "s3://signed/team-ab/in.png"},
+                                     "output": {"uri": "s3://signed/team-a/out/sibling.png"}, "steps": [{"op": "invert"}]})
+    stack.create_job(NS, "dotdot", {"input": {"uri": "s3://signed/team-a/../team-b/in.png"},
+                                    "output": {"uri": "s3://signed/team-a/out/dotdot.png"}, "steps": [{"op": "invert"}]})
+    jobs = stack.wait_for_jobs(NS, ["granted", "sibling", "dotdot"], timeout=120)
+    # The granted input is not an image: the signed GET went through and the decoder refused it.
+    granted = jobs["granted"]["status"]
+    assert (granted["phase"], granted["reason"], granted["attempts"]) == ("Failed", "InvalidInput", 1), granted
+    for name in ("sibling", "dotdot"):
+        status = jobs[name]["status"]
+        assert (status["phase"], status["attempts"]) == ("Failed", 0) and status["reason"] in (
+            "StorageNotGranted", "InvalidSpec"), status
+        assert "spec.input.uri" in status["message"]

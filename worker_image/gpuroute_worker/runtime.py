@@ -120,6 +120,10 @@ class JobRunner:
             await asyncio.wait(list(self._tasks.values()), timeout=timeout_s)
 
     def _remember(self, job: str, kind: Kind, header: Mapping[str, Any]) -> None:
+        if kind is Kind.ERROR and header.get("code") == ErrorCode.EXPIRED.value:
+            # The operator re-sends this very attempt with fresh URLs: it must run again,
+            # not be answered with the refusal from the cache.
+            return
         self._answers[job] = Answer(kind, header, time.monotonic())
         while len(self._answers) > self.config.result_cache_size:
             self._answers.popitem(last=False)
