@@ -36,7 +36,9 @@ def _png(width: int, height: int, seed: int = 0) -> bytes:
 
 
 # Heavy enough on one CPU thread to be caught mid-flight (a few seconds), small to upload.
-SLOW_STEPS = [{"op": "upscale", "width": 3072, "method": "lanczos"}, {"op": "sharpen", "radius": 3},
+# Seconds of work on a CPU worker: long enough to kill, cancel or time out a job mid-way.
+SLOW_STEPS = [{"op": "upscale", "width": 4096, "method": "lanczos"}, {"op": "rotate", "angle": 7, "expand": True},
+              {"op": "denoise", "method": "median", "size": 5}, {"op": "rotate", "angle": -7, "expand": True},
               {"op": "blur", "radius": 4}]
 
 
