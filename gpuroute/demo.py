@@ -138,6 +138,9 @@ def run_demo(*, workdir: str | None, output_dir: str, keep_running: bool, worker
             for line in failed:
                 print(f"NOT COMPLETED {line}", file=sys.stderr)
             if keep_running:
+                print(f"\nStatus page and API: http://127.0.0.1:{stack.operator_web_port}/ (sign in with a bearer "
+                      f"token the API server accepts, e.g. the admin token in {cp.kubeconfig}); "
+                      f"Prometheus metrics: http://127.0.0.1:{stack.operator_metrics_port}/metrics")
                 _wait_for_interrupt(cp.kubeconfig)
             return 1 if failed else 0
         finally:
