@@ -410,7 +410,7 @@ class ControlPlane:
         log_file.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
         log_file.flush()
         offset = log_file.tell()
-        argv = [*_pdeathsig_prefix(), *argv]
+        argv = [*pdeathsig_prefix(), *argv]
         try:
             # Own session (and so process group): a Ctrl-C aimed at the test run does not
             # hit the children mid-shutdown, and stop() can signal the whole group.
@@ -650,7 +650,7 @@ class ControlPlane:
         return f"ControlPlane(name={self.config.name!r}, {where})"
 
 
-def _pdeathsig_prefix() -> list[str]:
+def pdeathsig_prefix() -> list[str]:
     """``setpriv --pdeathsig KILL`` when that is safe, else nothing.
 
     atexit does not run when this process is SIGKILLed (a CI timeout, an OOM kill), so

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuroute.curve_keys import KeyPair, write_key_file
-from gpuroute.localenv.controlplane import ControlPlane
+from gpuroute.localenv.controlplane import ControlPlane, pdeathsig_prefix
 from gpuroute.localenv.objectstore import S3Server
 
 GROUP, VERSION = "gpuroute.io", "v1alpha1"
@@ -257,8 +257,10 @@ class LocalStack:
     def spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> ManagedProcess:
         log_path = self.workdir / f"{name}.log"
         log = log_path.open("ab")
-        popen = subprocess.Popen([sys.executable, "-m", "gpuroute.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                 env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        # pdeathsig: a test run that is killed outright must not leave operators and workers
+        # running (and writing logs) for hours after it.
+        popen = subprocess.Popen([*pdeathsig_prefix(), sys.executable, "-m", "gpuroute.cli", *args], stdout=log,
+                                 stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         log.close()
         return ManagedProcess(name, popen, log_path)
 
