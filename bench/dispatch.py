@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import io
-import ipaddress
 import os
 import signal
 import ssl
@@ -46,7 +44,7 @@ import zmq
 import zmq.asyncio
 from PIL import Image
 
-from bench.common import row, summary_ms
+from bench.common import row, self_signed_cert, summary_ms
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair, write_key_file
 from gpuroute.localenv.tcpproxy import TcpProxy
@@ -99,27 +97,6 @@ def _serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def _https_server(sink_url: str, cert: Path, key: Path) -> ThreadingHTTPServer:
@@ -298,7 +275,7 @@ def run(*, jobs: int = 100, delay_s: float = ONE_WAY_DELAY_S) -> dict[str, Any]:
                 _serving(ThreadingHTTPServer(("127.0.0.1", 0), _Sink)) as sink:
             folder = Path(tmp)
             sink_url = f"http://127.0.0.1:{sink.server_address[1]}"
-            cert, key = _self_signed(folder)
+            cert, key = self_signed_cert(folder)
             with _serving(_https_server(sink_url, cert, key)) as https, \
                     TcpProxy("127.0.0.1", https.server_address[1], delay_s=delay_s) as link:
                 https_url = f"https://127.0.0.1:{link.port}/job"

@@ -20,8 +20,6 @@ trip (≈ 2 x RTT), which the pooled client pays once.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import socket
 import statistics
@@ -33,30 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import row
+from bench.common import row, self_signed_cert
 
 INPUT_BYTES = 200 * 1024
 BLOCK = 10
-
-
-def _self_signed(folder: Path) -> Path:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    return folder / "cert.pem"
 
 
 def _free_port() -> int:
@@ -94,7 +72,7 @@ def run(*, jobs: int = 200) -> dict[str, Any]:
     from gpuroute_worker.transfer import TransferClient, TransferConfig
 
     with tempfile.TemporaryDirectory(prefix="gpuroute-bench-tls-") as folder:
-        own = _self_signed(Path(folder))
+        own, own_key = self_signed_cert(Path(folder))
         # Trust what a worker trusts in production (the public CA bundle requests ships)
         # plus this server's certificate: loading that bundle is the per-connection cost.
         import certifi
@@ -103,7 +81,7 @@ def run(*, jobs: int = 200) -> dict[str, Any]:
         cert.write_bytes(Path(certifi.where()).read_bytes() + b"\n" + own.read_bytes())
         port = _free_port()
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port),
-                                   "-c", str(own), "-k", str(Path(folder) / "key.pem")],
+                                   "-c", str(own), "-k", str(own_key)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   env={**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
         try:

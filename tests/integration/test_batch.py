@@ -5,17 +5,15 @@ mid-batch resuming without redoing items, the Progress printer column, and cance
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from gpuroute.localenv.stack import LocalStack, PoolConfig
+from tests.images import noise_png
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +27,10 @@ COMPLETED = {"outcome": "completed"}
 SLOW = [{"op": "upscale", "width": 1024, "method": "lanczos"}, {"op": "blur", "radius": 6}]
 
 
-def _png(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _upload(s3: Any, folder: str, good: int, corrupt: int = 0, size: tuple[int, int] = (24, 16)) -> None:
     client = s3.client()
     for i in range(good):
-        client.put_object(Bucket=BUCKET, Key=f"{folder}/img-{i:04d}.png", Body=_png(*size, seed=i))
+        client.put_object(Bucket=BUCKET, Key=f"{folder}/img-{i:04d}.png", Body=noise_png(*size, seed=i))
     for i in range(corrupt):
         client.put_object(Bucket=BUCKET, Key=f"{folder}/bad-{i:02d}.png", Body=b"\x89PNG\r\n\x1a\n" + b"junk" * 50)
     client.put_object(Bucket=BUCKET, Key=f"{folder}/notes.txt", Body=b"not matched by *.png")

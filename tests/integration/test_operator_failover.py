@@ -4,18 +4,16 @@ load and every job still completes exactly once (issue 9, standby operator)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import signal
 import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from gpuroute.localenv.stack import TERMINAL_PHASES, LocalStack, PoolConfig
+from tests.images import noise_png
 
 pytestmark = pytest.mark.integration
 
@@ -27,19 +25,11 @@ TAKEOVER_GOAL_S = 5.0
 SLOW_STEPS = [{"op": "upscale", "width": 2048, "method": "lanczos"}, {"op": "sharpen", "radius": 3}]
 
 
-def _png(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def stack(control_plane: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     s3_server.create_bucket(BUCKET)
-    s3_server.client().put_object(Bucket=BUCKET, Key="in/small.png", Body=_png(96, 64, 0))
-    s3_server.client().put_object(Bucket=BUCKET, Key="in/large.png", Body=_png(512, 384, 1))
+    s3_server.client().put_object(Bucket=BUCKET, Key="in/small.png", Body=noise_png(96, 64, 0))
+    s3_server.client().put_object(Bucket=BUCKET, Key="in/large.png", Body=noise_png(512, 384, 1))
     stack = LocalStack(tmp_path_factory.mktemp("failover"), control_plane, s3_server, namespace="gpuroute-ha")
     stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
     stack.add_pool(PoolConfig(POOL, workers=("w1", "w2"), max_in_flight_per_worker=2))

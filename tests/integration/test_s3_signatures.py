@@ -16,6 +16,7 @@ from gpuroute.localenv.stack import LocalStack, PoolConfig
 from gpuroute_operator.spec import parse_storage_uri
 from gpuroute_operator.storage import Presigner
 from gpuroute_worker.transfer import TransferClient, TransferConfig, TransferError
+from tests.images import noise_png
 
 FAST = TransferConfig(retries=0, total_timeout_s=10)
 
@@ -71,7 +72,7 @@ def test_expired_presigned_url_is_refused_by_storage(s3: VerifyingS3) -> None:
 @pytest.fixture(scope="module")
 def signed_stack(s3: VerifyingS3, control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """Operator and a worker whose presigned URLs go through the verifying front."""
-    s3.backend.client().put_object(Bucket="signed", Key="team-a/big.png", Body=_png(768, 512))
+    s3.backend.client().put_object(Bucket="signed", Key="team-a/big.png", Body=noise_png(768, 512, seed=3))
     stack = LocalStack(tmp_path_factory.mktemp("signed"), control_plane, s3.backend)
     stack.ensure_namespace(NS, read=["s3://signed/team-a/"], write=["s3://signed/team-a/out/"])
     stack.add_pool(PoolConfig(POOL, workers=("s1",)))
@@ -87,17 +88,6 @@ NS, POOL = "team-signed", "signed-pool"
 SLOW = [{"op": "upscale", "width": 4096, "method": "lanczos"}, {"op": "rotate", "angle": 7, "expand": True},
         {"op": "sharpen", "radius": 3}, {"op": "denoise", "method": "median", "size": 5},
         {"op": "rotate", "angle": -7, "expand": True}, {"op": "blur", "radius": 4}]
-
-
-def _png(width: int, height: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_a_url_refused_after_rotation_is_signed_again_without_spending_an_attempt(

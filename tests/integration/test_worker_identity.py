@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import zmq
 import zmq.utils.monitor
-from PIL import Image
 
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair
 from gpuroute.localenv.stack import LocalStack, PoolConfig
 from gpuroute.protocol import AttemptId, Kind, OutputInfo, Ready, Result, StageTiming
+from tests.images import noise_png
 
 BUCKET = "gpuroute-identity"
 NS = "team-id"
@@ -31,17 +29,10 @@ POOL_A, POOL_B = "pool-a", "pool-b"
 RECEIVE_S = 2.0
 
 
-def _png(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def stack(control_plane: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     s3_server.create_bucket(BUCKET)
-    s3_server.client().put_object(Bucket=BUCKET, Key="in/a.png", Body=_png(1))
+    s3_server.client().put_object(Bucket=BUCKET, Key="in/a.png", Body=noise_png(64, 48, seed=1))
     stack = LocalStack(tmp_path_factory.mktemp("identity"), control_plane, s3_server)
     stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
     stack.add_pool(PoolConfig(POOL_A, workers=("a1", "a2")))
