@@ -20,7 +20,7 @@ import zmq.utils.monitor
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair
 from gpuroute.localenv.stack import LocalStack, PoolConfig
-from gpuroute.protocol import AttemptId, Kind, OutputInfo, Ready, Result, StageTiming
+from gpuroute.protocol import AttemptId, Heartbeat, Kind, OutputInfo, Ready, Result, StageTiming
 from tests.images import noise_png
 
 BUCKET = "gpuroute-identity"
@@ -71,10 +71,15 @@ class RogueWorker:
                 out.append(protocol.decode(self.socket.recv_multipart()))
         return out
 
-    def first_reply(self, body: Any, seconds: float = 15.0) -> protocol.Message | None:
-        """Send `body` until the operator answers (a busy machine may take a while); its first message."""
+    def first_reply(self, body: Any, seconds: float = 15.0,
+                    keep_alive: RogueWorker | None = None) -> protocol.Message | None:
+        """Send `body` until the operator answers (a busy machine may take a while); its first message.
+        `keep_alive`, another registered connection, heartbeats meanwhile so that the operator
+        does not drop it as silent while this one waits."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
+            if keep_alive is not None:
+                keep_alive.send(Heartbeat(pong=time.monotonic()))
             self.send(body)
             got = self.received(0.5)
             if got:
@@ -180,18 +185,22 @@ def test_forged_and_foreign_results_are_dropped_and_counted(stack: LocalStack, s
 def test_one_key_one_connection(stack: LocalStack) -> None:
     key = stack.worker_keys[(POOL_A, "a2")]
     first = RogueWorker(stack, key, _routing_id(stack, POOL_A, "a2"))
-    second = RogueWorker(stack, key, _routing_id(stack, POOL_A, "a2") + b"-twin")
+    second: RogueWorker | None = None
     try:
         reply = first.first_reply(Ready(pool=POOL_A, worker="a2", capacity=1))
         assert reply is not None and reply.kind is Kind.HEARTBEAT
-        reply = second.first_reply(Ready(pool=POOL_A, worker="a2-twin", capacity=1))
+        # Connected only now: a connection that sends no READY for a while is cut, and the
+        # first one keeps heartbeating so that it is live when the twin asks.
+        second = RogueWorker(stack, key, _routing_id(stack, POOL_A, "a2") + b"-twin")
+        reply = second.first_reply(Ready(pool=POOL_A, worker="a2-twin", capacity=1), keep_alive=first)
         assert reply is not None and reply.kind is Kind.DISCONNECT, reply
         assert second.was_disconnected(5.0)
         ids = [w["id"] for w in stack.worker_pool(POOL_A)["status"].get("workers", [])]
         assert "a2-twin" not in ids
     finally:
         first.close()
-        second.close()
+        if second is not None:
+            second.close()
 
 
 def test_a_revoked_key_is_disconnected_within_seconds(stack: LocalStack) -> None:
