@@ -170,6 +170,27 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads, summed by thread name (/proc/<pid>/task/*/stat):
+    separates the Python event loop from ZeroMQ's I/O thread and the executor threads."""
+    out: dict[str, float] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as handle:
+                raw = handle.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        name = re.sub(r"[_/]?\d+$", "", name)  # asyncio_0, asyncio_1 -> asyncio; ZMQbg/IO/0 -> ZMQbg/IO
+        fields = raw.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def cpu_snapshot(stack: LocalStack) -> dict[str, float]:
     """CPU seconds so far of every process of the stack, by component.
 
@@ -181,6 +202,8 @@ def cpu_snapshot(stack: LocalStack) -> dict[str, float]:
     snapshot = {"bench process (clients, watch, moto S3)": times.user + times.system}
     if stack.operator is not None:
         snapshot["operator"] = _cpu_seconds(stack.operator.popen.pid)
+        for thread, seconds in thread_cpu_seconds(stack.operator.popen.pid).items():
+            snapshot[f"operator thread {thread}"] = seconds
     snapshot["workers"] = sum(_cpu_seconds(w.popen.pid) for w in stack.workers.values())
     for child in getattr(stack.control_plane, "_children", []):
         snapshot[str(child.name)] = _cpu_seconds(child.popen.pid)

@@ -28,6 +28,7 @@ inside it, not an object with the folder's own name. `s3://b/team-a` grants
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -63,12 +64,17 @@ class NormalisedURI:
         return f"{self.scheme}://{self.authority}/{path}{tail}"
 
 
+_UNSAFE_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]|[^\S ]")
+"""C0 and C1 controls, and whitespace other than a plain space (`\\s` in a str pattern is
+str.isspace(): tabs, newlines, Unicode line and paragraph separators)."""
+
+
 def _refuse_chars(text: str, what: str) -> None:
     if "\\" in text:
         raise UnsafeURI(f"{what} contains a backslash")
     # A plain space is a legal key character (and %20 in a URL path); tabs, newlines,
     # NUL and Unicode line separators are where parsers part ways.
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or (c.isspace() and c != " ") for c in text):
+    if _UNSAFE_CHAR.search(text):
         raise UnsafeURI(f"{what} contains control characters or whitespace other than a space")
 
 
@@ -201,11 +207,16 @@ def parse_grants(prefixes: Iterable[str]) -> tuple[tuple[NormalisedURI, ...], tu
     return tuple(good), tuple(bad)
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(prefixes: tuple[str, ...]) -> tuple[NormalisedURI, ...]:
+    # A namespace's grants are checked for every item of a batch: parsed once, not per item.
+    return parse_grants(prefixes)[0]
+
+
 def allowed(uri: str, prefixes: Iterable[str]) -> bool:
     """Whether `uri` lies under one of `prefixes`; False for any URI that cannot be normalised."""
     try:
         target = normalise(uri)
     except UnsafeURI:
         return False
-    grants, _ = parse_grants(prefixes)
-    return any(covers(grant, target) for grant in grants)
+    return any(covers(grant, target) for grant in _parsed(tuple(prefixes)))

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gpuroute.protocol import CONTENT_TYPES
-from gpuroute_operator import grants
+from gpuroute_operator import grants, sigv4
 from gpuroute_operator.spec import JobSpec, SpecError, StorageURI
 
 READ_ANNOTATION = "gpuroute.io/storage-read"
@@ -124,6 +124,10 @@ S3_CLIENT_RETRY_S = 10.0
 """While S3 signing fails, a fresh client (which re-reads the credential chain) is built this often."""
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)
+TEMPLATE_RETRY_S = 60.0
+"""After botocore's URL could not be reproduced (sigv4.learn), it signs that kind this long."""
+MAX_TEMPLATES = 4096
+"""Learned URL templates kept (buckets x methods x content types) before starting over."""
 
 
 class Presigner:
@@ -159,6 +163,11 @@ class Presigner:
         self._wake = threading.Event()
         self._closed = False
         self._renewer: threading.Thread | None = None
+        self._templates: dict[tuple[str, str, str], sigv4.UrlTemplate] = {}
+        """(bucket, method, content type) -> where botocore sends it, for signing without botocore."""
+        self._learn_after: dict[tuple[str, str, str], float] = {}
+        self._templates_client: Any = None
+        self._signing_keys = sigv4.SigningKeys()
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
@@ -338,13 +347,41 @@ class Presigner:
     def _s3_presign(self, field_name: str, method: str, params: dict[str, str], expires_s: int) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        client = self._s3_client()
+        if client is not self._templates_client:
+            # A rebuilt client may resolve endpoints differently: learn again from it.
+            self._templates, self._learn_after, self._templates_client = {}, {}, client
+        http_method = "PUT" if method == "put_object" else "GET"
+        headers = {"Content-Type": params["ContentType"]} if "ContentType" in params else None
+        slot = (params["Bucket"], http_method, params.get("ContentType", ""))
+        credentials = _frozen_credentials(client)
+        template = self._templates.get(slot)
+        if template is not None and credentials is not None:
+            return sigv4.presign(template, http_method, params["Key"], credentials=credentials,
+                                 timestamp=sigv4.amz_date(time.time()), expires_s=expires_s, headers=headers,
+                                 keys=self._signing_keys)
         try:
-            return str(self._s3_client().generate_presigned_url(method, Params=params, ExpiresIn=expires_s))
+            url = str(client.generate_presigned_url(method, Params=params, ExpiresIn=expires_s))
         except (BotoCoreError, ClientError) as exc:
             # No credentials yet (an IRSA token not mounted, a metadata service hiccup): signing is
             # local once they exist, so the job waits for them.
             self._rebuild_s3_soon()
             raise SigningUnavailable(field_name, f"cannot sign for S3: {exc}") from exc
+        now = time.monotonic()
+        if credentials is not None and self._learn_after.get(slot, 0.0) <= now:
+            learned = sigv4.learn(url, http_method, params["Key"], credentials=credentials, expires_s=expires_s,
+                                  headers=headers)
+            if learned is None:
+                # Credentials refreshed between the two signatures, or a signing scheme this module
+                # does not write: botocore signs this kind, and learning is tried again later.
+                self._learn_after[slot] = now + TEMPLATE_RETRY_S
+                log.info("S3 URLs for bucket %s (%s) are signed by botocore: its URL could not be reproduced",
+                         slot[0], http_method)
+            else:
+                if len(self._templates) >= MAX_TEMPLATES:
+                    self._templates.clear()
+                self._templates[slot] = learned
+        return url
 
     def get(self, uri: StorageURI, *, expires_s: int | None = None) -> SignedURL:
         if uri.scheme == "s3":
@@ -377,6 +414,22 @@ def _new_s3_client() -> Any:
     # SigV4 with path-style addressing works for AWS and for S3-compatible endpoints.
     return boto3.session.Session().client(
         "s3", config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+
+
+def _frozen_credentials(client: Any) -> sigv4.Credentials | None:
+    """The credentials `client` signs with now (refreshed by botocore when they are about to
+    expire), or None when it has none: then botocore signs, and says what is missing."""
+    from botocore.exceptions import BotoCoreError
+
+    getter = getattr(client, "_get_credentials", None)  # absent on a client that is not botocore's
+    try:
+        held = getter() if getter is not None else None
+        frozen = held.get_frozen_credentials() if held is not None else None
+    except BotoCoreError:
+        return None
+    if frozen is None or not frozen.access_key or not frozen.secret_key:
+        return None
+    return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
 
 def _parse_time(value: str) -> dt.datetime:

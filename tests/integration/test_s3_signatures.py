@@ -59,6 +59,26 @@ def test_valid_presigned_get_and_put_work_tampered_and_unsigned_are_refused(s3: 
         transfers.upload(put.url, b"evil", headers={"Content-Type": "text/html"})
 
 
+def test_urls_signed_without_botocore_are_accepted_and_still_bound(s3: VerifyingS3) -> None:
+    # The first URL of each kind comes from botocore and teaches the template; these do not.
+    presigner = _presigner(s3)
+    transfers = TransferClient(FAST)
+    presigner.get(parse_storage_uri("s3://signed/team-a/in.png", "in"))
+    presigner.put(parse_storage_uri("s3://signed/team-a/first.png", "out"), "png")
+    key = "team-a/sub dir/ü+x=y&z.png"
+    put = presigner.put(parse_storage_uri(f"s3://signed/{key}", "out"), "png")
+    transfers.upload(put.url, b"fast", headers=put.headers)
+    get = presigner.get(parse_storage_uri(f"s3://signed/{key}", "in"))
+    assert transfers.download(get.url, max_bytes=100, untrusted=False) == b"fast"
+    assert s3.backend.client().get_object(Bucket="signed", Key=key)["Body"].read() == b"fast"
+    for bad in (get.url.replace("team-a/", "team-b/"), get.url.replace("X-Amz-Expires=3600", "X-Amz-Expires=7200")):
+        with pytest.raises(TransferError) as caught:
+            transfers.download(bad, max_bytes=100, untrusted=False)
+        assert caught.value.rejected is True
+    with pytest.raises(TransferError):
+        transfers.upload(put.url, b"evil", headers={"Content-Type": "text/html"})
+
+
 def test_expired_presigned_url_is_refused_by_storage(s3: VerifyingS3) -> None:
     presigner = _presigner(s3)
     url = presigner.get(parse_storage_uri("s3://signed/team-a/in.png", "in"), expires_s=1).url

@@ -159,6 +159,26 @@ def test_sibling_prefixes_never_match(segments: list[str], extra: str) -> None:
     assert not allowed(sibling, [grant]) or normalise(sibling).segments[:len(segments)] == tuple(segments)
 
 
+def test_every_character_is_refused_or_allowed_by_its_definition() -> None:
+    # The rule as written: C0/C1 controls and any whitespace but a plain space are refused.
+    def unsafe(c: str) -> bool:
+        return ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or (c.isspace() and c != " ")
+
+    refused = allowed_chars = 0
+    for code in range(0x110000):
+        if 0xD800 <= code < 0xE000:
+            continue  # surrogates cannot be in a str that came from JSON text
+        c = chr(code)
+        accepted = allowed(f"s3://datasets/a{c}b.png", ["s3://datasets/"])
+        if unsafe(c):
+            assert not accepted, f"U+{code:04X} was accepted"
+            refused += 1
+        elif c not in "#%?\\":  # refused for their own reasons (fragment, escapes, query, backslash)
+            assert accepted, f"U+{code:04X} was refused"
+            allowed_chars += 1
+    assert refused > 60 and allowed_chars > 1_000_000
+
+
 def test_zz_report_property_counts() -> None:
     # Printed so a CI log shows how many inputs the properties above tried (pytest -s).
     print(f"grant properties tried: {_counts}")
