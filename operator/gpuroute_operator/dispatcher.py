@@ -185,7 +185,7 @@ class Dispatcher:
         if job.uid in self.jobs or job.uid in self.finished:
             return
         self.ledger.add(job)
-        metrics.JOBS_ADMITTED.labels(job.priority).inc()
+        metrics.labelled(metrics.JOBS_ADMITTED, job.priority).inc()
         if cancel is not None:
             self._finish(job, Phase.CANCELLED, "CancelRequested", cancel, now)
             return
@@ -374,7 +374,7 @@ class Dispatcher:
             event = TerminalEvent(phase.value if phase is not Phase.FAILED else reason, message,
                                   warning=phase is Phase.FAILED)
             self.effects.publish(job.ref, job.status(), urgent=True, terminal_event=event)
-        metrics.JOBS_FINISHED.labels(phase.value, reason).inc()
+        metrics.labelled(metrics.JOBS_FINISHED, phase.value, reason).inc()
 
     def _warn(self, job: Job, reason: str, message: str) -> None:
         # A batch item's troubles show in its batch's counts and manifest, not as one Event each.
@@ -520,7 +520,7 @@ class Dispatcher:
         job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
         message = (f"{result.output.width}x{result.output.height} {result.output.format} "
                    f"written to {job.spec.output.uri}")
-        metrics.E2E_SECONDS.labels(conn.pool).observe(max(0.0, now - job.queued_at))
+        metrics.labelled(metrics.E2E_SECONDS, conn.pool).observe(max(0.0, now - job.queued_at))
         self._finish(job, Phase.COMPLETED, "Succeeded", message, now, result=result)
 
     def on_error(self, conn: WorkerConn, error: Error, now: float) -> None:

@@ -99,8 +99,9 @@ class Job:
         self.phase = phase
         self.reason = reason
         self.message = message
-        self.conditions = conditions(phase, reason=reason, message=message, now=now_rfc3339(at),
-                                     generation=self.generation, previous=self.conditions)
+        if self.batch is None:  # an item has no resource of its own: its conditions would never be written
+            self.conditions = conditions(phase, reason=reason, message=message, now=now_rfc3339(at),
+                                         generation=self.generation, previous=self.conditions)
 
     def status(self) -> dict[str, Any]:
         """The full status subresource for this job's current state."""

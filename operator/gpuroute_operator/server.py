@@ -16,7 +16,7 @@ import socket as socket_module
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -30,6 +30,8 @@ from gpuroute_operator import metrics
 log = logging.getLogger(__name__)
 
 REGISTER_WITHIN_S = 5.0
+DRAIN_MAX = 64
+"""Messages read without waiting after each awaited one, before the loop yields."""
 """A connection that has not sent READY this long after it was accepted is closed: a silent
 connection would otherwise hold its routing id, keeping the worker that owns it out."""
 
@@ -166,7 +168,7 @@ class WorkerServer:
             if error.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
             raise error
-        metrics.MESSAGES.labels("out", frames[0].decode()).inc()
+        metrics.labelled(metrics.MESSAGES, "out", frames[0].decode()).inc()
         return True
 
     def kick(self, routing_id: bytes, reason: str) -> None:
@@ -185,27 +187,43 @@ class WorkerServer:
             log.debug("no descriptor for %r: %s", routing_id[:64], exc)
 
     async def _receive(self) -> None:
-        assert self._socket is not None
+        socket = self._socket
+        assert socket is not None
         while True:
-            frames = await self._socket.recv_multipart(copy=False)
-            routing_id = frames[0].bytes
-            try:
-                # Sizes first, from the frame lengths alone: nothing oversized is copied.
-                protocol.check_sizes(frames[1:])
-                user_id = "" if self._plaintext else str(frames[1].get("User-Id"))
-                message = protocol.decode([f.bytes for f in frames[1:]])
-            except ProtocolError as exc:
-                metrics.REJECTED_MESSAGES.labels("malformed").inc()
-                log.warning("dropped malformed message from %r: %s", routing_id[:64], exc)
-                continue
-            metrics.MESSAGES.labels("in", message.kind.name).inc()
-            if message.kind is Kind.READY:
-                self._remember_peer(routing_id, frames[1])
-            try:
-                self._handler.on_message(routing_id, user_id, message)
-            except Exception:  # a handler bug must not take the socket loop down
-                metrics.REJECTED_MESSAGES.labels("handler_error").inc()
-                log.exception("handling %s from %r failed", message.kind.name, routing_id[:64])
+            self._handle(await socket.recv_multipart(copy=False))
+            # What else has arrived is read without waiting: a pyzmq Future and an event-loop pass
+            # per message cost more than handling it (the NOBLOCK read completes at once). Bounded,
+            # and then the loop yields, so that a flood cannot starve the API writers.
+            for _ in range(DRAIN_MAX):
+                try:
+                    # pyzmq types it as an Awaitable; with NOBLOCK it is a Future already done.
+                    ready = cast("asyncio.Future[list[zmq.Frame]]", socket.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                    frames = ready.result()
+                except zmq.Again:
+                    break
+                self._handle(frames)
+            else:
+                await asyncio.sleep(0)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        routing_id = frames[0].bytes
+        try:
+            # Sizes first, from the frame lengths alone: nothing oversized is copied.
+            protocol.check_sizes(frames[1:])
+            user_id = "" if self._plaintext else str(frames[1].get("User-Id"))
+            message = protocol.decode([f.bytes for f in frames[1:]])
+        except ProtocolError as exc:
+            metrics.REJECTED_MESSAGES.labels("malformed").inc()
+            log.warning("dropped malformed message from %r: %s", routing_id[:64], exc)
+            return
+        metrics.labelled(metrics.MESSAGES, "in", message.kind.name).inc()
+        if message.kind is Kind.READY:
+            self._remember_peer(routing_id, frames[1])
+        try:
+            self._handler.on_message(routing_id, user_id, message)
+        except Exception:  # a handler bug must not take the socket loop down
+            metrics.REJECTED_MESSAGES.labels("handler_error").inc()
+            log.exception("handling %s from %r failed", message.kind.name, routing_id[:64])
 
 
 def _fd_peer(fd: int) -> str:

@@ -19,8 +19,10 @@ payload as UNSIGNED-PAYLOAD, the security token inside the signed query).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -92,6 +94,21 @@ def amz_date(epoch_s: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(epoch_s))
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.~/-]*")
+"""Keys that quote() leaves as they are: most keys, so most skip its per-character work."""
+
+
+def _quote_key(key: str) -> str:
+    return key if _PLAIN_KEY.fullmatch(key) else quote(key, safe=_KEY_SAFE)
+
+
+@functools.lru_cache(maxsize=64)
+def _query_parts(access_key: str, token: str | None, scope: str, signed_headers: str) -> tuple[str, str, str]:
+    """The encoded query values that stay the same for a day: credential, token, signed headers."""
+    return (quote(f"{access_key}/{scope}", safe=_QUERY_SAFE), quote(token, safe=_QUERY_SAFE) if token else "",
+            quote(signed_headers, safe=_QUERY_SAFE))
+
+
 def presign(template: UrlTemplate, method: str, key: str, *, credentials: Credentials, timestamp: str,
             expires_s: int, headers: dict[str, str] | None = None, keys: SigningKeys | None = None) -> str:
     """The presigned URL of `method` on object `key`, as botocore would write it.
@@ -101,24 +118,24 @@ def presign(template: UrlTemplate, method: str, key: str, *, credentials: Creden
     """
     date = timestamp[:8]
     scope = f"{date}/{template.region}/{template.service}/aws4_request"
-    params = [("X-Amz-Algorithm", ALGORITHM), ("X-Amz-Credential", f"{credentials.access_key}/{scope}"),
-              ("X-Amz-Date", timestamp), ("X-Amz-Expires", str(expires_s)),
-              ("X-Amz-SignedHeaders", ";".join(template.signed_headers))]
-    if credentials.token is not None:
-        params.append(("X-Amz-Security-Token", credentials.token))
-    encoded = [(quote(k, safe=_QUERY_SAFE), quote(v, safe=_QUERY_SAFE)) for k, v in params]
-    canonical_query = "&".join(f"{k}={v}" for k, v in sorted(encoded))
+    signed = ";".join(template.signed_headers)
+    credential, token, signed_encoded = _query_parts(credentials.access_key, credentials.token, scope, signed)
+    # Already percent-encoded (the timestamp and the expiry are digits and letters). The
+    # canonical query is sorted by name; the URL keeps botocore's order.
+    head = f"X-Amz-Algorithm={ALGORITHM}&X-Amz-Credential={credential}&X-Amz-Date={timestamp}&X-Amz-Expires={expires_s}"
+    token_param = f"&X-Amz-Security-Token={token}" if credentials.token is not None else ""
+    canonical_query = f"{head}{token_param}&X-Amz-SignedHeaders={signed_encoded}"
     values = {name.lower(): " ".join(value.split()) for name, value in (headers or {}).items()}
     values["host"] = template.host
     canonical_headers = "".join(f"{name}:{values[name]}\n" for name in template.signed_headers)
-    path = template.path_prefix + quote(key, safe=_KEY_SAFE)
-    canonical = "\n".join((method.upper(), path, canonical_query, canonical_headers,
-                           ";".join(template.signed_headers), UNSIGNED_PAYLOAD))
+    quoted_key = _quote_key(key)
+    canonical = "\n".join((method.upper(), template.path_prefix + quoted_key, canonical_query, canonical_headers,
+                           signed, UNSIGNED_PAYLOAD))
     to_sign = "\n".join((ALGORITHM, timestamp, scope, hashlib.sha256(canonical.encode()).hexdigest()))
     signing_key = (keys or SigningKeys()).get(credentials.secret_key, date, template.region, template.service)
     signature = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
-    query = "&".join(f"{k}={v}" for k, v in encoded)
-    return f"{template.base}{quote(key, safe=_KEY_SAFE)}?{query}&X-Amz-Signature={signature}"
+    return (f"{template.base}{quoted_key}?{head}&X-Amz-SignedHeaders={signed_encoded}{token_param}"
+            f"&X-Amz-Signature={signature}")
 
 
 def learn(url: str, method: str, key: str, *, credentials: Credentials, expires_s: int,
