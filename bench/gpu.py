@@ -14,9 +14,12 @@
 Copies: every figure's call goes host -> device -> host as the executor does it
 (executor.to_device_floats / to_host_levels: uint8 pixels up, uint8 levels down), and
 the result lists host-to-device and device-to-host copies and bytes per image
-(`copies`), so a change that adds a transfer shows. No nvJPEG decode path: torchvision
-is not a dependency (its CPU build pins one torch release each, which would fight the
-CUDA image's torch); decode stays on CPU threads.
+(`copies`), so a change that adds a transfer shows.
+- JPEG per image: one 1080p JPEG through decode, compute (the batching pipeline) and JPEG
+  encode, each timed apart, as the worker runs a job. Decode two ways: nvJPEG on the device
+  (gpuroute_worker.nvjpeg, where torchvision is installed for this torch, as in the worker
+  image) against Pillow on one host thread; compute from device-decoded pixels copies
+  nothing up (`jpeg.h2d_bytes`), from host-decoded ones the raw pixels.
 
 GPU times come from CUDA events around `repeats` calls after a warm-up. Without CUDA,
 `run()` returns a skip note and measures nothing. `run(device="cpu", ...)` with tiny
@@ -26,6 +29,7 @@ perf_counter; such figures mean nothing for a GPU.
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -116,6 +120,61 @@ def _batching(device: torch.device, sizes: Sequence[int], batches: Sequence[int]
             torch.cuda.empty_cache()
 
 
+def _jpeg_per_image(device: torch.device, frame_hw: tuple[int, int], timed: Callable[[Callable[[], Any]], float],
+                    repeats: int, out: dict[str, Any]) -> None:
+    from gpuroute_worker import nvjpeg
+    from gpuroute_worker.codec import decode_image, encode_image
+
+    h, w = frame_hw
+    rng = np.random.default_rng(1)
+    # Smooth gradients plus noise: compresses like a photograph, not like pure noise.
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // max(1, w - 1), yy * 255 // max(1, h - 1), (xx + yy) * 255 // max(1, h + w - 2)], -1)
+    array = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    limit = 1 << 30
+    steps = normalize_steps(BATCH_STEPS)
+    host_pixels = decode_image(data, max_bytes=limit, max_pixels=limit).pixels
+    figures: dict[str, Any] = {"frame": f"{w}x{h}", "jpeg_bytes": len(data), "raw_bytes": host_pixels.numel()}
+    figures["decode_host_ms"] = round(best_of(lambda: decode_image(data, max_bytes=limit, max_pixels=limit).pixels,
+                                              repeats) * 1000, 3)
+    stats = CopyStats()
+    source = host_pixels
+    if nvjpeg.available(device):
+        def device_decode() -> torch.Tensor:
+            decoded = nvjpeg.decode_on_device(data, device, max_pixels=limit, keep_metadata=False)
+            assert decoded is not None, "nvJPEG refused the benchmark's JPEG"
+            return decoded.pixels
+
+        figures["decode_device_ms"] = round(timed(device_decode) * 1000, 3)
+        source = device_decode()
+    else:
+        figures["decode_device_ms"] = None
+        figures["nvjpeg"] = "off: needs CUDA and a torchvision built for this torch"
+
+    calls = [0]
+
+    def compute() -> torch.Tensor:
+        calls[0] += 1
+        return to_host_levels(run_pipeline(to_device_floats([source], device, stats), steps), sixteen=False,
+                              stats=stats)
+
+    levels = compute()
+    figures["compute_ms"] = round(timed(compute) * 1000, 3)
+    figures["h2d_bytes_per_image"] = round(stats.h2d_bytes / calls[0])
+    figures["encode_ms"] = round(best_of(lambda: encode_image(levels[0], fmt="jpeg", quality=90), repeats) * 1000, 3)
+    out["jpeg"] = figures
+    if figures["decode_device_ms"] is not None:
+        out["rows"].append(row("gpu jpeg", f"decode {w}x{h} JPEG, nvJPEG on the device", figures["decode_device_ms"],
+                               "ms/image", "Pillow, 1 host thread", figures["decode_host_ms"], higher_is_better=False))
+    for stage in ("compute", "encode"):
+        out["rows"].append(row("gpu jpeg", f"{stage} {w}x{h} per image ({device.type})", figures[f"{stage}_ms"],
+                               "ms/image", "host decode of the same image", figures["decode_host_ms"],
+                               higher_is_better=False))
+
+
 def _super_resolution(device: torch.device, frame_hw: tuple[int, int], dtypes: Sequence[str], rrdb_blocks: int,
                       timed: Callable[[Callable[[], Any]], float], out: dict[str, Any]) -> None:
     from gpuroute_worker.ops.pipeline import DEFAULT_TILE, TILE_PAD
@@ -154,7 +213,8 @@ def _super_resolution(device: torch.device, frame_hw: tuple[int, int], dtypes: S
 
 def run(*, device: str | None = None, op_size: int = 1024, batch_sizes: Sequence[int] = (256, 1024),
         batches: Sequence[int] = (1, 8, 32), sr_frame: tuple[int, int] = (1080, 1920), dtypes: Sequence[str] = DTYPES,
-        rrdb_blocks: int = 23, repeats: int = 10, sr_repeats: int = 3) -> dict[str, Any]:
+        rrdb_blocks: int = 23, repeats: int = 10, sr_repeats: int = 3,
+        jpeg_frame: tuple[int, int] = (1080, 1920)) -> dict[str, Any]:
     if device is None:
         if not torch.cuda.is_available():
             return {"skipped": "no CUDA device on this machine", "rows": []}
@@ -176,6 +236,7 @@ def run(*, device: str | None = None, op_size: int = 1024, batch_sizes: Sequence
                      "h2d_bytes_per_call": round((COPIES.h2d_bytes - before[2]) / calls),
                      "d2h_bytes_per_call": round((COPIES.d2h_bytes - before[3]) / calls)}
     _batching(dev, batch_sizes, batches, _timer(dev, repeats), out)
+    _jpeg_per_image(dev, jpeg_frame, _timer(dev, repeats), repeats, out)
     _super_resolution(dev, sr_frame, dtypes, rrdb_blocks, _timer(dev, sr_repeats), out)
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out

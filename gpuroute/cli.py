@@ -97,6 +97,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_batch_wait_ms=args.max_batch_wait_ms,
         device=args.device,
+        nvjpeg=not args.no_nvjpeg,
         health_port=args.health_port or None,
         torch_threads=args.threads,
         models={m.name: m for m in args.model},
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch")
     wk.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="time a batch waits to fill")
     wk.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    wk.add_argument("--no-nvjpeg", action="store_true",
+                    help="decode every JPEG on the host (Pillow), even where nvJPEG could on the GPU")
     wk.add_argument("--health-port", type=int, default=8081, help="/healthz, /readyz, /metrics; 0 disables")
     wk.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     wk.add_argument("--model", type=_parse_model, action="append", default=[],

@@ -45,6 +45,8 @@ class WorkerConfig:
     """How long the executor waits for a batch to fill before running it."""
     device: str = "auto"
     """torch device: auto picks cuda when present, else cpu."""
+    nvjpeg: bool = True
+    """Decode plain JPEGs on the GPU with nvJPEG when torchvision is installed (gpuroute_worker.nvjpeg)."""
     max_input_bytes: int = 64 * 1024 * 1024
     """Largest encoded input accepted."""
     max_input_pixels: int = 64_000_000

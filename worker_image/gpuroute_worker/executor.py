@@ -60,21 +60,32 @@ class CopyStats:
 
 
 def to_device_floats(pixels: Sequence[torch.Tensor], device: torch.device, stats: CopyStats | None = None) -> torch.Tensor:
-    """Stack (C, H, W) uint8/uint16 images, copy them to `device` once, as float in [0, 1].
+    """Stack (C, H, W) uint8/uint16 images on `device` as float in [0, 1].
 
-    The integer pixels cross the bus (a quarter of float32's bytes); the conversion runs
-    on the device.
+    Host images are stacked and copied up once: the integer pixels cross the bus (a quarter
+    of float32's bytes) and the conversion runs on the device. Images already there (JPEGs
+    that nvJPEG decoded on the device) are not copied at all.
     """
-    stacked = torch.stack(list(pixels))
-    scale = 65535.0 if stacked.dtype == torch.uint16 else 255.0
+    images = list(pixels)
+    on_host = [i for i, image in enumerate(images) if image.device.type == "cpu"]
+    if device.type != "cpu" and on_host:
+        uploaded = _upload(torch.stack([images[i] for i in on_host]), device, stats)
+        for k, i in enumerate(on_host):
+            images[i] = uploaded[k]
+    stacked = torch.stack(images)
+    scale = 65535.0 if stacked.dtype in (torch.uint16, torch.int32) else 255.0
     if stacked.dtype == torch.uint16:
         stacked = stacked.to(torch.int32)  # CUDA kernels for uint16 arithmetic are sparse
-    if device.type != "cpu":
-        if stats is not None:
-            stats.h2d += 1
-            stats.h2d_bytes += stacked.numel() * stacked.element_size()
-        stacked = stacked.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else stacked.to(device)
     return stacked.to(torch.float32).div_(scale)
+
+
+def _upload(stacked: torch.Tensor, device: torch.device, stats: CopyStats | None) -> torch.Tensor:
+    if stacked.dtype == torch.uint16:
+        stacked = stacked.to(torch.int32)  # CUDA kernels for uint16 arithmetic are sparse
+    if stats is not None:
+        stats.h2d += 1
+        stats.h2d_bytes += stacked.numel() * stacked.element_size()
+    return stacked.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else stacked.to(device)
 
 
 def to_host_levels(out: torch.Tensor, *, sixteen: bool, stats: CopyStats | None = None) -> torch.Tensor:

@@ -24,5 +24,7 @@ ANSWERED_AGAIN = Counter("gpuroute_worker_answered_again_total",
 IN_FLIGHT = Gauge("gpuroute_worker_in_flight", "Jobs accepted and not yet answered.")
 GPU_MEMORY_BYTES = Gauge("gpuroute_worker_gpu_memory_bytes", "GPU memory allocated by torch after the last batch.")
 REJECTED_MESSAGES = Counter("gpuroute_worker_rejected_messages_total", "Messages dropped because they did not parse.", ["reason"])
+DECODES = Counter("gpuroute_worker_decodes_total", "Inputs decoded, by where: device (nvJPEG) or host (Pillow).",
+                  ["where"])
 RECONNECTS = Counter("gpuroute_worker_reconnects_total", "Times the worker re-created its socket to the operator.")
 CONNECTED = Gauge("gpuroute_worker_connected", "1 while the operator answers heartbeats.")

@@ -19,7 +19,7 @@ from typing import Any
 from gpuroute.ops_catalog import StepError, normalize_steps
 from gpuroute.protocol import CONTENT_TYPES, MAX_TEXT, ErrorCode, Kind, Message
 from gpuroute.redact import redact
-from gpuroute_worker import metrics
+from gpuroute_worker import metrics, nvjpeg
 from gpuroute_worker.codec import Decoded, DecodeError, Raster, decode_image, encode_image, output_options
 from gpuroute_worker.config import WorkerConfig, transfer_config
 from gpuroute_worker.executor import BatchExecutor
@@ -182,10 +182,19 @@ class JobRunner:
             # A batching (GPU) executor stacks tensors: make the tensor here, on the decode
             # thread. The CPU path takes the decoder's Pillow image as it is.
             wants_tensor = self.executor.batching
+            device = self.executor.device
+            on_device = wants_tensor and self.config.nvjpeg and nvjpeg.available(device)
 
-            def decode() -> tuple[Decoded, Raster]:
+            def decode() -> tuple[Decoded | nvjpeg.DeviceDecoded, Raster]:
+                if on_device and len(data) <= self.config.max_input_bytes:
+                    jpeg = nvjpeg.decode_on_device(data, device, max_pixels=self.config.max_input_pixels,
+                                                   keep_metadata=options.keep_metadata)
+                    if jpeg is not None:
+                        metrics.DECODES.labels("device").inc()
+                        return jpeg, jpeg.pixels
                 decoded = decode_image(data, max_bytes=self.config.max_input_bytes,
                                        max_pixels=self.config.max_input_pixels, keep_metadata=options.keep_metadata)
+                metrics.DECODES.labels("host").inc()
                 return decoded, decoded.pixels if wants_tensor else decoded.image
 
             decoded, pixels = await asyncio.to_thread(decode)

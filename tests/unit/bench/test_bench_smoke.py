@@ -88,10 +88,12 @@ def test_gpu_bench_skips_without_cuda_and_runs_its_code_on_cpu() -> None:
         assert gpu.run() == {"skipped": "no CUDA device on this machine", "rows": []}
     # Every code path at toy sizes on the CPU (one RRDB block): the figures mean nothing.
     out = gpu.run(device="cpu", op_size=32, batch_sizes=(16,), batches=(1, 2), sr_frame=(8, 12),
-                  dtypes=("float32", "bfloat16"), rrdb_blocks=1, repeats=1, sr_repeats=1)
+                  dtypes=("float32", "bfloat16"), rrdb_blocks=1, repeats=1, sr_repeats=1, jpeg_frame=(24, 40))
     assert set(out["ops"]) == set(worker_ops.OPS)
     assert set(out["batching"]["16^2"]) == {"batch 1", "batch 2"}
     assert set(out["sr"]) == {"RRDBNet x4", "SRVGGNetCompact x4"}
+    assert out["jpeg"]["frame"] == "40x24" and out["jpeg"]["decode_device_ms"] is None  # no nvJPEG on a CPU
+    assert min(out["jpeg"][k] for k in ("decode_host_ms", "compute_ms", "encode_ms")) > 0
     for figures in out["sr"].values():
         assert set(figures["ms_per_frame"]) == {"float32", "bfloat16"}
     _check_rows(out["rows"])
