@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps, ImageStat
+from PIL import Image, ImageChops, ImageEnhance, ImageFilter, ImageOps, ImageStat
 from torch import Tensor
 
 from gpuroute_worker.codec import MODES, Raster, as_tensor, from_pil, shape_of, to_array, to_pil, to_tensor
@@ -134,15 +134,6 @@ def _join(colour: Image.Image, alpha: Image.Image | None) -> Image.Image:
     if colour.mode == "L":
         return Image.merge("LA", (colour, alpha))
     return Image.merge("RGBA", (*colour.split(), alpha))
-
-
-def _colour_only(fn: Callable[[Image.Image], Image.Image]) -> Callable[[Image.Image], Image.Image]:
-    # ImageOps refuses images with alpha; the worker's rule is colour changes, alpha stays.
-    def run(image: Image.Image) -> Image.Image:
-        colour, alpha = _split(image)
-        return _join(fn(colour), alpha)
-
-    return run
 
 
 _IDENTITY = list(range(256))
@@ -261,38 +252,56 @@ def _resize_pillow(image: Image.Image, step: Step) -> Image.Image:
     return image.resize((w, h), _FILTERS[step["method"]])
 
 
-def _pillow_step(step: Step) -> Callable[[Image.Image], Image.Image] | None:
-    op = step["op"]
-    table: dict[str, Callable[[], Callable[[Image.Image], Image.Image]]] = {
-        "upscale": lambda: lambda im: _resize_pillow(im, step),
-        "resize": lambda: lambda im: _resize_pillow(im, step),
-        "blur": lambda: lambda im: im.filter(ImageFilter.GaussianBlur(step["radius"])),
-        "sharpen": lambda: lambda im: im.filter(ImageFilter.UnsharpMask(step["radius"], step["percent"],
-                                                                        step["threshold"])),
-        "denoise": lambda: (_median3 if step["size"] == 3
-                            else lambda im: im.filter(ImageFilter.MedianFilter(step["size"])))
-        if step["method"] == "median" else (lambda im: im.filter(ImageFilter.GaussianBlur(step["radius"]))),
-        "autocontrast": lambda: _colour_only(lambda c: ImageOps.autocontrast(c, cutoff=step["cutoff"])),
-        "equalize": lambda: _colour_only(ImageOps.equalize),
-        "gamma": lambda: lambda im: _gamma(im, step["gamma"]),
-        "brightness": lambda: lambda im: _brightness(im, step["factor"]),
-        "contrast": lambda: lambda im: _contrast(im, step["factor"]),
-        "saturation": lambda: lambda im: ImageEnhance.Color(im).enhance(step["factor"]),
-        "edges": lambda: lambda im: im.filter(ImageFilter.FIND_EDGES),
-        "emboss": lambda: lambda im: im.filter(ImageFilter.EMBOSS),
-        "grayscale": lambda: _colour_only(_grayscale),
-        "sepia": lambda: _colour_only(_sepia(step["amount"])),
-        "invert": lambda: _invert,
-        "crop": lambda: lambda im: im.crop((step["x"], step["y"], step["x"] + step["width"],
-                                            step["y"] + step["height"])),
-        "flip": lambda: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT if step["direction"] == "horizontal"
-                                                else Image.Transpose.FLIP_TOP_BOTTOM),
-        "rotate": lambda: lambda im: _rotate(im, step),
-        "pad": lambda: lambda im: _pad(im, step),
-    }
-    if op == "upscale" and step.get("method") == "model":
+def _colour_step(fn: Callable[[Image.Image, Step], Image.Image]) -> Callable[[Image.Image, Step], Image.Image]:
+    def run(image: Image.Image, step: Step) -> Image.Image:
+        colour, alpha = _split(image)
+        return _join(fn(colour, step), alpha)
+
+    return run
+
+
+def _denoise(image: Image.Image, step: Step) -> Image.Image:
+    if step["method"] != "median":
+        return image.filter(ImageFilter.GaussianBlur(step["radius"]))
+    return _median3(image) if step["size"] == 3 else image.filter(ImageFilter.MedianFilter(step["size"]))
+
+
+def _invert_step(image: Image.Image, step: Step) -> Image.Image:
+    # Without alpha, ImageChops' C loop: the same 255 - v as a table, with no table to build
+    # (Image.point rounds all 768 entries of a table in Python on every call).
+    return ImageChops.invert(image) if image.mode in ("L", "RGB") else _invert(image)
+
+
+_PILLOW_STEPS: dict[str, Callable[[Image.Image, Step], Image.Image]] = {
+    "upscale": _resize_pillow,
+    "resize": _resize_pillow,
+    "blur": lambda im, step: im.filter(ImageFilter.GaussianBlur(step["radius"])),
+    "sharpen": lambda im, step: im.filter(ImageFilter.UnsharpMask(step["radius"], step["percent"], step["threshold"])),
+    "denoise": _denoise,
+    "autocontrast": _colour_step(lambda c, step: ImageOps.autocontrast(c, cutoff=step["cutoff"])),
+    "equalize": _colour_step(lambda c, step: ImageOps.equalize(c)),
+    "gamma": lambda im, step: _gamma(im, step["gamma"]),
+    "brightness": lambda im, step: _brightness(im, step["factor"]),
+    "contrast": lambda im, step: _contrast(im, step["factor"]),
+    "saturation": lambda im, step: ImageEnhance.Color(im).enhance(step["factor"]),
+    "edges": lambda im, step: im.filter(ImageFilter.FIND_EDGES),
+    "emboss": lambda im, step: im.filter(ImageFilter.EMBOSS),
+    "grayscale": _colour_step(lambda c, step: _grayscale(c)),
+    "sepia": _colour_step(lambda c, step: _sepia(step["amount"])(c)),
+    "invert": _invert_step,
+    "crop": lambda im, step: im.crop((step["x"], step["y"], step["x"] + step["width"], step["y"] + step["height"])),
+    "flip": lambda im, step: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT if step["direction"] == "horizontal"
+                                          else Image.Transpose.FLIP_TOP_BOTTOM),
+    "rotate": _rotate,
+    "pad": _pad,
+}
+"""Steps Pillow runs on the CPU, each (image, normalized step) -> image; built once, not per call."""
+
+
+def _pillow_step(step: Step) -> Callable[[Image.Image, Step], Image.Image] | None:
+    if step["op"] == "upscale" and step.get("method") == "model":
         return None
-    return table[op]() if op in table else None
+    return _PILLOW_STEPS.get(step["op"])
 
 
 # ---------------------------------------------------------------------------- torch uint8 steps
@@ -377,7 +386,7 @@ def run_cpu_raster(source: Raster, steps: Sequence[Step], *, models: ModelRegist
         elif _uses_interpolate(step, mode):
             frame.set_pixels(_interpolate_u8(frame.pixels(), step))
         elif pillow is not None:
-            frame.set_image(pillow(frame.image()))
+            frame.set_image(pillow(frame.image(), step))
         else:
             # 16-bit grey and model steps: the float torch op, as on the GPU.
             with torch.inference_mode():
