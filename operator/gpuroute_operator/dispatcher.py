@@ -30,27 +30,25 @@ from gpuroute.protocol import (
     Accepted,
     AttemptId,
     Cancel,
-    Disconnect,
     Error,
     ErrorCode,
-    Heartbeat,
     InputSource,
     JobRequest,
     OutputTarget,
-    Progress,
     Ready,
     Result,
 )
 from gpuroute.redact import redact
 from gpuroute_operator import metrics
 from gpuroute_operator.effects import Effects, TerminalEvent
-from gpuroute_operator.identity import Principal, ready_refusal
+from gpuroute_operator.identity import Principal
 from gpuroute_operator.jobs import Job, Place
 from gpuroute_operator.ledger import Ledger
 from gpuroute_operator.phases import Phase
-from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn, ewma
+from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn
 from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
 from gpuroute_operator.service_model import PipelinePriors
+from gpuroute_operator.sessions import WorkerSessions
 from gpuroute_operator.spec import SpecError
 from gpuroute_operator.storage import SigningUnavailable
 
@@ -109,6 +107,7 @@ class Dispatcher:
         self.ledger = Ledger(self.pools, finished_memory=self.config.finished_memory)
         self.priors = PipelinePriors()
         self.counters: dict[str, int] = {}
+        self.registry = WorkerSessions(self.ledger, self.pools, effects, self, self._count)
 
     # What the shell, the status page and tests read: the ledger's books.
     @property
@@ -156,7 +155,7 @@ class Dispatcher:
         if pool is None:
             return
         for conn in list(pool.workers.values()):
-            self._lose(conn, "pool deleted", now, kick=True, pool=pool)
+            self.registry.lose(conn, "pool deleted", now, kick=True, pool=pool)
         for job in list(pool.queue):
             pool.queue.remove(job.uid)
             job.place = Place.NEW
@@ -165,13 +164,10 @@ class Dispatcher:
 
     def set_keys(self, pool_name: str, admitted: Iterable[Principal], now: float) -> None:
         """The pool's keys Secret now lists exactly `admitted`: sessions of other keys end."""
-        keep = set(admitted)
         pool = self.pools.get(pool_name)
         if pool is None:
             return
-        for conn in list(pool.workers.values()):
-            if conn.principal not in keep:
-                self._lose(conn, "key revoked", now, kick=True)
+        self.registry.keep_only(pool, admitted, now)
         self.pump(now)
 
     # ---- jobs -------------------------------------------------------------------------------
@@ -313,7 +309,7 @@ class Dispatcher:
         if not self.effects.send(conn.routing_id, request, job.spec.inline):
             # Never left the operator: not an attempt. The session is gone; so is its pool's claim.
             job.reuse_attempt = reuse
-            self._lose(conn, "unreachable", now)
+            self.registry.lose(conn, "unreachable", now)
             self._route(job, now, front=True)
             return
         job.attempts = number
@@ -390,37 +386,9 @@ class Dispatcher:
     # ---- worker sessions ------------------------------------------------------------------------
 
     def on_ready(self, routing_id: bytes, principal: Principal, ready: Ready, now: float) -> None:
-        pool = self.pools.get(principal.pool)
-        why = ready_refusal(routing_id, principal, ready, pool.spec if pool else None,
-                            list(pool.workers.values()) if pool else [])
-        if why or pool is None:
-            self._count("bad_ready")
-            log.warning("refused READY from key %s: %s", principal, why)
-            self.effects.kick(routing_id, why)
-            return
-        old = self.sessions.get(routing_id)
-        carried: set[AttemptId] = set()
-        if old is not None:
-            # The same worker on a new connection: it keeps the attempts it still has.
-            carried = set(old.attempts) & set(ready.jobs)
-            old.attempts -= carried
-            self._lose(old, "reconnected", now)
-        conn = WorkerConn(routing_id, principal, ready.worker,
-                          min(ready.capacity, pool.spec.max_in_flight_per_worker), ready.device,
-                          frozenset(ready.models), last_seen=now)
-        conn.attempts = carried
-        for attempt in carried:
-            self.attempts[attempt] = routing_id
-        # Attempts it runs that this operator does not follow (it restarted, or they ended):
-        # their slots are busy until answered or adopted.
-        conn.foreign = set(ready.jobs) - carried
-        conn.answered = set(ready.answered) - carried - conn.foreign
-        pool.workers[routing_id] = conn
-        self.sessions[routing_id] = conn
-        metrics.WORKERS.labels(pool.spec.name).set(len(pool.workers))
-        log.info("worker %s joined pool %s with key %s (%s, capacity %d)", conn.worker, pool.spec.name,
-                 principal.key, conn.device, conn.capacity)
-        self.effects.send(routing_id, Heartbeat(ping=now))
+        self.registry.on_ready(routing_id, principal, ready, now)
+
+    def joined(self, conn: WorkerConn, now: float) -> None:
         for attempt in sorted(conn.foreign | conn.answered):
             job = self.jobs.get(attempt.uid)
             if job is not None and self._may_adopt(job, attempt, conn, now):
@@ -450,45 +418,16 @@ class Dispatcher:
 
     def on_message(self, routing_id: bytes, principal: Principal, body: object, now: float) -> None:
         """Every message after READY."""
-        conn = self.sessions.get(routing_id)
-        if conn is None:
-            if not isinstance(body, Disconnect):
-                # Unknown peer (this operator restarted, or expired it): ask it to register again.
-                self._count("unregistered")
-                self.effects.send(routing_id, Disconnect("register again"))
-            return
-        if conn.principal != principal:
-            self._count("identity_mismatch")
-            log.warning("dropped %s on %r: sent with key %s, session belongs to %s",
-                        type(body).__name__, routing_id[:64], principal, conn.principal)
-            return
-        conn.last_seen = now
-        if isinstance(body, Heartbeat):
-            if body.pong is not None and body.pong <= now:
-                conn.rtt_ms = ewma(conn.rtt_ms, (now - body.pong) * 1000.0)
-        elif isinstance(body, (Accepted, Progress, Result, Error)):
-            if body.job in conn.foreign and isinstance(body, (Result, Error)):
-                # An attempt nobody follows (yet) ended: its slot is free, and its answer stays in
-                # the worker's cache, where a job admitted a moment later can still adopt it.
-                conn.foreign.discard(body.job)
-                conn.answered.add(body.job)
-            if body.job not in conn.attempts:
-                self._count("foreign_attempt")
-                log.warning("dropped %s for %s from key %s: that attempt was not sent on this connection",
-                            type(body).__name__, body.job, principal)
-                return
-            if isinstance(body, Accepted):
-                self._accepted(conn, body, now)
-            elif isinstance(body, Result):
-                self.on_result(conn, body, now)
-            elif isinstance(body, Error):
-                self.on_error(conn, body, now)
-        elif isinstance(body, Disconnect):
-            self._lose(conn, "shut down", now)
+        if self.registry.on_message(routing_id, principal, body, now):
+            self.pump(now)  # a slot may have freed
+
+    def answered(self, conn: WorkerConn, body: Accepted | Result | Error, now: float) -> None:
+        if isinstance(body, Accepted):
+            self._accepted(conn, body, now)
+        elif isinstance(body, Result):
+            self.on_result(conn, body, now)
         else:
-            self._count("unexpected_kind")
-        if not isinstance(body, (Heartbeat, Progress)):
-            self.pump(now)  # a slot may have freed; heartbeats change nothing to dispatch
+            self.on_error(conn, body, now)
 
     def _accepted(self, conn: WorkerConn, body: Accepted, now: float) -> None:
         job = self.jobs.get(body.job.uid)
@@ -557,22 +496,10 @@ class Dispatcher:
     def on_lost(self, routing_id: bytes, why: str, now: float, *, kick: bool = False) -> None:
         conn = self.sessions.get(routing_id)
         if conn is not None:
-            self._lose(conn, why, now, kick=kick)
+            self.registry.lose(conn, why, now, kick=kick)
             self.pump(now)
 
-    def _lose(self, conn: WorkerConn, why: str, now: float, *, kick: bool = False,
-              pool: PoolState | None = None) -> None:
-        if self.sessions.get(conn.routing_id) is not conn:
-            return
-        del self.sessions[conn.routing_id]
-        pool = pool or self.pools.get(conn.pool)
-        if pool is not None:
-            pool.workers.pop(conn.routing_id, None)
-            metrics.WORKERS.labels(conn.pool).set(len(pool.workers))
-        metrics.WORKER_DISCONNECTS.labels(conn.pool, why.split()[0]).inc()
-        if kick:
-            self.effects.kick(conn.routing_id, why)
-        log.warning("worker %s of pool %s %s; re-queueing %d jobs", conn.worker, conn.pool, why, len(conn.attempts))
+    def lost(self, conn: WorkerConn, why: str, pool: PoolState | None, now: float) -> None:
         for attempt in sorted(conn.attempts):
             job = self.ledger.close(attempt)
             if job is not None and not job.live and not job.phase.terminal:
@@ -587,11 +514,7 @@ class Dispatcher:
 
     def tick(self, now: float, *, heartbeat: bool = True) -> None:
         """Liveness, deadlines, retries; then dispatch what can go."""
-        for conn in list(self.sessions.values()):
-            if conn.expired(now):
-                self._lose(conn, f"silent for {now - conn.last_seen:.1f}s", now, kick=True)
-            elif heartbeat and not self.effects.send(conn.routing_id, Heartbeat(ping=now, rtt_ms=conn.rtt_ms)):
-                self._lose(conn, "unreachable", now)
+        self.registry.check(now, heartbeat=heartbeat)
         self.expire(now)
         for uid, retry_at in list(self.held.items()):
             if retry_at <= now:

@@ -147,9 +147,9 @@ class WorkerConn:
     attempts: set[AttemptId] = field(default_factory=set)
     """Attempts sent on this connection and not answered: the only ones it may answer."""
     foreign: set[AttemptId] = field(default_factory=set)
+    """Attempts it reported in READY that are not followed (yet); their slots are busy."""
     answered: set[AttemptId] = field(default_factory=set)
     """Attempts it holds answers for in its cache (no slot): adopted to answer a resumed job."""
-    """Attempts it reported in READY that are not followed (yet); their slots are busy."""
     paused_until: float = 0.0
     """After it refused a job for capacity, no dispatch to it before this time."""
 
