@@ -119,12 +119,12 @@ from gpuroute.protocol import (
     StageTiming,
     routing_id_for,
 )
-from gpuroute_operator import dispatcher as dispatcher_module
 from gpuroute_operator.dispatcher import Dispatcher
 from gpuroute_operator.effects import TerminalEvent
 from gpuroute_operator.engine import EngineConfig
 from gpuroute_operator.identity import Principal
 from gpuroute_operator.jobs import Job
+from gpuroute_operator.placement import Placer
 from gpuroute_operator.pools import parse_pool_spec
 from gpuroute_operator.router import Decision, JobNeeds, PoolView, choose, estimate
 from gpuroute_operator.spec import Placement, parse_job_spec
@@ -582,12 +582,12 @@ class SimEffects:
             self.sim.by_uid[ref.uid].rerouted = True
 
 
-class CounterfactualDispatcher(Dispatcher):
-    """The real Dispatcher, noting which job it is routing; used only for the counterfactual runs.
+class CounterfactualPlacer(Placer):
+    """The real Placer, with a view filter in front of the router; used only for the counterfactual runs.
 
-    `Dispatcher._route` asks `needs(job)` just before it calls `router.choose(needs, views)`;
+    `Placer.decide` asks `needs(job)` just before it calls `self.choose(needs, views)`;
     knowing the job lets a counterfactual change what the views show for it. No rule is
-    overridden: `needs` returns what the Dispatcher's own does.
+    overridden: `needs` returns what Placer's own does.
     """
 
     routing: Job | None = None
@@ -619,8 +619,9 @@ class GpurouteSim(Simulation):
         self.rng = random.Random(seed * 7919 + 17)  # heartbeat RTT jitter: same stream for every strategy
         self.by_uid = {j.uid: j for j in self.jobs}
         self.effects = SimEffects(self)
-        self.dispatcher: Dispatcher = (CounterfactualDispatcher if counterfactual else Dispatcher)(
-            self.effects, sign_urls)
+        self.dispatcher = Dispatcher(self.effects, sign_urls)
+        if counterfactual:
+            self.dispatcher.placement = CounterfactualPlacer(self.dispatcher.pools, choose=self._counterfactual_choose)
         self.running: dict[AttemptId, Attempt] = {}
         """Attempts a simulated worker has been sent and not finished, stopped or lost."""
         self.last_beat = -math.inf
@@ -641,26 +642,15 @@ class GpurouteSim(Simulation):
         for worker in self.workers.values():
             self.ready(worker)
 
-    def run(self) -> dict[str, Any]:
-        if self.counterfactual is None:
-            return super().run()
-        # The dispatcher calls the router through its module's `choose`; a counterfactual run
-        # puts its view filter in front of the real one for this run only.
-        real = dispatcher_module.choose
-        dispatcher_module.choose = self._counterfactual_choose
-        try:
-            return super().run()
-        finally:
-            dispatcher_module.choose = real
-
     def _counterfactual_choose(self, job: JobNeeds, pools: Sequence[PoolView]) -> Decision:
         """router.choose's signature: the dispatcher calls it as `choose(needs, views)`."""
         if self.counterfactual == "realtime-queue" and job.priority == "realtime":
             pools = [dataclasses.replace(v, queued=self.dispatcher.pools[v.name].queue.count("realtime"))
                      for v in pools]
         elif self.counterfactual == "oracle-service":
-            assert isinstance(self.dispatcher, CounterfactualDispatcher) and self.dispatcher.routing is not None
-            mpix = self.by_uid[self.dispatcher.routing.uid].t.mpix
+            routing = self.dispatcher.placement
+            assert isinstance(routing, CounterfactualPlacer) and routing.routing is not None
+            mpix = self.by_uid[routing.routing.uid].t.mpix
             pools = [dataclasses.replace(v, service_ms=self.true_service[v.name],
                                          job_service_ms=self.models[v.name].service_ms(mpix, 1.0)) for v in pools]
         return choose(job, pools)
@@ -1197,7 +1187,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> None:
     # Each simulated pool failure makes the dispatcher log one warning per lost worker, per run.
-    logging.getLogger(dispatcher_module.__name__).setLevel(logging.ERROR)
+    for module in ("gpuroute_operator.dispatcher", "gpuroute_operator.sessions"):
+        logging.getLogger(module).setLevel(logging.ERROR)
     jobs = int(argv[1]) if len(argv) > 1 else 10_000
     seed = int(argv[2]) if len(argv) > 2 else 0
     print(markdown(run(jobs=jobs, seed=seed)))

@@ -1,18 +1,26 @@
-"""The operator's rules, in one pure, synchronous place: jobs, attempts, worker sessions, queues.
+"""The operator's job rules, in one pure, synchronous place: admission, routing, attempts,
+answers, retries, endings. The Dispatcher is the entry point for everything that happens;
+its parts, each pure too:
+
+- ledger.py: the books (where every job is, which attempts are out, on which session);
+- sessions.py: worker sessions (READY, the identity of every message, liveness, loss);
+- placement.py: which pool a job should go to, and whether a worker may adopt an attempt;
+- verdicts.py: what a worker's ERROR means for its job (the retry policy);
+- reports.py: how a job's changes reach the Effects port (resource status or batch item).
 
 Nothing here does I/O or reads a clock: every entry point takes `now` (seconds, wall
 clock) and every outcome goes through the injected `Effects` port. That is what lets
 the unit tests, the property test and bench/routing_sim.py drive the very code the
 operator runs.
 
-Invariants this module owns (each is tested):
+Invariants the dispatcher and its parts keep (each is tested):
 - A job is in exactly one place (job.place); the pool queues and the unrouted, held and
   resuming maps are indexes of that field, changed only by `Ledger.place`.
 - An attempt exists once it has been sent, on exactly one session: the ledger's attempts,
   `job.live` and `session.attempts` change together, only in `Ledger.open` and `Ledger.close`.
   `job.attempts` counts up only when an attempt is sent, never back.
 - A session may only answer attempts sent on it; its pool is the one ZAP admitted its
-  key for, and its routing id must be bound to that key.
+  key for, and its routing id must be bound to that key (sessions.py).
 - A job reaches one terminal phase, once; its terminal Event rides on the terminal status
   write. Timestamps are ordered and the stage times add up to totalMs.
 """
@@ -25,13 +33,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gpuroute import protocol
-from gpuroute.ops_catalog import models_used
 from gpuroute.protocol import (
     Accepted,
     AttemptId,
     Cancel,
     Error,
-    ErrorCode,
     InputSource,
     JobRequest,
     OutputTarget,
@@ -39,26 +45,23 @@ from gpuroute.protocol import (
     Result,
 )
 from gpuroute.redact import redact
-from gpuroute_operator import metrics
-from gpuroute_operator.effects import Effects, TerminalEvent
+from gpuroute_operator import metrics, reports, verdicts
+from gpuroute_operator.effects import Effects
 from gpuroute_operator.identity import Principal
 from gpuroute_operator.jobs import Job, Place
 from gpuroute_operator.ledger import Ledger
 from gpuroute_operator.phases import Phase
+from gpuroute_operator.placement import Placer
 from gpuroute_operator.pools import PoolSpec, PoolState, WorkerConn
-from gpuroute_operator.router import Decision, JobNeeds, choose, rejection
-from gpuroute_operator.service_model import PipelinePriors
 from gpuroute_operator.sessions import WorkerSessions
 from gpuroute_operator.spec import SpecError
 from gpuroute_operator.storage import SigningUnavailable
+from gpuroute_operator.verdicts import Action
 
 log = logging.getLogger(__name__)
 
 Signer = Callable[[Job, float], tuple[InputSource, OutputTarget]]
 """Signs a job's storage URLs at `now`; raises SigningUnavailable (try later) or SpecError (never)."""
-
-_RETRY_REASONS = {ErrorCode.OOM: "OutOfMemory", ErrorCode.UNAVAILABLE: "WorkerUnavailable", ErrorCode.TIMEOUT: "Timeout",
-                  ErrorCode.EXPIRED: "StorageURLRejected"}
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,9 @@ class Dispatcher:
         self.started_at = started_at
         self.pools: dict[str, PoolState] = {}
         self.ledger = Ledger(self.pools, finished_memory=self.config.finished_memory)
-        self.priors = PipelinePriors()
+        self.placement = Placer(self.pools)
         self.counters: dict[str, int] = {}
+        """Dropped and refused messages by why (also exported as metrics)."""
         self.registry = WorkerSessions(self.ledger, self.pools, effects, self, self._count)
 
     # What the shell, the status page and tests read: the ledger's books.
@@ -117,27 +121,6 @@ class Dispatcher:
     @property
     def sessions(self) -> dict[bytes, WorkerConn]:
         return self.ledger.sessions
-
-    @property
-    def attempts(self) -> dict[AttemptId, bytes]:
-        return self.ledger.attempts
-
-    @property
-    def unrouted(self) -> dict[str, Job]:
-        return self.ledger.unrouted
-
-    @property
-    def held(self) -> dict[str, float]:
-        return self.ledger.held
-
-    @property
-    def resuming(self) -> dict[str, float]:
-        return self.ledger.resuming
-
-    @property
-    def finished(self) -> dict[str, None]:
-        return self.ledger.finished
-        """Dropped and refused messages by why (also exported as metrics)."""
 
     # ---- pools and keys ------------------------------------------------------------------
 
@@ -178,39 +161,37 @@ class Dispatcher:
         `resume`: its stored status says an attempt was out (the operator restarted).
         `cancel`: it already carries the cancel annotation; it ends Cancelled at once.
         """
-        if job.uid in self.jobs or job.uid in self.finished:
+        if job.uid in self.jobs or job.uid in self.ledger.finished:
             return
         self.ledger.add(job)
         metrics.labelled(metrics.JOBS_ADMITTED, job.priority).inc()
         if cancel is not None:
             self._finish(job, Phase.CANCELLED, "CancelRequested", cancel, now)
             return
-        if resume is not None and resume.attempts >= 1:
+        resumed = resume is not None and resume.attempts >= 1
+        if resume is not None and resumed:
             job.attempts = resume.attempts
             job.pool = resume.pool or None
             job.preferred_worker = resume.worker or None
             job.move(Phase.QUEUED, at=now, reason="Resumed", message=f"resumed after an operator restart; "
                      f"attempt {resume.attempts} was on {resume.pool}/{resume.worker}")
-            holder = self._holder_of(job, now)
-            if holder is not None:
-                self._dispatch(job, holder[0], now, number=holder[1].attempt)
-            else:
-                job.reuse_attempt = True
-                self.ledger.place(job, Place.RESUMING, until=now + self.config.resume_grace_s)
         else:
             job.move(Phase.QUEUED, at=now, reason="Admitted", message="waiting for a worker")
-            holder = self._holder_of(job, now)
-            if holder is not None:
-                # Its Dispatched status never landed before a restart, but a worker has it.
-                self._dispatch(job, holder[0], now, number=holder[1].attempt)
-            elif self.started_at is not None and now < self.started_at + self.config.startup_hold_s:
-                # Just took over: its status may simply not have caught up with an attempt a
-                # worker is running. Wait for the workers' READY before computing it again.
-                self.ledger.place(job, Place.RESUMING, until=self.started_at + self.config.startup_hold_s)
-                self._publish(job)
-            else:
-                self._route(job, now)
-                self._publish(job)
+        holder = self.placement.holder_of(job, self.sessions.values(), now)
+        if holder is not None:
+            # A worker has it (after a restart, even if its Dispatched status never landed).
+            self._dispatch(job, holder[0], now, number=holder[1].attempt)
+        elif resumed:
+            job.reuse_attempt = True
+            self.ledger.place(job, Place.RESUMING, until=now + self.config.resume_grace_s)
+        elif self.started_at is not None and now < self.started_at + self.config.startup_hold_s:
+            # Just took over: its status may simply not have caught up with an attempt a
+            # worker is running. Wait for the workers' READY before computing it again.
+            self.ledger.place(job, Place.RESUMING, until=self.started_at + self.config.startup_hold_s)
+            reports.changed(self.effects, job)
+        else:
+            self._route(job, now)
+            reports.changed(self.effects, job)
         self.pump(now)
 
     def cancel(self, uid: str, message: str, now: float) -> None:
@@ -231,38 +212,14 @@ class Dispatcher:
         job = self.jobs.get(uid)
         if job is not None and generation != job.generation:
             job.generation = generation
-            self._warn(job, "SpecChangeIgnored", "spec changes after admission are ignored; "
+            reports.warn(self.effects, job, "SpecChangeIgnored", "spec changes after admission are ignored; "
                               "delete and re-create the ImageJob to run a new spec")
-            self._publish(job)
+            reports.changed(self.effects, job)
 
     # ---- routing and dispatch ------------------------------------------------------------------
 
-    def needs(self, job: Job, now: float) -> JobNeeds:
-        placement = job.spec.placement
-        return JobNeeds(namespace=job.namespace, priority=job.priority, strategy=placement.strategy,
-                        timeout_s=max(0.0, job.deadline - now), pools=placement.pools,
-                        clouds=placement.clouds, regions=placement.regions, models=models_used(job.spec.steps))
-
-    def _eligible(self, job: Job, pool: PoolState, now: float) -> bool:
-        view = pool.view()
-        view = dataclasses.replace(view, workers=max(1, view.workers), slots=max(1, view.slots))
-        return rejection(self.needs(job, now), view) is None
-
     def _route(self, job: Job, now: float, *, front: bool = False) -> None:
-        # Every pool is scored on this job: its pipeline, and its size where known (inline
-        # input) or else the typical size of that pipeline.
-        pixels = job.spec.input_pixels
-        cost_class = job.spec.cost_class
-        mpix = self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None)
-        shape = self.priors.shape(cost_class)
-        views = [p.view(p.job_service_ms(cost_class, mpix, shape)) for p in self.pools.values()]
-        needs = self.needs(job, now)
-        decision: Decision = choose(needs, views)
-        prefer = job.pool
-        if prefer and decision.pool and prefer in self.pools and prefer != decision.pool:
-            # A re-queued job goes back to its pool if that is still eligible: its worker may hold the result.
-            alt = choose(dataclasses.replace(needs, pools=(prefer,)), views)
-            decision = alt if alt.pool else decision
+        decision = self.placement.decide(job, now)
         if decision.pool is None:
             job.reason, job.message = "NoEligiblePool", decision.reason
             self.ledger.place(job, Place.UNROUTED)
@@ -322,31 +279,31 @@ class Dispatcher:
         job.move(Phase.DISPATCHED, at=now, reason="Dispatched", message=f"attempt {number} sent to {conn.pool}/{conn.worker}")
         if first:
             metrics.DISPATCH_SECONDS.observe(max(0.0, now - job.queued_at))
-        self._publish(job)
+        reports.changed(self.effects, job)
 
     def _hold(self, job: Job, why: str, now: float) -> None:
         first = job.reason != "StorageUnavailable"
         job.move(Phase.QUEUED, at=now, reason="StorageUnavailable",
                  message=f"{why}; retrying every {self.config.signing_retry_s:g} s until timeoutSeconds")
         self.ledger.place(job, Place.HELD, until=now + self.config.signing_retry_s)
-        self._publish(job)
+        reports.changed(self.effects, job)
         if first:  # one Event per outage, not one per retry
             metrics.JOBS_REQUEUED.labels("StorageUnavailable").inc()
-            self._warn(job, "StorageUnavailable", job.message)
+            reports.warn(self.effects, job, "StorageUnavailable", job.message)
 
     def _requeue(self, job: Job, reason: str, message: str, now: float) -> None:
         job.worker = None
         job.move(Phase.QUEUED, at=now, reason=reason, message=message)
         metrics.JOBS_REQUEUED.labels(reason).inc()
         self._route(job, now, front=True)
-        self._publish(job)
-        self._warn(job, "Requeued", f"{message}; {job.decision or job.message}")
+        reports.changed(self.effects, job)
+        reports.warn(self.effects, job, "Requeued", f"{message}; {job.decision or job.message}")
 
     def _cancel_attempts(self, job: Job, *, keep: AttemptId | None = None) -> None:
         for attempt in list(job.live):
             if attempt == keep:
                 continue
-            routing_id = self.attempts.get(attempt)
+            routing_id = self.ledger.attempts.get(attempt)
             if routing_id is not None:
                 self.effects.send(routing_id, Cancel(attempt))
             self.ledger.close(attempt)
@@ -364,24 +321,8 @@ class Dispatcher:
         self.ledger.remove(job)
         job.completed_at = now
         job.timing = _timing(job, result, now)
-        if job.batch is not None:
-            self.effects.item(job, terminal=True)
-        else:
-            event = TerminalEvent(phase.value if phase is not Phase.FAILED else reason, message,
-                                  warning=phase is Phase.FAILED)
-            self.effects.publish(job.ref, job.status(), urgent=True, terminal_event=event)
+        reports.ended(self.effects, job)
         metrics.labelled(metrics.JOBS_FINISHED, phase.value, reason).inc()
-
-    def _warn(self, job: Job, reason: str, message: str) -> None:
-        # A batch item's troubles show in its batch's counts and manifest, not as one Event each.
-        if job.batch is None:
-            self.effects.warn(job.ref, reason, message)
-
-    def _publish(self, job: Job) -> None:
-        if job.batch is not None:
-            self.effects.item(job, terminal=False)
-        else:
-            self.effects.publish(job.ref, job.status())
 
     # ---- worker sessions ------------------------------------------------------------------------
 
@@ -391,30 +332,10 @@ class Dispatcher:
     def joined(self, conn: WorkerConn, now: float) -> None:
         for attempt in sorted(conn.foreign | conn.answered):
             job = self.jobs.get(attempt.uid)
-            if job is not None and self._may_adopt(job, attempt, conn, now):
+            if job is not None and self.placement.may_adopt(job, attempt, conn, now):
                 self._dispatch(job, conn, now, number=attempt.attempt)
         self._reroute_unrouted(now)
         self.pump(now)
-
-    def _may_adopt(self, job: Job, attempt: AttemptId, conn: WorkerConn, now: float) -> bool:
-        """A worker's claim to hold `attempt` is believed only if it is the job's current attempt
-        or the next one (whose Dispatched status may not have landed before a restart), nothing
-        else runs the job, and the job may run in the worker's authenticated pool. A claim can
-        therefore neither burn a job's attempts nor pull it out of its placement."""
-        return (not job.phase.terminal and not job.live
-                and attempt.attempt in (job.attempts, job.attempts + 1)
-                and attempt.attempt <= job.spec.max_attempts
-                and job.place in (Place.NEW, Place.RESUMING, Place.QUEUED, Place.UNROUTED, Place.HELD)
-                and conn.pool in self.pools and self._eligible(job, self.pools[conn.pool], now))
-
-    def _holder_of(self, job: Job, now: float) -> tuple[WorkerConn, AttemptId] | None:
-        for conn in self.sessions.values():
-            if not conn.foreign and not conn.answered:
-                continue
-            for attempt in sorted(conn.foreign | conn.answered, reverse=True):
-                if attempt.uid == job.uid and self._may_adopt(job, attempt, conn, now):
-                    return conn, attempt
-        return None
 
     def on_message(self, routing_id: bytes, principal: Principal, body: object, now: float) -> None:
         """Every message after READY."""
@@ -434,7 +355,7 @@ class Dispatcher:
         if job is not None and job.phase is Phase.DISPATCHED and body.job == job.current_attempt:
             job.started_at = now
             job.move(Phase.PROCESSING, at=now, reason="Processing", message=f"running on {conn.pool}/{conn.worker}")
-            self._publish(job)
+            reports.changed(self.effects, job)
 
     def on_result(self, conn: WorkerConn, result: Result, now: float) -> None:
         job = self.jobs.get(result.job.uid)
@@ -447,14 +368,7 @@ class Dispatcher:
             self.ledger.close(result.job)
             self.expire(now)
             return
-        pool = self.pools.get(conn.pool)
-        if pool is not None and not result.cached:
-            input_pixels = result.input_width * result.input_height
-            worker_ms = result.timing.worker_ms
-            pool.record_result(worker_ms, result.output.width * result.output.height,
-                               cost_class=job.spec.cost_class, input_pixels=input_pixels)
-            if input_pixels:
-                self.priors.add(job.spec.cost_class, input_pixels / 1e6, worker_ms)
+        self.placement.learn(job, conn.pool, result)
         job.pool, job.worker, job.gpu = conn.pool, conn.worker, result.device or conn.device
         job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
         message = (f"{result.output.width}x{result.output.height} {result.output.format} "
@@ -467,31 +381,19 @@ class Dispatcher:
         job = self.ledger.close(error.job)
         if job is None or job.phase.terminal or job.live:
             return  # gone, or another attempt is still out and will decide
-        if error.rejected:
-            # Refused before it started (worker full): not an attempt. Pause that worker briefly
-            # so the job is not bounced straight back to it.
-            conn.paused_until = now + self.config.reject_pause_s
-            job.reuse_attempt = error.job == job.current_attempt
-            job.move(Phase.QUEUED, at=now, reason="WorkerBusy", message=f"{conn.pool}/{conn.worker} was full")
-            self._route(job, now, front=True)
-            self._publish(job)
-            return
-        if error.code is ErrorCode.EXPIRED and not job.resigned:
-            # The URL, not the attempt, failed: sign again and re-send the same attempt, once.
-            job.resigned = True
-            job.reuse_attempt = error.job == job.current_attempt
-            job.move(Phase.QUEUED, at=now, reason="Resigning", message=f"{conn.pool}/{conn.worker}: {error.message}")
-            self._route(job, now, front=True)
-            self._publish(job)
-            return
-        text = f"{conn.pool}/{conn.worker}: {error.message}"
-        reason = _RETRY_REASONS.get(error.code, "WorkerCancelled")
-        if error.code is ErrorCode.INVALID_INPUT:
-            self._finish(job, Phase.FAILED, "InvalidInput", error.message, now)
-        elif job.attempts >= job.spec.max_attempts:
-            self._finish(job, Phase.FAILED, reason, f"{text} (after {job.attempts} attempts)", now)
+        verdict = verdicts.judge(job, error, f"{conn.pool}/{conn.worker}")
+        if verdict.action is Action.FAIL:
+            self._finish(job, Phase.FAILED, verdict.reason, verdict.message, now)
+        elif verdict.action is Action.RETRY:
+            self._requeue(job, verdict.reason, verdict.message, now)
         else:
-            self._requeue(job, reason, text, now)
+            if verdict.pause_worker:
+                conn.paused_until = now + self.config.reject_pause_s
+            job.resigned = job.resigned or verdict.resign
+            job.reuse_attempt = error.job == job.current_attempt
+            job.move(Phase.QUEUED, at=now, reason=verdict.reason, message=verdict.message)
+            self._route(job, now, front=True)
+            reports.changed(self.effects, job)
 
     def on_lost(self, routing_id: bytes, why: str, now: float, *, kick: bool = False) -> None:
         conn = self.sessions.get(routing_id)
@@ -508,7 +410,7 @@ class Dispatcher:
             # Jobs waiting in this pool may now be better off elsewhere.
             for job in list(pool.queue):
                 self._route(job, now)
-                self._publish(job)
+                reports.changed(self.effects, job)
 
     # ---- time passing -----------------------------------------------------------------------------
 
@@ -516,10 +418,10 @@ class Dispatcher:
         """Liveness, deadlines, retries; then dispatch what can go."""
         self.registry.check(now, heartbeat=heartbeat)
         self.expire(now)
-        for uid, retry_at in list(self.held.items()):
+        for uid, retry_at in list(self.ledger.held.items()):
             if retry_at <= now:
                 self._route(self.jobs[uid], now)
-        for uid, give_up_at in list(self.resuming.items()):
+        for uid, give_up_at in list(self.ledger.resuming.items()):
             if give_up_at <= now:
                 job = self.jobs[uid]
                 job.reuse_attempt = False  # the worker that had it did not come back
@@ -533,15 +435,10 @@ class Dispatcher:
                          f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})", now)
 
     def _reroute_unrouted(self, now: float) -> None:
-        for job in list(self.unrouted.values()):
+        for job in list(self.ledger.unrouted.values()):
             self._route(job, now)
             if job.place is not Place.UNROUTED:
-                self._publish(job)
-
-    def waiting_for(self, pool: PoolState, now: float) -> int:
-        """Unrouted jobs this pool could take if it had workers: demand that scales it up from zero."""
-        view = dataclasses.replace(pool.view(), workers=1, slots=1)
-        return sum(1 for job in self.unrouted.values() if rejection(self.needs(job, now), view) is None)
+                reports.changed(self.effects, job)
 
     def _count(self, why: str) -> None:
         self.counters[why] = self.counters.get(why, 0) + 1

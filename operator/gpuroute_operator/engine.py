@@ -148,7 +148,7 @@ class Engine:
 
     @property
     def unrouted(self) -> dict[str, Job]:
-        return self.dispatcher.unrouted
+        return self.dispatcher.ledger.unrouted
 
     def pool_status(self, pool: PoolState) -> dict[str, Any]:
         return pool_status(pool, problem=self.keys.problems.get(pool.spec.name, ""),
@@ -199,7 +199,7 @@ class Engine:
             await self.batches.observe(body)  # many images: batch_runner.py
             return
         ref = admission.object_ref(body)
-        if ref.uid in self.dispatcher.finished or ref.uid in self._admitting:
+        if ref.uid in self.dispatcher.ledger.finished or ref.uid in self._admitting:
             return
         if ref.uid in self.dispatcher.jobs:
             if admission.cancel_requested(body):
@@ -220,11 +220,11 @@ class Engine:
         if isinstance(outcome, Admitted) and outcome.job.spec.input_url is not None:
             outcome = await self._check_url(outcome, ref, now)
         if isinstance(outcome, Ended):
-            self.dispatcher.finished[ref.uid] = None
+            self.dispatcher.ledger.finished[ref.uid] = None
             if outcome.completed_at is not None and now - outcome.completed_at < EVENT_REPAIR_WINDOW_S:
                 self.writer.ensure_terminal_event(ref, outcome.event)
         elif isinstance(outcome, Refused):
-            self.dispatcher.finished[ref.uid] = None
+            self.dispatcher.ledger.finished[ref.uid] = None
             metrics.JOBS_FINISHED.labels("Failed", outcome.event.reason).inc()
             self.writer.update(ref, outcome.status, urgent=True, terminal_event=outcome.event)
             self.remember_recent(ref, outcome.status)

@@ -90,8 +90,8 @@ class PoolStatusPublisher:
 
     def publish(self, dispatcher: Dispatcher, problems: dict[str, str], now: float,
                 scaling_problems: dict[str, str] | None = None) -> None:
-        metrics.UNROUTED.set(len(dispatcher.unrouted))
-        metrics.STORAGE_WAITING.set(len(dispatcher.held))
+        metrics.UNROUTED.set(len(dispatcher.ledger.unrouted))
+        metrics.STORAGE_WAITING.set(len(dispatcher.ledger.held))
         by_phase = {phase: 0 for phase in (Phase.QUEUED, Phase.DISPATCHED, Phase.PROCESSING)}
         for job in dispatcher.jobs.values():
             if job.place is not Place.DONE:

@@ -42,7 +42,7 @@ async def _reconcile_all(autoscaler: Autoscaler, dispatcher: Dispatcher, writer:
             autoscaler.forget(name)  # scaling removed from the spec: close its client
             failures.pop(name, None)
             continue
-        queued = len(pool.queue) + dispatcher.waiting_for(pool, time.time())
+        queued = len(pool.queue) + dispatcher.placement.waiting_for(pool, dispatcher.ledger.unrouted.values(), time.time())
         decision = await autoscaler.reconcile(name, pool.spec.scaling, queued=queued, in_flight=pool.busy, now=now)
         if decision is None:
             continue

@@ -16,7 +16,7 @@ from bench import routing_sim
 from bench.routing_sim import (
     FAILING,
     POLICIES,
-    CounterfactualDispatcher,
+    CounterfactualPlacer,
     GpurouteSim,
     MultiKueueSim,
     Scenario,
@@ -24,7 +24,6 @@ from bench.routing_sim import (
     markdown,
     run,
 )
-from gpuroute_operator import dispatcher as dispatcher_module
 from gpuroute_operator import router
 from gpuroute_operator.dispatcher import Dispatcher
 
@@ -125,11 +124,13 @@ def test_gpuroute_runs_the_operators_dispatcher_unmodified() -> None:
 
 def test_counterfactuals_only_filter_what_the_router_sees() -> None:
     # The one subclass overrides no rule: it notes the job being routed and returns the real needs.
-    assert {k for k in vars(CounterfactualDispatcher) if not k.startswith("__")} == {"needs", "routing"}
+    assert {k for k in vars(CounterfactualPlacer) if not k.startswith("__")} == {"needs", "routing"}
     trace = [_job(f"j{i}", 0.1 + i * 0.05) for i in range(20)]
     sim = GpurouteSim(trace, Scenario(), 0, strategy=None, counterfactual="oracle-service")
+    assert isinstance(sim.dispatcher.placement, CounterfactualPlacer)
+    assert sim.dispatcher.placement.choose != router.choose
     assert sim.run()["completed"] == 20
-    assert dispatcher_module.choose is router.choose  # restored after the run
+    assert GpurouteSim(trace, Scenario(), 0, strategy=None).dispatcher.placement.choose is router.choose
 
 
 def test_failover_requeues_in_flight_jobs_through_the_dispatcher() -> None:

@@ -69,7 +69,7 @@ def test_a_result_for_an_attempt_not_sent_on_that_connection_is_dropped(world: W
     w2 = world.connect("pool-a", "w2")
     world.submit("j1")
     request = world.requests()[0]
-    other = w2 if world.dispatcher.attempts[request.job] == w1 else w1
+    other = w2 if world.dispatcher.ledger.attempts[request.job] == w1 else w1
     world.send(other, world.result(request.job, sha="f" * 64))
     world.send(other, world.error(request.job, ErrorCode.INVALID_INPUT))
     world.send(other, Accepted(request.job))
@@ -141,7 +141,7 @@ def test_unregistered_peers_are_told_to_register(world: World) -> None:
 def test_revoked_key_loses_its_session_and_its_jobs_move(world: World) -> None:
     w1 = world.connect("pool-a", "w1", capacity=1)
     world.submit("j1", placement={"pools": ["pool-a"]})
-    assert world.dispatcher.attempts
+    assert world.dispatcher.ledger.attempts
     w2 = world.connect("pool-a", "w2", capacity=1)
     world.dispatcher.set_keys("pool-a", [world.principal("pool-a", "w2")], world.now)
     assert w1 in world.kicked() and w1 not in world.dispatcher.sessions
@@ -238,10 +238,10 @@ def test_worker_loss_requeues_and_a_cut_off_attempt_may_still_finish(world: Worl
     w2 = world.connect("pool-a", "w2")
     world.submit("j1")
     first = world.requests()[-1]
-    holder = world.dispatcher.attempts[first.job]
+    holder = world.dispatcher.ledger.attempts[first.job]
     world.dispatcher.on_lost(holder, "silent", world.now)
     second = world.requests()[-1]
-    assert second.job.attempt == 2 and world.dispatcher.attempts[second.job] != holder
+    assert second.job.attempt == 2 and world.dispatcher.ledger.attempts[second.job] != holder
     assert world.status("j1")["phase"] == "Dispatched"
     world.send(w1 if holder == w2 else w2, world.result(second.job))
     assert world.status("j1")["phase"] == "Completed"
@@ -326,7 +326,7 @@ def test_deleted_job_is_forgotten_and_cancelled(world: World) -> None:
     request = world.requests()[-1]
     world.dispatcher.forget("j1", world.now)
     assert world.effects.sent(Cancel, w1) == [Cancel(request.job)]
-    assert "j1" not in world.dispatcher.jobs and not world.dispatcher.attempts
+    assert "j1" not in world.dispatcher.jobs and not world.dispatcher.ledger.attempts
 
 
 def test_no_eligible_pool_waits_then_routes_when_one_appears(world: World) -> None:

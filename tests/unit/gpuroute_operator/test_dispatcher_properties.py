@@ -176,20 +176,20 @@ class DispatcherMachine(RuleBasedStateMachine):
         d = self.world.dispatcher
         for uid, job in d.jobs.items():
             assert job.place is not Place.DONE
-            assert (uid in d.unrouted) == (job.place is Place.UNROUTED)
-            assert (uid in d.held) == (job.place is Place.HELD)
-            assert (uid in d.resuming) == (job.place is Place.RESUMING)
+            assert (uid in d.ledger.unrouted) == (job.place is Place.UNROUTED)
+            assert (uid in d.ledger.held) == (job.place is Place.HELD)
+            assert (uid in d.ledger.resuming) == (job.place is Place.RESUMING)
             queued_in = [name for name, pool in d.pools.items() if uid in pool.queue]
             assert queued_in == ([job.pool] if job.place is Place.QUEUED else []), (uid, job.place, queued_in)
-            assert job.live == {a for a in d.attempts if a.uid == uid}
+            assert job.live == {a for a in d.ledger.attempts if a.uid == uid}
             assert (job.place is Place.RUNNING) == bool(job.live), (uid, job.place, job.live)
             assert all(a.attempt <= job.attempts for a in job.live)
-        for attempt, routing_id in d.attempts.items():
+        for attempt, routing_id in d.ledger.attempts.items():
             assert attempt.uid in d.jobs
             assert attempt in d.sessions[routing_id].attempts
         for routing_id, session in d.sessions.items():
             assert session.principal.owns(routing_id)
-            assert all(d.attempts.get(a) == routing_id for a in session.attempts)
+            assert all(d.ledger.attempts.get(a) == routing_id for a in session.attempts)
             assert routing_id in d.pools[session.pool].workers
 
     def teardown(self) -> None:
