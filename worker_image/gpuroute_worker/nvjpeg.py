@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 ORIENTATION_TAG = 0x0112
+_DEVICE_DECODE = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,16 @@ def _torchvision_decoder() -> Decoder | None:
 
     def decode(data: torch.Tensor, grey: bool, device: torch.device) -> torch.Tensor:
         mode = ImageReadMode.GRAY if grey else ImageReadMode.RGB
-        return decode_jpeg(data, mode=mode, device=device)
+        # torchvision's CUDA decoder runs nvJPEG on a private stream without waiting for the
+        # caller's: it can be handed a block that kernels queued elsewhere still read
+        # (pytorch/vision#9606), and calls from several threads have corrupted images
+        # (pytorch/vision#8587). So one decode at a time, with the device idle before it
+        # and the pixels complete after it: the executor thread then reads finished data.
+        with _DEVICE_DECODE:
+            torch.cuda.synchronize(device)
+            pixels = decode_jpeg(data, mode=mode, device=device)
+            torch.cuda.synchronize(device)
+        return pixels
 
     return decode
 
