@@ -123,6 +123,7 @@ class WorkerSessions:
             if isinstance(body, Progress):
                 return False
             self.owner.answered(conn, body, now)
+            return not isinstance(body, Accepted)  # an attempt starting frees no slot
         elif isinstance(body, Disconnect):
             self.lose(conn, "shut down", now)
         else:
