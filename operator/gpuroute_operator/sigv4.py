@@ -22,10 +22,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 import re
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlsplit
+
+log = logging.getLogger(__name__)
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -162,3 +165,58 @@ def learn(url: str, method: str, key: str, *, credentials: Credentials, expires_
     ours = presign(template, method, key, credentials=credentials, timestamp=query.get("X-Amz-Date", ""),
                    expires_s=expires_s, headers=headers)
     return template if hmac.compare_digest(ours, url) else None
+
+
+Slot = tuple[str, str, str]
+"""(bucket, HTTP method, content type or ""): one kind of request botocore may sign differently."""
+
+
+class Templates:
+    """Templates learned from one botocore client's URLs, by slot.
+
+    `sign` answers from a template when one is held; otherwise the caller has botocore sign
+    and `offer`s the URL. A URL this module cannot reproduce (credentials refreshed between
+    the two signatures, a scheme it does not write) leaves that slot to botocore for
+    `retry_s` before it is tried again.
+    """
+
+    def __init__(self, *, retry_s: float = 60.0, max_slots: int = 4096) -> None:
+        self.retry_s = retry_s
+        self.max_slots = max_slots
+        self._by_slot: dict[Slot, UrlTemplate] = {}
+        self._retry_at: dict[Slot, float] = {}
+        self._source: object = None
+        self._keys = SigningKeys()
+
+    def _for(self, source: object) -> None:
+        if source is not self._source:
+            # Another client (rebuilt after a credentials problem) may resolve endpoints differently.
+            self._by_slot, self._retry_at, self._source = {}, {}, source
+
+    def sign(self, source: object, slot: Slot, key: str, *, credentials: Credentials, expires_s: int,
+             headers: dict[str, str] | None, epoch_s: float) -> str | None:
+        """The URL for `key` from the slot's template, or None when there is none yet."""
+        self._for(source)
+        template = self._by_slot.get(slot)
+        if template is None:
+            return None
+        return presign(template, slot[1], key, credentials=credentials, timestamp=amz_date(epoch_s),
+                       expires_s=expires_s, headers=headers, keys=self._keys)
+
+    def offer(self, source: object, slot: Slot, url: str, key: str, *, credentials: Credentials, expires_s: int,
+              headers: dict[str, str] | None, now: float) -> bool:
+        """Learn the slot's template from botocore's `url` for `key`; False when it could not be
+        reproduced (or learning is resting after such a failure). `now`: a monotonic clock."""
+        self._for(source)
+        if self._retry_at.get(slot, 0.0) > now:
+            return False
+        learned = learn(url, slot[1], key, credentials=credentials, expires_s=expires_s, headers=headers)
+        if learned is None:
+            self._retry_at[slot] = now + self.retry_s
+            log.info("S3 URLs for bucket %s (%s) stay signed by botocore for %g s: its URL could not be reproduced",
+                     slot[0], slot[1], self.retry_s)
+            return False
+        if len(self._by_slot) >= self.max_slots:
+            self._by_slot.clear()
+        self._by_slot[slot] = learned
+        return True

@@ -124,10 +124,6 @@ S3_CLIENT_RETRY_S = 10.0
 """While S3 signing fails, a fresh client (which re-reads the credential chain) is built this often."""
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)
-TEMPLATE_RETRY_S = 60.0
-"""After botocore's URL could not be reproduced (sigv4.learn), it signs that kind this long."""
-MAX_TEMPLATES = 4096
-"""Learned URL templates kept (buckets x methods x content types) before starting over."""
 
 
 class Presigner:
@@ -163,11 +159,8 @@ class Presigner:
         self._wake = threading.Event()
         self._closed = False
         self._renewer: threading.Thread | None = None
-        self._templates: dict[tuple[str, str, str], sigv4.UrlTemplate] = {}
-        """(bucket, method, content type) -> where botocore sends it, for signing without botocore."""
-        self._learn_after: dict[tuple[str, str, str], float] = {}
-        self._templates_client: Any = None
-        self._signing_keys = sigv4.SigningKeys()
+        self._templates = sigv4.Templates()
+        """Where botocore sends each kind of S3 request, learned from its URLs: signed without it."""
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
@@ -348,18 +341,15 @@ class Presigner:
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = self._s3_client()
-        if client is not self._templates_client:
-            # A rebuilt client may resolve endpoints differently: learn again from it.
-            self._templates, self._learn_after, self._templates_client = {}, {}, client
-        http_method = "PUT" if method == "put_object" else "GET"
+        method_name = "PUT" if method == "put_object" else "GET"
         headers = {"Content-Type": params["ContentType"]} if "ContentType" in params else None
-        slot = (params["Bucket"], http_method, params.get("ContentType", ""))
+        slot = (params["Bucket"], method_name, params.get("ContentType", ""))
         credentials = _frozen_credentials(client)
-        template = self._templates.get(slot)
-        if template is not None and credentials is not None:
-            return sigv4.presign(template, http_method, params["Key"], credentials=credentials,
-                                 timestamp=sigv4.amz_date(time.time()), expires_s=expires_s, headers=headers,
-                                 keys=self._signing_keys)
+        if credentials is not None:
+            fast = self._templates.sign(client, slot, params["Key"], credentials=credentials, expires_s=expires_s,
+                                        headers=headers, epoch_s=time.time())
+            if fast is not None:
+                return fast
         try:
             url = str(client.generate_presigned_url(method, Params=params, ExpiresIn=expires_s))
         except (BotoCoreError, ClientError) as exc:
@@ -367,20 +357,9 @@ class Presigner:
             # local once they exist, so the job waits for them.
             self._rebuild_s3_soon()
             raise SigningUnavailable(field_name, f"cannot sign for S3: {exc}") from exc
-        now = time.monotonic()
-        if credentials is not None and self._learn_after.get(slot, 0.0) <= now:
-            learned = sigv4.learn(url, http_method, params["Key"], credentials=credentials, expires_s=expires_s,
-                                  headers=headers)
-            if learned is None:
-                # Credentials refreshed between the two signatures, or a signing scheme this module
-                # does not write: botocore signs this kind, and learning is tried again later.
-                self._learn_after[slot] = now + TEMPLATE_RETRY_S
-                log.info("S3 URLs for bucket %s (%s) are signed by botocore: its URL could not be reproduced",
-                         slot[0], http_method)
-            else:
-                if len(self._templates) >= MAX_TEMPLATES:
-                    self._templates.clear()
-                self._templates[slot] = learned
+        if credentials is not None:
+            self._templates.offer(client, slot, url, params["Key"], credentials=credentials, expires_s=expires_s,
+                                  headers=headers, now=time.monotonic())
         return url
 
     def get(self, uri: StorageURI, *, expires_s: int | None = None) -> SignedURL:

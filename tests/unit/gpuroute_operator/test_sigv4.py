@@ -149,3 +149,25 @@ def test_a_client_without_credentials_still_reports_them_missing(monkeypatch: py
     presigner = Presigner(s3_client=client)
     with pytest.raises(SigningUnavailable):
         presigner.get(StorageURI("s3", "bucket-1", "k.png"))
+
+
+def test_a_slot_that_cannot_be_learned_rests_and_a_new_client_starts_over() -> None:
+    client = _client()
+    credentials = _credentials(client)
+    url = client.generate_presigned_url("get_object", Params={"Bucket": "b-1", "Key": "k.png"}, ExpiresIn=60)
+    templates = sigv4.Templates(retry_s=60.0)
+    slot = ("b-1", "GET", "")
+    wrong = sigv4.Credentials(credentials.access_key, "rotated-secret", None)
+    # Credentials refreshed between botocore's signature and ours: nothing learned, and the
+    # slot rests (botocore keeps signing) until retry_s has passed.
+    assert not templates.offer(client, slot, url, "k.png", credentials=wrong, expires_s=60, headers=None, now=100.0)
+    assert not templates.offer(client, slot, url, "k.png", credentials=credentials, expires_s=60, headers=None,
+                               now=159.0)
+    assert templates.sign(client, slot, "x.png", credentials=credentials, expires_s=60, headers=None,
+                          epoch_s=0.0) is None
+    assert templates.offer(client, slot, url, "k.png", credentials=credentials, expires_s=60, headers=None, now=161.0)
+    assert templates.sign(client, slot, "x.png", credentials=credentials, expires_s=60, headers=None,
+                          epoch_s=0.0) is not None
+    # A rebuilt client may send requests elsewhere: what was learned from the old one is dropped.
+    assert templates.sign(_client(), slot, "x.png", credentials=credentials, expires_s=60, headers=None,
+                          epoch_s=0.0) is None
