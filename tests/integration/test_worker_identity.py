@@ -86,6 +86,21 @@ class RogueWorker:
                 return got[0]
         return None
 
+    def live_until_disconnected(self, seconds: float) -> bool:
+        """Behave as a live worker (answer every heartbeat) until the operator cuts the
+        connection; True if it did within `seconds`. Silence alone can then not be the cause."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            while self.socket.poll(0):
+                message = protocol.decode(self.socket.recv_multipart())
+                if isinstance(message.body, Heartbeat) and message.body.ping is not None:
+                    self.send(Heartbeat(pong=message.body.ping))
+            if self.monitor.poll(50):
+                event = zmq.utils.monitor.recv_monitor_message(self.monitor)
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    return True
+        return False
+
     def was_disconnected(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -156,12 +171,14 @@ def test_forged_and_foreign_results_are_dropped_and_counted(stack: LocalStack, s
     key_a = stack.worker_keys[(POOL_A, "a1")]
     rogue = RogueWorker(stack, key_a, _routing_id(stack, POOL_A, "a1"))
     try:
-        reply = rogue.first_reply(Ready(pool=POOL_A, worker="a1", capacity=1))
-        assert reply is not None and reply.kind is Kind.HEARTBEAT, "the rogue a1 was not registered"
         foreign = _rejected(stack, "foreign_attempt")
         job = stack.create_job(NS, "real-b", _spec("real-b", POOL_B))
         uid = job["metadata"]["uid"]
         forged = Result(AttemptId(uid, 1), StageTiming(gpu_ms=1.0), OutputInfo(10, 64, 48, "f" * 64, "png"))
+        # Registered only now, and forging at once: its session is live (not yet silent for
+        # a heartbeat liveness), so the forgeries are judged as a registered worker's.
+        reply = rogue.first_reply(Ready(pool=POOL_A, worker="a1", capacity=1))
+        assert reply is not None and reply.kind is Kind.HEARTBEAT, "the rogue a1 was not registered"
         for _ in range(3):
             rogue.send(forged)
         status = stack.wait_for_jobs(NS, ["real-b"])["real-b"]["status"]
@@ -208,14 +225,18 @@ def test_a_revoked_key_is_disconnected_within_seconds(stack: LocalStack) -> None
     rogue = RogueWorker(stack, key, _routing_id(stack, POOL_A, "a1"))
     secret_name = f"gpuroute-pool-{POOL_A}-keys"
     try:
+        revoked_before = stack.operator_metric("gpuroute_worker_disconnects_total", {"pool": POOL_A, "reason": "key"})
         reply = rogue.first_reply(Ready(pool=POOL_A, worker="a1", capacity=1))
         assert reply is not None and reply.kind is Kind.HEARTBEAT
         secret = stack.core.read_namespaced_secret(secret_name, stack.namespace)
         secret.data = {k: v for k, v in secret.data.items() if k != "a1.key"}
         stack.core.replace_namespaced_secret(secret_name, stack.namespace, secret)
         revoked_at = time.monotonic()
-        assert rogue.was_disconnected(10.0), "the revoked key kept its connection"
+        # It answers every heartbeat meanwhile: only the revocation can end its session.
+        assert rogue.live_until_disconnected(10.0), "the revoked key kept its connection"
         took = time.monotonic() - revoked_at
+        assert stack.operator_metric("gpuroute_worker_disconnects_total",
+                                     {"pool": POOL_A, "reason": "key"}) == revoked_before + 1
         deadline = time.monotonic() + 5
         while "a1" in [w["id"] for w in stack.worker_pool(POOL_A)["status"].get("workers", [])]:
             assert time.monotonic() < deadline, "the pool status still lists the revoked worker"
