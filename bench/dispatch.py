@@ -44,10 +44,11 @@ import zmq
 import zmq.asyncio
 from PIL import Image
 
-from bench.common import row, self_signed_cert, summary_ms
+from bench.common import row, summary_ms
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair, write_key_file
 from gpuroute.localenv.tcpproxy import TcpProxy
+from gpuroute.localenv.tls import self_signed
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute.protocol import Kind
 
@@ -275,7 +276,7 @@ def run(*, jobs: int = 100, delay_s: float = ONE_WAY_DELAY_S) -> dict[str, Any]:
                 _serving(ThreadingHTTPServer(("127.0.0.1", 0), _Sink)) as sink:
             folder = Path(tmp)
             sink_url = f"http://127.0.0.1:{sink.server_address[1]}"
-            cert, key = self_signed_cert(folder)
+            cert, key = self_signed(folder)
             with _serving(_https_server(sink_url, cert, key)) as https, \
                     TcpProxy("127.0.0.1", https.server_address[1], delay_s=delay_s) as link:
                 https_url = f"https://127.0.0.1:{link.port}/job"

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import row, self_signed_cert
+from bench.common import row
+from gpuroute.localenv.tls import self_signed
 
 INPUT_BYTES = 200 * 1024
 BLOCK = 10
@@ -72,7 +73,7 @@ def run(*, jobs: int = 200) -> dict[str, Any]:
     from gpuroute_worker.transfer import TransferClient, TransferConfig
 
     with tempfile.TemporaryDirectory(prefix="gpuroute-bench-tls-") as folder:
-        own, own_key = self_signed_cert(Path(folder))
+        own, own_key = self_signed(Path(folder))
         # Trust what a worker trusts in production (the public CA bundle requests ships)
         # plus this server's certificate: loading that bundle is the per-connection cost.
         import certifi

@@ -11,9 +11,7 @@ checks a token's issuer, audience and lifetime but not its signature.
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
-import ipaddress
 import os
 import shutil
 import signal
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuroute.localenv.stack import free_port
+from gpuroute.localenv.tls import self_signed
 
 ACCOUNT = "devstoreaccount1"
 # Azurite's published development key (not a secret: the same in every installation).
@@ -82,32 +81,6 @@ def azurite_binary(version: str = VERSION) -> Path:
     return binary
 
 
-def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, written as PEM files; returns (cert, key)."""
-    # cryptography comes with azure-identity (through msal), which the operator extra installs.
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=7))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]),
-                           critical=False)
-            # Its own CA: clients trust exactly this certificate through `ca_file`.
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 class AzuriteServer:
     """The Blob service of Azurite on 127.0.0.1; use as a context manager."""
 
@@ -136,7 +109,7 @@ class AzuriteServer:
                 "--location", str(self._location / "data"), "--silent", "--skipApiVersionCheck", "--loose"]
         if self.oauth:
             # Bearer tokens are only accepted over HTTPS.
-            cert, key = _self_signed_certificate(self._location)
+            cert, key = self_signed(self._location)
             self.ca_file = cert
             args += ["--oauth", "basic", "--cert", str(cert), "--key", str(key)]
         # A file, not a pipe: nobody drains a pipe while the server runs, and a full one would stall it.

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from http_testutil import Reply, self_signed, serving, wait_until
+from http_testutil import Reply, serving, wait_until
 
+from gpuroute.localenv.tls import self_signed
 from gpuroute.netguard import CheckedURL
 from gpuroute_worker.transfer import TransferAborted, TransferClient, TransferConfig, TransferError, in_thread
 
