@@ -126,7 +126,7 @@ def test_a_match_never_escapes_its_prefix(segments: list[str], folder: bool, tai
     started = time.perf_counter()
     if not allowed(uri, [grant]):
         return
-    assert time.perf_counter() - started < 0.1
+    assert time.perf_counter() - started < 1.0  # microseconds normally: only a pathological (regex) blow-up reaches this
     target = normalise(uri)
     # Allowed means: same authority, the grant's segments first, and no segment in the
     # remainder that could climb back out (after decoding, as a server would see it).
