@@ -51,8 +51,10 @@ def test_nvjpeg_matches_pillow(kind: str) -> None:
     host = decode_image(data, max_bytes=LIMIT, max_pixels=LIMIT)
     ours, reference = decoded.pixels.cpu(), host.pixels
     assert ours.shape == reference.shape
-    # Two IDCTs (nvJPEG's and libjpeg-turbo's) round differently, by a level or two.
-    assert_psnr(ours.permute(1, 2, 0).numpy(), reference.permute(1, 2, 0).numpy(), 40.0, f"nvJPEG {kind}")
+    # Two decoders: their IDCTs round differently (a level or two) and libjpeg-turbo's "fancy"
+    # chroma upsampling is smoother than nvJPEG's at colour edges; a wrong orientation,
+    # channel order or colour conversion would sit far below this bound.
+    assert_psnr(ours.permute(1, 2, 0).numpy(), reference.permute(1, 2, 0).numpy(), 36.0, f"nvJPEG {kind}")
 
 
 def test_device_pixels_are_not_copied_again_and_mix_with_host_pixels() -> None:
