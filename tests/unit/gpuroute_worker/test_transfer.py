@@ -9,6 +9,7 @@ import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,15 +116,22 @@ def test_total_deadline_covers_backoff_too() -> None:
         assert len(server.requests) <= 3
 
 
-def test_cancelled_job_frees_its_transfer_thread_at_once() -> None:
+def _download_in_thread(url: Callable[[], str]) -> tuple[Callable[[object], bytes], threading.Event]:
+    """A download for in_thread, and an event set when its thread has let go (returned or raised)."""
     client = TransferClient(FAST)
     thread_done = threading.Event()
 
     def call(handle: object) -> bytes:
         try:
-            return client.download(url, max_bytes=1 << 20, untrusted=False, handle=handle)  # type: ignore[arg-type]
+            return client.download(url(), max_bytes=1 << 20, untrusted=False, handle=handle)  # type: ignore[arg-type]
         finally:
             thread_done.set()
+
+    return call, thread_done
+
+
+def test_cancelled_job_frees_its_transfer_thread_at_once() -> None:
+    call, thread_done = _download_in_thread(lambda: url)
 
     async def scenario() -> float:
         task = asyncio.create_task(in_thread(call))
@@ -143,14 +151,7 @@ def test_cancelled_job_frees_its_transfer_thread_at_once() -> None:
 
 
 def test_asyncio_timeout_aborts_the_transfer() -> None:
-    client = TransferClient(FAST)
-    thread_done = threading.Event()
-
-    def call(handle: object) -> bytes:
-        try:
-            return client.download(url, max_bytes=1 << 20, untrusted=False, handle=handle)  # type: ignore[arg-type]
-        finally:
-            thread_done.set()
+    call, thread_done = _download_in_thread(lambda: url)
 
     async def scenario() -> None:
         with pytest.raises(TimeoutError):
