@@ -119,7 +119,7 @@ from gpuroute.protocol import (
     StageTiming,
     routing_id_for,
 )
-from gpuroute_operator.dispatcher import Dispatcher
+from gpuroute_operator.dispatcher import Dispatcher, Signed
 from gpuroute_operator.effects import TerminalEvent
 from gpuroute_operator.engine import EngineConfig
 from gpuroute_operator.identity import Principal
@@ -519,10 +519,10 @@ _ESTIMATE = re.compile(r"est\. (?P<ms>[0-9.]+) ms, \$(?P<usd>[0-9.]+)")
 """The router's estimate inside status.decision (router.choose writes it there)."""
 
 
-def sign_urls(job: Job, now: float) -> tuple[InputSource, OutputTarget]:
+def sign_urls(job: Job, now: float) -> Signed:
     """The dispatcher's signer: storage is not simulated, so every job signs at once with dummy URLs."""
     return (InputSource(f"https://storage.sim/in/{job.uid}"),
-            OutputTarget(f"https://storage.sim/out/{job.uid}", job.spec.output_format))
+            OutputTarget(f"https://storage.sim/out/{job.uid}", job.spec.output_format), ())
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,10 @@ MAX_ATTEMPT = 1000
 """Largest attempt number in a job id (maxAttempts is far smaller)."""
 MAX_TEXT = 4096
 """Longest free-text field (error messages, reasons) kept from a peer."""
+MAX_GROUP_ITEMS = 64
+"""Most batch items one JOB may carry (an item group, see JobRequest.items)."""
+MAX_ITEM_TEXT = 1024
+"""Longest error message kept per item of a group RESULT (64 of them fit in its header)."""
 
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "avif": "image/avif"}
@@ -293,49 +297,106 @@ class OutputTarget:
 
 
 @dataclass(frozen=True)
+class ItemTarget:
+    """One item of an item group: where its input is read and its output written."""
+
+    input_url: str
+    """Presigned GET URL of the input (trusted storage: batches read only granted buckets)."""
+    output_url: str
+    """Presigned PUT URL of the output."""
+    output_headers: Mapping[str, str] = field(default_factory=dict)
+    """Headers the upload must carry (part of the signature)."""
+
+    def to_header(self) -> dict[str, Any]:
+        return {"input": self.input_url, "output": self.output_url, "headers": dict(self.output_headers)}
+
+    @classmethod
+    def from_header(cls, header: Any) -> ItemTarget:
+        if not isinstance(header, dict):
+            raise ProtocolError(f"items: expected maps, got {_show(header)}")
+        return cls(_text(header, "input", max_len=16384), _text(header, "output", max_len=16384),
+                   _headers(header.get("headers"), "items.headers"))
+
+
+def _headers(value: Any, key: str) -> dict[str, str]:
+    value = value or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ProtocolError(f"{key}: expected a map of strings")
+    return value
+
+
+@dataclass(frozen=True)
 class JobRequest:
-    """One attempt of a job, operator to worker."""
+    """One attempt of a job, operator to worker.
+
+    A job is one image (input and output), or an item group: up to MAX_GROUP_ITEMS items of
+    a batch that share steps and output format, each with its own URLs (`items`). A group is
+    one attempt and gets one RESULT whose `items` answer every item, in order (or one ERROR
+    for the whole group): the per-message costs of both sides are paid once per group.
+    """
 
     job: AttemptId
     """The attempt."""
     steps: tuple[Mapping[str, Any], ...]
     """The pipeline, as in spec.steps."""
     input: InputSource
-    """The input."""
+    """The input (unused by an item group)."""
     output: OutputTarget
-    """The output."""
+    """The output (for an item group: format, quality and options; its url is empty)."""
     timeout_s: float
     """Seconds left before the job's deadline."""
+    items: tuple[ItemTarget, ...] = ()
+    """An item group's items; empty for a single-image job."""
+    item_timeout_s: float = 0.0
+    """An item group's per-item timeout on the worker (0: only timeout_s bounds it)."""
 
     def to_header(self) -> dict[str, Any]:
-        return {"job": str(self.job), "steps": [dict(s) for s in self.steps], "input": self.input.to_header(),
-                "output": self.output.to_header(), "timeoutS": self.timeout_s}
+        header: dict[str, Any] = {"job": str(self.job), "steps": [dict(s) for s in self.steps],
+                                  "output": self.output.to_header(), "timeoutS": self.timeout_s}
+        if self.items:
+            header["output"].pop("url")
+            header["output"].pop("headers")
+            header["items"] = [item.to_header() for item in self.items]
+            header["itemTimeoutS"] = self.item_timeout_s
+        else:
+            header["input"] = self.input.to_header()
+        return header
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> JobRequest:
         steps = header.get("steps")
         if not isinstance(steps, list) or not 1 <= len(steps) <= 64 or not all(isinstance(s, dict) for s in steps):
             raise ProtocolError(f"steps: expected a list of 1 to 64 maps, got {_show(steps)}")
-        source, output = _map(header, "input"), _map(header, "output")
-        url = source.get("url")
-        if url is not None and not (isinstance(url, str) and 0 < len(url) <= 16384):
-            raise ProtocolError(f"input.url: expected a URL string, got {_show(url)}")
-        if url is None and source.get("inline") is not True:
-            raise ProtocolError("input: neither url nor inline")
+        output = _map(header, "output")
+        raw_items = header.get("items")
+        items: tuple[ItemTarget, ...] = ()
+        if raw_items is not None:
+            if not isinstance(raw_items, list) or not 1 <= len(raw_items) <= MAX_GROUP_ITEMS:
+                raise ProtocolError(f"items: expected a list of 1 to {MAX_GROUP_ITEMS} items, got {_show(raw_items)}")
+            items = tuple(ItemTarget.from_header(item) for item in raw_items)
+            source = InputSource()
+            url = ""
+        else:
+            source_header = _map(header, "input")
+            source_url = source_header.get("url")
+            if source_url is not None and not (isinstance(source_url, str) and 0 < len(source_url) <= 16384):
+                raise ProtocolError(f"input.url: expected a URL string, got {_show(source_url)}")
+            if source_url is None and source_header.get("inline") is not True:
+                raise ProtocolError("input: neither url nor inline")
+            source = InputSource(source_url, _bool(source_header, "untrusted"))
+            url = _text(output, "url", max_len=16384)
         fmt = _text(output, "format")
         if fmt not in CONTENT_TYPES:
             raise ProtocolError(f"output.format: expected one of {sorted(CONTENT_TYPES)}, got {_show(fmt)}")
-        headers = output.get("headers") or {}
-        if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-            raise ProtocolError("output.headers: expected a map of strings")
+        headers = _headers(output.get("headers"), "output.headers")
         timeout = _optional_float(header, "timeoutS")
+        item_timeout = _optional_float(header, "itemTimeoutS")
         options = {k: v for k, v in output.items() if k not in ("url", "format", "quality", "headers")}
-        return cls(job=_attempt(header), steps=tuple(steps),
-                   input=InputSource(url, _bool(source, "untrusted")),
-                   output=OutputTarget(_text(output, "url", max_len=16384), fmt,
-                                       _int(output, "quality", low=1, high=100, required=False, default=90),
+        return cls(job=_attempt(header), steps=tuple(steps), input=source,
+                   output=OutputTarget(url, fmt, _int(output, "quality", low=1, high=100, required=False, default=90),
                                        headers, options),
-                   timeout_s=timeout if timeout is not None and timeout > 0 else 600.0)
+                   timeout_s=timeout if timeout is not None and timeout > 0 else 600.0,
+                   items=items, item_timeout_s=item_timeout if item_timeout is not None and item_timeout > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -444,15 +505,66 @@ class OutputInfo:
 
 
 @dataclass(frozen=True)
+class ItemAnswer:
+    """What became of one item of an item group: its output, or why it failed."""
+
+    output: OutputInfo | None = None
+    """What was written; None when the item failed."""
+    timing: StageTiming = field(default_factory=StageTiming)
+    """Where the worker's time went for this item."""
+    input_width: int = 0
+    """Input pixels across (0: not reported)."""
+    input_height: int = 0
+    """Input pixels down."""
+    code: ErrorCode | None = None
+    """Why the item failed (None: it succeeded); retryable codes may succeed in another group."""
+    message: str = ""
+    """The failure, for the results manifest."""
+
+    @property
+    def ok(self) -> bool:
+        return self.output is not None
+
+    def to_header(self) -> dict[str, Any]:
+        if self.output is None:
+            return {"code": (self.code or ErrorCode.UNAVAILABLE).value, "message": self.message}
+        header: dict[str, Any] = {"output": self.output.to_header(), "timing": self.timing.to_header()}
+        if self.input_width and self.input_height:
+            header["input"] = {"width": self.input_width, "height": self.input_height}
+        return header
+
+    @classmethod
+    def from_header(cls, header: Any) -> ItemAnswer:
+        if not isinstance(header, dict):
+            raise ProtocolError(f"items: expected maps, got {_show(header)}")
+        if "output" not in header:
+            try:
+                code = ErrorCode(header.get("code"))
+            except ValueError as exc:
+                raise ProtocolError(f"items: unknown error code {_show(header.get('code'))}") from exc
+            message = header.get("message")
+            if not isinstance(message, str):
+                raise ProtocolError(f"items.message: expected a string, got {_show(message)}")
+            return cls(code=code, message=message[:MAX_ITEM_TEXT])
+        source = header.get("input") or {}
+        if not isinstance(source, dict):
+            raise ProtocolError(f"items.input: expected a map, got {_show(source)}")
+        return cls(OutputInfo.from_header(_map(header, "output")), StageTiming.from_header(_map(header, "timing")),
+                   _int(source, "width", low=1, high=1 << 20, required=False),
+                   _int(source, "height", low=1, high=1 << 20, required=False))
+
+
+@dataclass(frozen=True)
 class Result:
-    """An attempt succeeded; its output is in storage."""
+    """An attempt succeeded; its output is in storage (for an item group: every item is
+    answered in `items`, in the order sent, and some may have failed)."""
 
     job: AttemptId
     """The attempt."""
     timing: StageTiming
     """Where the worker's time went."""
-    output: OutputInfo
-    """What was written."""
+    output: OutputInfo | None
+    """What was written (None for an item group: see `items`)."""
     input_width: int = 0
     """Input pixels across (0: not reported); the operator learns pool speed per megapixel."""
     input_height: int = 0
@@ -461,10 +573,15 @@ class Result:
     """What computed it."""
     cached: bool = False
     """Answered from the worker's result cache, not computed again."""
+    items: tuple[ItemAnswer, ...] = ()
+    """An item group's answers, one per item sent, in order (then `output` is None)."""
 
     def to_header(self) -> dict[str, Any]:
-        header: dict[str, Any] = {"job": str(self.job), "timing": self.timing.to_header(),
-                                  "output": self.output.to_header(), "device": self.device}
+        header: dict[str, Any] = {"job": str(self.job), "timing": self.timing.to_header(), "device": self.device}
+        if self.items:
+            header["items"] = [item.to_header() for item in self.items]
+        elif self.output is not None:
+            header["output"] = self.output.to_header()
         if self.input_width and self.input_height:
             header["input"] = {"width": self.input_width, "height": self.input_height}
         if self.cached:
@@ -476,11 +593,20 @@ class Result:
         source = header.get("input") or {}
         if not isinstance(source, dict):
             raise ProtocolError(f"input: expected a map, got {_show(source)}")
-        return cls(_attempt(header), StageTiming.from_header(_map(header, "timing")),
-                   OutputInfo.from_header(_map(header, "output")),
+        timing = StageTiming.from_header(_map(header, "timing"))
+        raw_items = header.get("items")
+        items: tuple[ItemAnswer, ...] = ()
+        output: OutputInfo | None = None
+        if raw_items is not None:
+            if not isinstance(raw_items, list) or not 1 <= len(raw_items) <= MAX_GROUP_ITEMS:
+                raise ProtocolError(f"items: expected a list of 1 to {MAX_GROUP_ITEMS} answers, got {_show(raw_items)}")
+            items = tuple(ItemAnswer.from_header(item) for item in raw_items)
+        else:
+            output = OutputInfo.from_header(_map(header, "output"))
+        return cls(_attempt(header), timing, output,
                    _int(source, "width", low=1, high=1 << 20, required=False),
                    _int(source, "height", low=1, high=1 << 20, required=False),
-                   _text(header, "device", required=False), _bool(header, "cached"))
+                   _text(header, "device", required=False), _bool(header, "cached"), items)
 
 
 @dataclass(frozen=True)
@@ -555,7 +681,7 @@ KIND_OF: Mapping[type, Kind] = {body: kind for kind, body in BODY_TYPES.items()}
 
 MAX_HEADER_BYTES_BY_KIND: Mapping[Kind, int] = {
     Kind.READY: 256 * 1024, Kind.HEARTBEAT: 1024, Kind.JOB: MAX_HEADER_BYTES, Kind.ACCEPTED: 1024,
-    Kind.PROGRESS: 1024, Kind.RESULT: 16 * 1024, Kind.ERROR: 64 * 1024, Kind.CANCEL: 1024, Kind.DISCONNECT: 16 * 1024,
+    Kind.PROGRESS: 1024, Kind.RESULT: 128 * 1024, Kind.ERROR: 64 * 1024, Kind.CANCEL: 1024, Kind.DISCONNECT: 16 * 1024,
 }
 """Largest header each kind may carry: a heartbeat is tiny, a JOB carries its pipeline and URLs."""
 MAX_INLINE_PAYLOAD_BYTES = 512 * 1024

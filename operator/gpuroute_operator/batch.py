@@ -1,7 +1,9 @@
 """A batch ImageJob's state: counts, manifest lines, progress, ETA, resume (pure, no I/O).
 
-A batch's items are ordinary dispatcher Jobs (job.batch set). What the batch itself
-remembers lives here: how many items were listed, which inputs are finished (the
+A batch's items travel in item groups: up to BatchConfig.group_items items of one
+batch form one dispatcher Job (job.batch set, job.spec.items), sent as one JOB and
+answered by one RESULT with an answer per item, so the per-message and per-job costs
+are paid once per group. What the batch itself remembers lives here: how many items were listed, which inputs are finished (the
 durable record is the results journal in object storage; `resume` reads it back), the
 first failures, and the rate items finish at. The clock is passed in, so the tests run
 in milliseconds and the operator's shell (batch_runner.py) decides when to call what.
@@ -10,14 +12,16 @@ in milliseconds and the operator's shell (batch_runner.py) decides when to call 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpuroute.protocol import ErrorCode, ItemAnswer
 from gpuroute_operator.jobs import Job
 from gpuroute_operator.kube import now_rfc3339
 from gpuroute_operator.phases import Phase
@@ -30,17 +34,50 @@ RATE_WINDOW_S = 60.0
 _STAGES = ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs", "uploadMs", "totalMs")
 
 
-def item_uid(batch_uid: str, source: str) -> str:
-    """The item's dispatcher uid (and so its wire AttemptId): the batch uid and a digest of the
-    input URI. Stable across restarts and listing orders, so a worker that still holds an
-    item's result answers it from its cache after an operator restart instead of recomputing."""
-    digest = hashlib.blake2s(source.encode(), digest_size=8).hexdigest()
+def group_uid(batch_uid: str, sources: Sequence[str]) -> str:
+    """An item group's dispatcher uid (and so its wire AttemptId): the batch uid and a digest of
+    its inputs. Groups are cut from fixed cells of the listing order (group_cell), so after an
+    operator restart the unfinished items of a cell form the same group again, and a worker
+    that still runs or holds it is adopted or answers from its cache instead of recomputing."""
+    digest = hashlib.blake2s("\n".join(sources).encode(), digest_size=8).hexdigest()
     return f"{batch_uid[:40]}-{digest}"
 
 
-def item_spec(batch: BatchSpec, source: StorageURI, output: StorageURI, timeout_s: int) -> JobSpec:
-    """The spec one item runs: the batch's pipeline on one input and output."""
-    return dataclasses.replace(batch.item, input_uri=source, output=output, timeout_s=max(1, timeout_s))
+def group_cell(position: int, group_items: int) -> int:
+    """The cell of the listing an item belongs to: items of one cell, and only they, share a group."""
+    return position // max(1, group_items)
+
+
+def group_spec(batch: BatchSpec, items: Sequence[tuple[StorageURI, StorageURI]], timeout_s: int) -> JobSpec:
+    """The spec an item group runs: the batch's pipeline over each (input, output) pair.
+    `timeout_s` bounds the group as a whole; each item is bounded by itemTimeoutSeconds."""
+    return dataclasses.replace(batch.item, input_uri=None, output=batch.output_prefix, items=tuple(items),
+                               item_timeout_s=batch.item_timeout_s, timeout_s=max(1, timeout_s))
+
+
+class ItemVerdict(enum.Enum):
+    """What becomes of one item of a group that ended."""
+
+    DONE = "done"
+    """Succeeded or failed for good: it gets its manifest line."""
+    AGAIN = "again"
+    """Failed for a retryable reason with attempts left: it runs in a later group."""
+    EXHAUSTED = "exhausted"
+    """Failed for a retryable reason on its last attempt: fails as MaxAttemptsExceeded."""
+    NOT_DONE = "not_done"
+    """Cancelled with its group: not finished (a resumed batch would run it)."""
+
+
+def judge_item(answer: ItemAnswer | None, spent: int, max_attempts: int) -> ItemVerdict:
+    """The retry rule for one item: `answer` is its worker's (None: its group failed as a
+    whole, which already spent the group's attempts), `spent` the attempts its groups took."""
+    if answer is None or answer.ok:
+        return ItemVerdict.DONE
+    if answer.code is ErrorCode.CANCELLED:
+        return ItemVerdict.NOT_DONE
+    if answer.code is not None and answer.code.retryable:
+        return ItemVerdict.AGAIN if spent < max_attempts else ItemVerdict.EXHAUSTED
+    return ItemVerdict.DONE
 
 
 @dataclass(frozen=True)
@@ -101,15 +138,25 @@ class ItemOutcome:
                    size=int(row.get("size") or 0), attempts=int(row.get("attempts") or 0))
 
     @classmethod
-    def from_job(cls, job: Job, source: str, output: str) -> ItemOutcome:
-        """A dispatcher Job that ended (Completed or Failed) as a manifest entry."""
-        out = job.output or {}
-        ok = job.phase is Phase.COMPLETED
-        return cls(input=source, output=output, ok=ok, reason="" if ok else job.reason, error="" if ok else job.message,
-                   sha256=str(out.get("sha256") or ""), size=int(out.get("bytes") or 0),
-                   width=int(out.get("width") or 0), height=int(out.get("height") or 0), attempts=job.attempts,
-                   worker=f"{job.pool}/{job.worker}" if job.worker else "", completed_at=job.completed_at or 0.0,
-                   timing={k: float(job.timing[k]) for k in _STAGES if k in job.timing})
+    def from_answer(cls, group: Job, answer: ItemAnswer | None, source: str, output: str, *, attempts: int,
+                    reason: str = "", error: str = "") -> ItemOutcome:
+        """One item of a group that ended: its worker's answer (None: the group failed as a
+        whole, with the group's reason), or the failure `reason` and `error` given."""
+        ok = answer is not None and answer.output is not None and not reason
+        completed = group.completed_at or 0.0
+        timing: dict[str, float] = {}
+        if answer is not None and group.dispatched_at is not None:
+            timing["queueMs"] = round(max(0.0, group.dispatched_at - group.queued_at) * 1000.0, 3)
+            timing.update({k: round(v, 3) for k, v in answer.timing.stages().items()})
+        timing["totalMs"] = round(max(0.0, completed - group.queued_at) * 1000.0, 3)
+        info = answer.output if answer is not None else None
+        if not ok and not reason:
+            reason, error = (("InvalidInput", answer.message) if answer is not None else (group.reason, group.message))
+        return cls(input=source, output=output, ok=ok, reason=reason, error=error,
+                   sha256=info.sha256 if ok and info else "", size=info.bytes if ok and info else 0,
+                   width=info.width if ok and info else 0, height=info.height if ok and info else 0,
+                   attempts=attempts, worker=f"{group.pool}/{group.worker}" if group.worker else "",
+                   completed_at=completed, timing=timing)
 
 
 @dataclass
@@ -129,9 +176,11 @@ class BatchState:
     listing_complete: bool = False
     """The listing reached its end: `listed` is the total."""
     phases: dict[str, Phase] = field(default_factory=dict)
-    """Item uid -> phase, for items handed to the dispatcher and not finished."""
+    """Group uid -> phase, for item groups handed to the dispatcher and not finished."""
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Group uid -> how many items it carries."""
     running: int = 0
-    """How many of `phases` are Dispatched or Processing."""
+    """How many items of `phases` are Dispatched or Processing."""
     failures: list[dict[str, str]] = field(default_factory=list)
     """The first MAX_FAILURES failures: input, reason, message."""
     resumed: int = 0
@@ -165,20 +214,21 @@ class BatchState:
         self.resumed = self.finished
         return self.resumed
 
-    def track(self, uid: str, phase: Phase) -> None:
-        """An item handed to the dispatcher changed phase (not terminal)."""
+    def track(self, uid: str, phase: Phase, items: int = 1) -> None:
+        """An item group of `items` items handed to the dispatcher changed phase (not terminal)."""
         before = self.phases.get(uid)
         self.phases[uid] = phase
-        self.running += _running(phase) - (_running(before) if before is not None else 0)
+        self.sizes[uid] = items
+        self.running += items * (_running(phase) - (_running(before) if before is not None else 0))
 
     def untrack(self, uid: str) -> None:
         before = self.phases.pop(uid, None)
+        items = self.sizes.pop(uid, 1)
         if before is not None:
-            self.running -= _running(before)
+            self.running -= items * _running(before)
 
-    def record(self, uid: str, outcome: ItemOutcome) -> str:
+    def record(self, outcome: ItemOutcome) -> str:
         """An item ended: count it and return its manifest line."""
-        self.untrack(uid)
         if outcome.input not in self.done:
             self._count(outcome)
         return outcome.line()

@@ -1,8 +1,10 @@
 """Batch ImageJobs, carried out: list inputs, feed items to the dispatcher, journal and report.
 
 One asyncio task per running batch. It lists the inputs page by page (in a thread),
-hands items to the dispatcher in a bounded window (so 50,000 inputs never sit in the
-dispatcher at once), appends every finished item to a journal in object storage
+hands items to the dispatcher in item groups (up to `group_items` items per dispatcher
+job: one JOB, one RESULT) within a bounded window of items (so 50,000 inputs never sit
+in the dispatcher at once), retries an item that failed for a retryable reason in a
+later group, appends every finished item to a journal in object storage
 (one part per flush, under the output prefix), and writes the batch's status every
 few seconds: never one API write per item. The journal is the durable record: after
 an operator restart the batch reads it back and skips every finished input.
@@ -21,8 +23,20 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpuroute.protocol import ItemAnswer
 from gpuroute_operator import admission
-from gpuroute_operator.batch import BatchState, ItemOutcome, item_spec, item_uid, journal_part, journal_prefix, results_uri
+from gpuroute_operator.batch import (
+    BatchState,
+    ItemOutcome,
+    ItemVerdict,
+    group_cell,
+    group_spec,
+    group_uid,
+    journal_part,
+    journal_prefix,
+    judge_item,
+    results_uri,
+)
 from gpuroute_operator.batch_io import BatchStore, StorageIOError, first
 from gpuroute_operator.dispatcher import Dispatcher
 from gpuroute_operator.effects import TerminalEvent
@@ -42,7 +56,11 @@ class BatchConfig:
 
     window: int = 512
     """Items handed to the dispatcher and not finished, per batch: bounds the operator's memory
-    and keeps each item's timeout about its own run, not about a long queue."""
+    and how long an item waits in the queue."""
+    group_items: int = 16
+    """Items per item group (at most protocol.MAX_GROUP_ITEMS). Each group costs the operator
+    one job's bookkeeping and two messages, whatever its size; 16 small images keep a CPU
+    worker's slot busy for well under a second, so failover and cancellation stay prompt."""
     lookahead: int = 5000
     """Listed inputs held ahead of the window (keys only)."""
     status_period_s: float = 3.0
@@ -61,6 +79,18 @@ class BatchConfig:
 GrantsLookup = Callable[[str], Awaitable[StorageGrants]]
 
 
+@dataclass(frozen=True)
+class Listed:
+    """One item on its way: its place in the listing, its input and its output."""
+
+    position: int
+    """Index in the listing order (fixes the item's group cell)."""
+    source: StorageURI
+    """The input."""
+    output: StorageURI
+    """Where its output goes."""
+
+
 class BatchRun:
     """One batch ImageJob being processed."""
 
@@ -73,9 +103,18 @@ class BatchRun:
         self.state = state
         self.resumed = resumed
         self.deadline = state.queued_at + spec.timeout_s
-        self.outstanding: dict[str, tuple[StorageURI, StorageURI]] = {}
-        """Item uid -> (input, output) of items the dispatcher has."""
-        self.pending: deque[StorageURI | SpecError] = deque()
+        self.outstanding: dict[str, tuple[Listed, ...]] = {}
+        """Group uid -> its items, for groups the dispatcher has."""
+        self.items_out = 0
+        """Items in `outstanding`."""
+        self.pending: deque[tuple[int, StorageURI | SpecError]] = deque()
+        """Listed items not yet handed out, with their position in the listing."""
+        self.again: deque[Listed] = deque()
+        """Items to run again in a later group (a retryable failure), in listing order."""
+        self.spent: dict[str, int] = {}
+        """Input URI -> attempts its groups spent on it so far (this run)."""
+        self.seen: set[str] = set()
+        """Input URIs listed so far in this run: a repeated line is not another item."""
         self.lines: list[str] = []
         """Journal lines not yet written."""
         self.parts = 0
@@ -175,33 +214,55 @@ class BatchRunner:
         if run.task is not None:
             run.task.cancel()
         now = time.time()
-        for item in list(run.outstanding):
-            self.dispatcher.forget(item, now)
+        for uid in list(run.outstanding):
+            self.dispatcher.forget(uid, now)
         run.outstanding.clear()
         self.writer.forget(run.ref)
         return True
 
     def on_item(self, job: Job, *, terminal: bool) -> None:
-        """The dispatcher's report on one item (effects.item): count it, never write per item."""
+        """The dispatcher's report on one item group (effects.item): count it, never write per item."""
         run = self.runs.get(job.batch or "")
         if run is None:
             return
         if not terminal:
-            if job.uid in run.outstanding:
-                run.state.track(job.uid, job.phase)
+            entry = run.outstanding.get(job.uid)
+            if entry is not None:
+                run.state.track(job.uid, job.phase, len(entry))
             return
-        entry = run.outstanding.pop(job.uid, None)
-        if entry is None:
+        items = run.outstanding.pop(job.uid, None)
+        if items is None:
             return
-        if job.phase is Phase.CANCELLED:
-            run.state.untrack(job.uid)  # not done: a resumed batch would run it
-        else:
-            run.lines.append(run.state.record(job.uid, ItemOutcome.from_job(job, entry[0].uri, entry[1].uri)))
-        # Woken once a refill's worth of the window is free (or nothing is out), not per item:
-        # the items still queued keep the workers busy meanwhile, and the loop's own 0.5 s tick
-        # flushes the journal and writes status. Saves a loop pass per item at hundreds a second.
-        if len(run.outstanding) <= self.config.window - self._refill or not run.outstanding:
+        run.items_out -= len(items)
+        run.state.untrack(job.uid)
+        if job.phase is not Phase.CANCELLED:  # a cancelled item is not done: a resumed batch would run it
+            answers: tuple[ItemAnswer | None, ...] = job.item_answers or (None,) * len(items)
+            for item, answer in zip(items, answers, strict=True):
+                self._settle(run, job, item, answer)
+        # Woken once a refill's worth of the window is free (or nothing is out), not per group:
+        # the groups still queued keep the workers busy meanwhile, and the loop's own 0.5 s tick
+        # flushes the journal and writes status.
+        if run.items_out <= self.config.window - self._refill or not run.outstanding:
             run.wake.set()
+
+    def _settle(self, run: BatchRun, group: Job, item: Listed, answer: ItemAnswer | None) -> None:
+        """One item of a group that ended: done, failed, or queued again for a later group."""
+        source = item.source.uri
+        spent = run.spent.get(source, 0) + max(1, group.attempts)
+        verdict = judge_item(answer, spent, run.spec.item.max_attempts)
+        if verdict is ItemVerdict.NOT_DONE:
+            return
+        if verdict is ItemVerdict.AGAIN:
+            run.spent[source] = spent
+            run.again.append(item)
+            return
+        run.spent.pop(source, None)
+        reason = error = ""
+        if verdict is ItemVerdict.EXHAUSTED and answer is not None:
+            reason, error = "MaxAttemptsExceeded", f"no attempt succeeded after {spent} attempts; last: {answer.message}"
+        outcome = ItemOutcome.from_answer(group, answer, source, item.output.uri, attempts=spent, reason=reason,
+                                          error=error)
+        run.lines.append(run.state.record(outcome))
 
     # ---- one batch --------------------------------------------------------------------------------
 
@@ -260,12 +321,16 @@ class BatchRunner:
             if page is None:
                 state.listing_complete = True
                 break
+            run.pending.extend(enumerate(page, start=state.listed))
             state.listed += len(page)
-            run.pending.extend(page)
-            if len(run.outstanding) < self.config.window // 2:
+            if run.items_out < self.config.window // 2 and self._whole_cell_pending(run):
                 break  # start work before the whole lookahead is listed
-        while run.pending and len(run.outstanding) < self.config.window and run.stop is None:
-            self._admit(run, run.pending.popleft(), now)
+        while run.items_out < self.config.window and run.stop is None:
+            group = self._next_group(run, now)
+            if group is None:
+                break
+            if group:
+                self._admit(run, group, now)
 
     async def _page(self, run: BatchRun, listing: Iterator[list[StorageURI | SpecError]]) -> list[StorageURI | SpecError] | None:
         for attempt in range(1, self.config.listing_tries + 1):
@@ -278,34 +343,74 @@ class BatchRunner:
                 await asyncio.sleep(attempt)
         return None
 
-    def _admit(self, run: BatchRun, item: StorageURI | SpecError, now: float) -> None:
+    def _whole_cell_pending(self, run: BatchRun) -> bool:
+        """The pending items hold at least one whole group cell (or the listing is done)."""
+        if run.state.listing_complete or not run.pending:
+            return True
+        size = self.config.group_items
+        return group_cell(run.pending[0][0], size) != group_cell(run.pending[-1][0], size)
+
+    def _next_group(self, run: BatchRun, now: float) -> list[Listed] | None:
+        """The next group's items: retries first, then listed items, one group cell at a time.
+        None when nothing can go now; an empty list when a cell had nothing left to run."""
+        size = self.config.group_items
+        if run.again:
+            cell = group_cell(run.again[0].position, size)
+            group: list[Listed] = []
+            while run.again and group_cell(run.again[0].position, size) == cell and len(group) < size:
+                group.append(run.again.popleft())
+            return group
+        if not run.pending:
+            return None
+        cell = group_cell(run.pending[0][0], size)
+        if not run.state.listing_complete and group_cell(run.pending[-1][0], size) == cell:
+            return None  # the rest of this cell is on the next page
+        group = []
+        while run.pending and group_cell(run.pending[0][0], size) == cell:
+            position, entry = run.pending.popleft()
+            item = self._checked(run, position, entry, now)
+            if item is not None:
+                group.append(item)
+        return group
+
+    def _checked(self, run: BatchRun, position: int, entry: StorageURI | SpecError, now: float) -> Listed | None:
+        """A listed entry as an item to run; None when it is done already, or ends here (its
+        manifest line written): a bad list line, storage the namespace was not granted."""
         state = run.state
-        if isinstance(item, SpecError):
-            run.lines.append(state.record("", ItemOutcome(input=f"({item.field})", output="", ok=False,
-                                                          reason=item.reason, error=str(item), completed_at=now)))
-            return
-        source = item.uri
+        if isinstance(entry, SpecError):
+            run.lines.append(state.record(ItemOutcome(input=f"({entry.field})", output="", ok=False,
+                                                      reason=entry.reason, error=str(entry), completed_at=now)))
+            return None
+        source = entry.uri
+        if source in run.seen:
+            state.listed -= 1  # a list object named it twice: one item
+            return None
+        run.seen.add(source)
         if source in state.done:
-            return
-        output = item_output(run.spec, item)
+            return None  # finished before a restart
+        output = item_output(run.spec, entry)
         problem = ""
         if not run.grants.may_read(source):
             problem = f"{source} is outside the read prefixes granted ({READ_ANNOTATION})"
         elif not run.grants.may_write(output.uri):
             problem = f"{output.uri} is outside the write prefixes granted ({WRITE_ANNOTATION})"
         if problem:
-            run.lines.append(state.record("", ItemOutcome(input=source, output=output.uri, ok=False,
-                                                          reason="StorageNotGranted", error=problem, completed_at=now)))
-            return
-        uid = item_uid(run.ref.uid, source)
-        if uid in run.outstanding:
-            return  # listed twice (a list object may repeat a line)
-        timeout = int(min(run.spec.item_timeout_s, max(1.0, run.deadline - now)))
-        job = Job(uid, run.ref.namespace or "", run.ref.name, run.generation, item_spec(run.spec, item, output, timeout),
-                  queued_at=now, batch=run.ref.uid)
+            run.lines.append(state.record(ItemOutcome(input=source, output=output.uri, ok=False,
+                                                      reason="StorageNotGranted", error=problem, completed_at=now)))
+            return None
+        return Listed(position, entry, output)
+
+    def _admit(self, run: BatchRun, group: list[Listed], now: float) -> None:
+        uid = group_uid(run.ref.uid, [item.source.uri for item in group])
+        # Each item may take itemTimeoutSeconds on the worker; the group, all of them one after
+        # another at worst, and never past the batch's own deadline.
+        timeout = int(min(run.spec.item_timeout_s * len(group), max(1.0, run.deadline - now)))
+        spec = group_spec(run.spec, [(item.source, item.output) for item in group], timeout)
+        job = Job(uid, run.ref.namespace or "", run.ref.name, run.generation, spec, queued_at=now, batch=run.ref.uid)
         # Tracked before admit: the dispatcher may end it at once (storage it cannot sign).
-        run.outstanding[uid] = (item, output)
-        state.track(uid, Phase.QUEUED)
+        run.outstanding[uid] = tuple(group)
+        run.items_out += len(group)
+        run.state.track(uid, Phase.QUEUED, len(group))
         self.dispatcher.admit(job, now)
 
     async def _flush(self, run: BatchRun, now: float, *, force: bool = False) -> None:
@@ -332,6 +437,7 @@ class BatchRunner:
             self.dispatcher.cancel(uid, f"batch ended: {reason}", now)
         run.outstanding.clear()
         run.pending.clear()
+        run.again.clear()
         try:
             await self._flush(run, now, force=True)
             await asyncio.to_thread(self.store.write_manifest, run.journal, run.results)

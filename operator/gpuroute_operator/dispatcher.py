@@ -38,7 +38,9 @@ from gpuroute.protocol import (
     AttemptId,
     Cancel,
     Error,
+    ErrorCode,
     InputSource,
+    ItemTarget,
     JobRequest,
     OutputTarget,
     Ready,
@@ -60,7 +62,9 @@ from gpuroute_operator.verdicts import Action
 
 log = logging.getLogger(__name__)
 
-Signer = Callable[[Job, float], tuple[InputSource, OutputTarget]]
+Signed = tuple[InputSource, OutputTarget, tuple[ItemTarget, ...]]
+"""A job's URLs: its input and output, or (an item group) every item's."""
+Signer = Callable[[Job, float], Signed]
 """Signs a job's storage URLs at `now`; raises SigningUnavailable (try later) or SpecError (never)."""
 
 
@@ -253,14 +257,15 @@ class Dispatcher:
             return
         attempt = AttemptId(job.uid, number)
         try:
-            source, target = self.sign(job, now)
+            source, target, items = self.sign(job, now)
         except SigningUnavailable as exc:
             self._hold(job, str(exc), now)
             return
         except SpecError as exc:
             self._finish(job, Phase.FAILED, exc.reason, str(exc), now)
             return
-        request = JobRequest(attempt, tuple(job.spec.steps), source, target, max(1.0, job.deadline - now))
+        request = JobRequest(attempt, tuple(job.spec.steps), source, target, max(1.0, job.deadline - now), items,
+                             float(job.spec.item_timeout_s))
         conn.foreign.discard(attempt)
         conn.answered.discard(attempt)
         if not self.effects.send(conn.routing_id, request, job.spec.inline):
@@ -368,11 +373,24 @@ class Dispatcher:
             self.ledger.close(result.job)
             self.expire(now)
             return
+        if len(result.items) != len(job.spec.items) or (result.output is None) != bool(job.spec.items):
+            # Not an answer to what was sent (a group answered item by item, in order): the
+            # attempt is spent; another worker (or this one, again) may answer it properly.
+            self._count("malformed_result")
+            log.warning("dropped a RESULT for %s from %s/%s: %d answers for %d items", result.job, conn.pool,
+                        conn.worker, len(result.items), len(job.spec.items))
+            self.on_error(conn, Error(result.job, ErrorCode.UNAVAILABLE, "the worker's answer did not match the "
+                                      f"job: {len(result.items)} answers for {len(job.spec.items)} items"), now)
+            return
         self.placement.learn(job, conn.pool, result)
         job.pool, job.worker, job.gpu = conn.pool, conn.worker, result.device or conn.device
-        job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
-        message = (f"{result.output.width}x{result.output.height} {result.output.format} "
-                   f"written to {job.spec.output.uri}")
+        if result.output is not None:
+            job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
+            message = (f"{result.output.width}x{result.output.height} {result.output.format} "
+                       f"written to {job.spec.output.uri}")
+        else:
+            job.item_answers = result.items
+            message = f"{sum(1 for item in result.items if item.ok)} of {len(result.items)} items written"
         metrics.labelled(metrics.E2E_SECONDS, conn.pool).observe(max(0.0, now - job.queued_at))
         self._finish(job, Phase.COMPLETED, "Succeeded", message, now, result=result)
 

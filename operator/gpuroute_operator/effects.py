@@ -74,6 +74,8 @@ class RecordingEffects:
         self.statuses: dict[ObjectRef, Mapping[str, Any]] = {}
         self.terminal_events: dict[ObjectRef, list[TerminalEvent]] = {}
         self.items: dict[str, Mapping[str, Any]] = {}
+        self.ended_items: dict[str, Job] = {}
+        """Batch jobs (item groups) by uid, as they were when they ended."""
 
     def send(self, routing_id: bytes, body: Body, payload: bytes | None = None) -> bool:
         if routing_id in self.unreachable:
@@ -99,6 +101,8 @@ class RecordingEffects:
 
     def item(self, job: Job, *, terminal: bool) -> None:
         self.items[job.uid] = job.status()
+        if terminal:
+            self.ended_items[job.uid] = job
         self.log.append(Recorded("item", {"uid": job.uid, "batch": job.batch, "terminal": terminal}))
 
     def sent(self, kind: type | None = None, to: bytes | None = None) -> list[Any]:

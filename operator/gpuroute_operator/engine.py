@@ -26,12 +26,12 @@ import zmq.asyncio
 
 from gpuroute import protocol
 from gpuroute.netguard import UnsafeURL, check_public_https_url
-from gpuroute.protocol import Body, InputSource, Message, OutputTarget, Ready
+from gpuroute.protocol import Body, InputSource, ItemTarget, Message, OutputTarget, Ready
 from gpuroute_operator import admission, metrics
 from gpuroute_operator.admission import Admitted, Ended, Refused
 from gpuroute_operator.autoscaler import Autoscaler
 from gpuroute_operator.batch_runner import BatchRunner
-from gpuroute_operator.dispatcher import Dispatcher
+from gpuroute_operator.dispatcher import Dispatcher, Signed
 from gpuroute_operator.effects import TerminalEvent
 from gpuroute_operator.identity import Principal
 from gpuroute_operator.jobs import Job
@@ -262,9 +262,17 @@ class Engine:
         if not self.batches.forget(uid):
             self.dispatcher.forget(uid, time.time())
 
-    def _sign(self, job: Job, now: float) -> tuple[InputSource, OutputTarget]:
+    def _sign(self, job: Job, now: float) -> Signed:
         spec = job.spec
         expires = int(max(60, job.deadline - now + 60))
+        options = {"background": spec.background, "keepMetadata": spec.keep_metadata}
+        if spec.items:
+            items = []
+            for source_uri, output_uri in spec.items:
+                signed_put = self.presigner.put(output_uri, spec.output_format, expires_s=expires)
+                items.append(ItemTarget(self.presigner.get(source_uri, expires_s=expires).url, signed_put.url,
+                                        dict(signed_put.headers)))
+            return InputSource(), OutputTarget("", spec.output_format, spec.quality, {}, options), tuple(items)
         if spec.input_uri is not None:
             source = InputSource(self.presigner.get(spec.input_uri, expires_s=expires).url)
         elif spec.input_url is not None:
@@ -272,8 +280,7 @@ class Engine:
         else:
             source = InputSource()
         signed = self.presigner.put(spec.output, spec.output_format, expires_s=expires)
-        options = {"background": spec.background, "keepMetadata": spec.keep_metadata}
-        return source, OutputTarget(signed.url, spec.output_format, spec.quality, dict(signed.headers), options)
+        return source, OutputTarget(signed.url, spec.output_format, spec.quality, dict(signed.headers), options), ()
 
     # ---- pools -----------------------------------------------------------------------
 

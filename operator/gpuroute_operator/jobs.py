@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuroute.protocol import AttemptId
+from gpuroute.protocol import AttemptId, ItemAnswer
 from gpuroute_operator.kube import now_rfc3339
 from gpuroute_operator.phases import Phase, check_transition, conditions
 from gpuroute_operator.spec import JobSpec
@@ -74,6 +74,8 @@ class Job:
     place: Place = Place.NEW
     """Where the job is: one field, so no two structures can disagree."""
     output: dict[str, Any] | None = None
+    item_answers: tuple[ItemAnswer, ...] = ()
+    """An item group's answers, one per spec.items entry, once it completed."""
     timing: dict[str, Any] = field(default_factory=dict)
     conditions: list[dict[str, Any]] = field(default_factory=list)
 

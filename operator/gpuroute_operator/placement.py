@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from gpuroute.ops_catalog import models_used
-from gpuroute.protocol import AttemptId, Result
+from gpuroute.protocol import AttemptId, OutputInfo, Result
 from gpuroute_operator.jobs import Job, Place
 from gpuroute_operator.pools import PoolState, WorkerConn
 from gpuroute_operator.router import Decision, JobNeeds, PoolView, choose, rejection
@@ -86,9 +86,14 @@ class Placer:
         pool = self.pools.get(pool_name)
         if pool is None or result.cached:
             return
-        input_pixels = result.input_width * result.input_height
-        worker_ms = result.timing.worker_ms
-        pool.record_result(worker_ms, result.output.width * result.output.height,
-                           cost_class=job.spec.cost_class, input_pixels=input_pixels)
+        if result.output is not None:
+            self._learn(pool, job, result.timing.worker_ms, result.output, result.input_width * result.input_height)
+        for item in result.items:  # an item group: each item is a sample of the pool's speed
+            if item.output is not None:
+                self._learn(pool, job, item.timing.worker_ms, item.output, item.input_width * item.input_height)
+
+    def _learn(self, pool: PoolState, job: Job, worker_ms: float, output: OutputInfo, input_pixels: int) -> None:
+        pool.record_result(worker_ms, output.width * output.height, cost_class=job.spec.cost_class,
+                           input_pixels=input_pixels)
         if input_pixels:
             self.priors.add(job.spec.cost_class, input_pixels / 1e6, worker_ms)

@@ -110,6 +110,10 @@ class JobSpec:
     """spec.output.background: colour (#rrggbb) transparent pixels are composited onto for JPEG."""
     keep_metadata: bool = False
     """spec.output.keepMetadata: carry EXIF (orientation normalised) and the ICC profile."""
+    items: tuple[tuple[StorageURI, StorageURI], ...] = ()
+    """An item group's (input, output) pairs (batch items sent as one JOB); empty for one image."""
+    item_timeout_s: int = 0
+    """An item group's per-item timeout, enforced by the worker (0: none beyond timeout_s)."""
 
 
 def _strings(value: Any, field: str) -> tuple[str, ...]:
@@ -251,7 +255,7 @@ class BatchSpec:
     timeout_s: int
     """spec.timeoutSeconds: bounds the whole batch, from admission."""
     item_timeout_s: int
-    """spec.itemTimeoutSeconds: bounds each item, from when it is handed to the dispatcher."""
+    """spec.itemTimeoutSeconds: bounds each item's run on a worker."""
 
 
 def is_batch(spec: Mapping[str, Any] | None) -> bool:

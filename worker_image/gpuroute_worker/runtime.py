@@ -1,6 +1,10 @@
 """The life of one job on a worker: download, decode, compute, encode, upload.
 
-Every JOB gets exactly one answer, RESULT or ERROR. Answers are kept by job id for a
+Every JOB gets exactly one answer, RESULT or ERROR. A JOB carrying `items` (an item
+group of a batch) runs each item through the same life, at most `capacity` items of
+all groups at once, and is answered by one RESULT holding one answer per item, in the
+order sent (Triton's contract: one result or error per request, in order); an item
+that fails fails alone, with its own code. Answers are kept by job id for a
 while, so a job the operator sends again (after its own restart, or a network cut) is
 answered from memory instead of being computed twice, and a job that is still running
 is joined rather than started again.
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuroute.ops_catalog import StepError, normalize_steps
-from gpuroute.protocol import CONTENT_TYPES, MAX_TEXT, ErrorCode, Kind, Message
+from gpuroute.protocol import CONTENT_TYPES, MAX_ITEM_TEXT, MAX_TEXT, ErrorCode, Kind, Message
 from gpuroute.redact import redact
 from gpuroute_worker import metrics, nvjpeg
 from gpuroute_worker.codec import Decoded, DecodeError, Raster, decode_image, encode_image, output_options
@@ -70,6 +74,9 @@ class JobRunner:
         self.send = send
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._answers: OrderedDict[str, Answer] = OrderedDict()
+        # Items of every group share the worker's capacity: 8 groups of 16 must not mean 128
+        # downloads and decodes at once (memory), nor start items' timeouts while they queue.
+        self._item_slots = asyncio.Semaphore(max(1, config.capacity))
         # One pooled keep-alive client for every job's downloads and uploads.
         self.transfers = TransferClient(transfer_config(config))
 
@@ -134,9 +141,13 @@ class JobRunner:
         try:
             timeout_s = float(message.header.get("timeoutS", 600))
             async with asyncio.timeout(timeout_s):
-                header = await self._process(job, message, time.monotonic() + timeout_s)
+                if "items" in message.header:
+                    header = await self._process_group(job, message.header, time.monotonic() + timeout_s)
+                else:
+                    header = {"job": job, "device": self.config.gpu_name,
+                              **await self._process(job, message.header, message.payload, time.monotonic() + timeout_s)}
+                    metrics.JOBS.labels("completed").inc()
             kind = Kind.RESULT
-            metrics.JOBS.labels("completed").inc()
         except asyncio.CancelledError:
             kind, header = Kind.ERROR, {"job": job, "code": ErrorCode.CANCELLED.value, "message": "cancelled by the operator"}
             metrics.JOBS.labels(ErrorCode.CANCELLED.value).inc()
@@ -153,9 +164,36 @@ class JobRunner:
         self._remember(job, kind, header)
         self.send(kind, header)
 
-    async def _process(self, job: str, message: Message, deadline: float) -> dict[str, Any]:
+    async def _process_group(self, job: str, spec: Mapping[str, Any], deadline: float) -> dict[str, Any]:
+        """An item group: every item through _process, each answered on its own."""
+        item_timeout = float(spec.get("itemTimeoutS") or 0.0) or None
+        output = spec["output"]
+
+        async def one(item: Mapping[str, Any]) -> dict[str, Any]:
+            async with self._item_slots:
+                item_spec = {"steps": spec["steps"], "input": {"url": item["input"]},
+                             "output": {**output, "url": item["output"], "headers": item.get("headers") or {}}}
+                try:
+                    async with asyncio.timeout(item_timeout):
+                        answer = await self._process(job, item_spec, None, deadline)
+                except TimeoutError:
+                    metrics.JOBS.labels(ErrorCode.TIMEOUT.value).inc()
+                    return {"code": ErrorCode.TIMEOUT.value,
+                            "message": f"item ran past itemTimeoutSeconds ({item_timeout:g} s) on the worker"}
+                except JobFailed as exc:
+                    metrics.JOBS.labels(exc.code.value).inc()
+                    return {"code": exc.code.value, "message": redact(exc.message)[:MAX_ITEM_TEXT]}
+                metrics.JOBS.labels("completed").inc()
+                return answer
+
+        answers = await asyncio.gather(*(one(item) for item in spec["items"]))
+        # The group's own timing is empty: each item reports its stages.
+        return {"job": job, "timing": {}, "device": self.config.gpu_name, "items": answers}
+
+    async def _process(self, job: str, spec: Mapping[str, Any], payload: bytes | None,
+                       deadline: float) -> dict[str, Any]:
+        """One image: its timing, input size and output, as a RESULT (or a group item) reports them."""
         started = time.perf_counter()
-        spec = message.header
         timing: dict[str, float] = {}
         try:
             steps = normalize_steps(spec["steps"])
@@ -167,8 +205,8 @@ class JobRunner:
                 raise JobFailed(ErrorCode.INVALID_INPUT, f"spec.output.format: unknown format {fmt!r}")
 
             t = time.perf_counter()
-            if message.payload is not None:
-                data = message.payload
+            if payload is not None:
+                data = payload
             else:
                 url, untrusted = str(source["url"]), bool(source.get("untrusted"))
                 # in_thread aborts the transfer when the job is cancelled or times out.
@@ -246,9 +284,7 @@ class JobRunner:
             metrics.STAGE_SECONDS.labels(stage.removesuffix("Ms")).observe(value / 1000.0)
         timing["workerMs"] = _ms(started)
         return {
-            "job": job,
             "timing": timing,
-            "device": self.config.gpu_name,
             # The operator learns each pool's speed per input megapixel from this.
             "input": {"width": decoded.width, "height": decoded.height},
             "output": {"bytes": len(encoded.data), "width": encoded.width, "height": encoded.height,

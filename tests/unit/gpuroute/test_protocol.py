@@ -252,3 +252,80 @@ def test_constants() -> None:
     assert all(limit <= protocol.MAX_MESSAGE_BYTES for limit in protocol.MAX_HEADER_BYTES_BY_KIND.values())
     assert protocol.CONTENT_TYPES == {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
                                       "avif": "image/avif"}
+
+
+# ---- item groups: many batch items in one JOB, one answer each in one RESULT ----------------
+
+GROUP_JOB: dict[str, Any] = {
+    "job": "grp/1", "steps": [{"op": "invert"}], "timeoutS": 60.0, "itemTimeoutS": 10.0,
+    "output": {"format": "webp", "quality": 80, "background": "#000000"},
+    "items": [{"input": "https://s3/in/a?sig=1", "output": "https://s3/out/a?sig=2", "headers": {"Content-Type": "image/webp"}},
+              {"input": "https://s3/in/b?sig=3", "output": "https://s3/out/b?sig=4", "headers": {}}],
+}
+GROUP_RESULT: dict[str, Any] = {
+    "job": "grp/1", "timing": {}, "device": "cpu",
+    "items": [{"output": {"bytes": 10, "width": 8, "height": 4, "sha256": "ab" * 32, "format": "webp"},
+               "timing": {"downloadMs": 2.0, "gpuMs": 1.5}, "input": {"width": 8, "height": 4}},
+              {"code": "invalid_input", "message": "not an image"}],
+}
+
+
+def test_group_job_round_trips_with_its_items() -> None:
+    body = decode(encode(Kind.JOB, GROUP_JOB)).body
+    assert isinstance(body, protocol.JobRequest)
+    assert [i.input_url for i in body.items] == ["https://s3/in/a?sig=1", "https://s3/in/b?sig=3"]
+    assert body.items[0].output_headers == {"Content-Type": "image/webp"} and body.item_timeout_s == 10.0
+    assert body.output.format == "webp" and body.output.quality == 80 and body.output.options == {"background": "#000000"}
+    again = decode(encode(body)).body
+    assert again == body and "input" not in decode(encode(body)).header
+
+
+def test_group_result_answers_each_item_in_order() -> None:
+    body = decode(encode(Kind.RESULT, GROUP_RESULT)).body
+    assert isinstance(body, protocol.Result) and body.output is None
+    ok, bad = body.items
+    assert ok.ok and ok.output is not None and ok.output.format == "webp" and ok.timing.worker_ms == 3.5
+    assert (ok.input_width, ok.input_height) == (8, 4)
+    assert not bad.ok and bad.code is ErrorCode.INVALID_INPUT and bad.message == "not an image"
+    assert decode(encode(body)).body == body
+
+
+def test_group_item_messages_are_cut_so_64_answers_fit_a_result() -> None:
+    answers = [{"code": "timeout", "message": "x" * 50_000}] * protocol.MAX_GROUP_ITEMS
+    header = {"job": "grp/1", "timing": {}, "items": answers}
+    with pytest.raises(ProtocolError, match="exceeds"):  # a worker must cut them itself
+        decode(encode(Kind.RESULT, header))
+    cut = {"job": "grp/1", "timing": {}, "items": [{"code": "timeout", "message": "x" * protocol.MAX_ITEM_TEXT}]
+           * protocol.MAX_GROUP_ITEMS}
+    body = decode(encode(Kind.RESULT, cut)).body
+    assert len(body.items) == protocol.MAX_GROUP_ITEMS
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"items": []}, "items: expected a list of 1 to"),
+    ({"items": [GROUP_JOB["items"][0]] * (protocol.MAX_GROUP_ITEMS + 1)}, "items: expected a list of 1 to"),
+    ({"items": ["https://s3/in/a"]}, "items: expected maps"),
+    ({"items": [{"input": "https://s3/in/a"}]}, "output: expected a string"),
+    ({"items": [{"input": "", "output": "https://s3/out/a"}]}, "input: expected a string"),
+    ({"items": [{"input": "https://a", "output": "https://b", "headers": {"a": 1}}]}, "items.headers"),
+    ({"itemTimeoutS": float("nan")}, "itemTimeoutS"),
+])
+def test_malformed_group_jobs_are_refused(change: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode(encode(Kind.JOB, {**GROUP_JOB, **change}))
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(("items", "fragment"), [
+    ([], "items: expected a list of 1 to"),
+    ([{"code": "bogus", "message": "x"}], "unknown error code"),
+    ([{"code": "oom"}], "items.message"),
+    ([{"output": {"bytes": 1, "width": 1, "height": 1, "sha256": "zz", "format": "png"}, "timing": {}}], "sha256"),
+    ([{"output": {"bytes": 1, "width": 1, "height": 1, "sha256": "ab" * 32, "format": "png"},
+       "timing": {"gpuMs": float("inf")}}], "timing.gpuMs"),
+    (["ok"], "items: expected maps"),
+])
+def test_malformed_group_results_are_refused(items: list[Any], fragment: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode(encode(Kind.RESULT, {"job": "grp/1", "timing": {}, "items": items}))
+    assert fragment in str(caught.value)

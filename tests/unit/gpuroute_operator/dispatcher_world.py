@@ -14,6 +14,7 @@ from gpuroute.protocol import (
     Error,
     ErrorCode,
     InputSource,
+    ItemTarget,
     JobRequest,
     OutputInfo,
     OutputTarget,
@@ -22,7 +23,7 @@ from gpuroute.protocol import (
     StageTiming,
     routing_id_for,
 )
-from gpuroute_operator.dispatcher import Dispatcher, DispatcherConfig
+from gpuroute_operator.dispatcher import Dispatcher, DispatcherConfig, Signed
 from gpuroute_operator.effects import RecordingEffects
 from gpuroute_operator.identity import Principal
 from gpuroute_operator.jobs import Job
@@ -66,11 +67,15 @@ class World:
         """A new operator process: no memory, same API server (the recorded statuses)."""
         self.dispatcher = self._new_dispatcher(started_at=self.now)
 
-    def _sign(self, job: Job, now: float) -> tuple[InputSource, OutputTarget]:
+    def _sign(self, job: Job, now: float) -> Signed:
         if self.signing_down:
             raise SigningUnavailable("spec.input.uri", "no credentials")
+        if job.spec.items:
+            return InputSource(), OutputTarget("", "png"), tuple(
+                ItemTarget(f"https://storage.test/in/{i.key}?sig=x", f"https://storage.test/out/{o.key}?sig=y")
+                for i, o in job.spec.items)
         return InputSource(f"https://storage.test/in/{job.uid}?sig=x"), OutputTarget(
-            f"https://storage.test/out/{job.uid}?sig=y", "png")
+            f"https://storage.test/out/{job.uid}?sig=y", "png"), ()
 
     def advance(self, seconds: float) -> None:
         self.now += seconds

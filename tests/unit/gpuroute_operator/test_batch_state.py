@@ -7,7 +7,18 @@ from typing import Any
 
 import pytest
 
-from gpuroute_operator.batch import MAX_FAILURES, BatchState, ItemOutcome, item_spec, item_uid, results_uri
+from gpuroute.protocol import ErrorCode, ItemAnswer, OutputInfo, StageTiming
+from gpuroute_operator.batch import (
+    MAX_FAILURES,
+    BatchState,
+    ItemOutcome,
+    ItemVerdict,
+    group_cell,
+    group_spec,
+    group_uid,
+    judge_item,
+    results_uri,
+)
 from gpuroute_operator.jobs import Job
 from gpuroute_operator.phases import Phase
 from gpuroute_operator.spec import SpecError, StorageURI, is_batch, item_output, parse_batch_spec
@@ -68,31 +79,40 @@ def test_parse_batch_spec_errors_name_the_field(spec: dict[str, Any], field: str
     assert info.value.field == field, info.value
 
 
-def test_item_uid_is_stable_and_wire_safe() -> None:
-    uid = item_uid("0f8fad5b-d9cb-469f-a165-70867728950e", "s3://photos/in/a b.jpg")
-    assert uid == item_uid("0f8fad5b-d9cb-469f-a165-70867728950e", "s3://photos/in/a b.jpg")
-    assert uid != item_uid("0f8fad5b-d9cb-469f-a165-70867728950e", "s3://photos/in/a c.jpg")
+def test_group_uid_is_stable_wire_safe_and_names_its_members() -> None:
+    batch_uid = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    uid = group_uid(batch_uid, ["s3://photos/in/a b.jpg", "s3://photos/in/c.jpg"])
+    assert uid == group_uid(batch_uid, ["s3://photos/in/a b.jpg", "s3://photos/in/c.jpg"])
+    assert uid != group_uid(batch_uid, ["s3://photos/in/a b.jpg"])  # what is left of a cell is another group
+    assert uid != group_uid(batch_uid, ["s3://photos/in/c.jpg", "s3://photos/in/a b.jpg"])
     import re
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", uid)
+
+
+def test_group_cells_are_fixed_runs_of_the_listing() -> None:
+    assert [group_cell(p, 16) for p in (0, 15, 16, 31, 32)] == [0, 0, 1, 1, 2]
+    assert group_cell(7, 0) == 7  # a size below 1 means one item per group
 
 
 def test_counts_progress_and_failures() -> None:
     state = BatchState(0.0, "s3://photos/out/_gpuroute/b.results.jsonl")
     state.listed = 5
-    for i in range(3):
-        state.track(f"u{i}", Phase.QUEUED)
-    state.track("u0", Phase.DISPATCHED)
-    state.track("u1", Phase.PROCESSING)
+    state.track("g0", Phase.QUEUED, 2)
+    state.track("g1", Phase.QUEUED, 1)
+    state.track("g0", Phase.DISPATCHED, 2)
     assert (state.running, state.queued) == (2, 3)
-    state.record("u0", _ok("0.jpg"))
-    state.record("u1", _bad("1.jpg"))
+    state.track("g0", Phase.PROCESSING, 2)
+    assert state.running == 2
+    state.untrack("g0")
+    state.record(_ok("0.jpg"))
+    state.record(_bad("1.jpg"))
     status = state.status(10.0)
     assert status["items"] == {"total": 5, "succeeded": 1, "failed": 1, "running": 0, "queued": 3, "listingComplete": False}
     assert status["progress"] == "2/5+" and status["percent"] == 40.0
     assert status["failures"] == [{"input": "s3://photos/in/1.jpg", "reason": "InvalidInput", "message": "not an image"}]
     assert status["results"].endswith(".results.jsonl")
     for i in range(MAX_FAILURES + 5):
-        state.record("", _bad(f"x{i}.jpg"))
+        state.record(_bad(f"x{i}.jpg"))
     assert len(state.status(11.0)["failures"]) == MAX_FAILURES
 
 
@@ -101,7 +121,7 @@ def test_rate_and_eta_from_the_clock() -> None:
     state.listed, state.listing_complete = 100, True
     state.status(0.0)
     for i in range(20):
-        state.record("", _ok(f"{i}.jpg"))
+        state.record(_ok(f"{i}.jpg"))
     status = state.status(10.0)
     assert status["itemsPerSecond"] == 2.0
     assert status["estimatedCompletionAt"] == "1970-01-01T00:00:50.000Z"  # 80 left at 2/s
@@ -112,12 +132,13 @@ def test_complete_and_ending() -> None:
     state = BatchState(0.0, "r")
     state.listed, state.listing_complete = 2, True
     state.track("a", Phase.QUEUED)
-    state.record("a", _ok("a.jpg"))
-    assert not state.complete
-    state.record("", _ok("b.jpg"))
+    state.record(_ok("a.jpg"))
+    assert not state.complete  # its group is still out
+    state.untrack("a")
+    state.record(_ok("b.jpg"))
     assert state.complete and state.ending()[0] is Phase.COMPLETED
     assert state.status(1.0)["percent"] == 100.0
-    state.record("", _bad("c.jpg"))
+    state.record(_bad("c.jpg"))
     phase, reason, message = state.ending()
     assert (phase, reason) == (Phase.FAILED, "ItemsFailed") and message.startswith("1 of 2")
 
@@ -137,14 +158,43 @@ def test_manifest_lines_round_trip_and_resume_skips_finished() -> None:
     assert state.status(5.0)["itemsPerSecond"] == 0.0
 
 
-def test_outcome_from_a_dispatcher_job() -> None:
-    batch = parse_batch_spec(_spec())
-    src, out = StorageURI("s3", "photos", "in/a.jpg"), StorageURI("s3", "photos", "out/a.webp")
-    job = Job("b-1", "ns", "batch", 1, item_spec(batch, src, out, 30), 0.0, batch="b")
-    assert job.spec.input_uri == src and job.spec.output == out and job.spec.timeout_s == 30
-    job.phase, job.attempts, job.pool, job.worker, job.completed_at = Phase.COMPLETED, 1, "p", "w", 2.0
-    job.output = {"uri": out.uri, "bytes": 7, "width": 2, "height": 2, "sha256": "cd" * 32}
-    job.timing = {"totalMs": 12.0, "gpuMs": 1.0}
-    outcome = ItemOutcome.from_job(job, src.uri, out.uri)
-    assert outcome.ok and outcome.size == 7 and outcome.worker == "p/w" and outcome.timing["totalMs"] == 12.0
+def test_outcomes_from_an_item_group() -> None:
+    batch = parse_batch_spec(_spec(itemTimeoutSeconds=30))
+    items = [(StorageURI("s3", "photos", f"in/{n}.jpg"), StorageURI("s3", "photos", f"out/{n}.webp")) for n in "ab"]
+    job = Job("b-1", "ns", "batch", 1, group_spec(batch, items, 60), 0.0, batch="b")
+    assert job.spec.items == tuple(items) and job.spec.item_timeout_s == 30 and job.spec.timeout_s == 60
+    job.phase, job.attempts, job.pool, job.worker = Phase.COMPLETED, 1, "p", "w"
+    job.dispatched_at, job.completed_at = 0.5, 2.0
+    info = OutputInfo(7, 2, 2, "cd" * 32, "webp")
+    done = ItemAnswer(info, StageTiming(download_ms=3.0, gpu_ms=1.0))
+    outcome = ItemOutcome.from_answer(job, done, items[0][0].uri, items[0][1].uri, attempts=1)
+    assert outcome.ok and outcome.size == 7 and outcome.worker == "p/w" and outcome.sha256 == "cd" * 32
+    assert outcome.timing["totalMs"] == 2000.0 and outcome.timing["queueMs"] == 500.0
+    assert outcome.timing["downloadMs"] == 3.0
+    bad = ItemAnswer(code=ErrorCode.INVALID_INPUT, message="not an image")
+    failed = ItemOutcome.from_answer(job, bad, items[1][0].uri, items[1][1].uri, attempts=1)
+    assert not failed.ok and failed.reason == "InvalidInput" and failed.error == "not an image"
+    exhausted = ItemOutcome.from_answer(job, ItemAnswer(code=ErrorCode.OOM, message="oom"), items[1][0].uri,
+                                        items[1][1].uri, attempts=3, reason="MaxAttemptsExceeded", error="3 tries")
+    assert (exhausted.ok, exhausted.reason, exhausted.attempts) == (False, "MaxAttemptsExceeded", 3)
+    # The whole group failed (no answers): every item carries the group's reason.
+    job.phase, job.reason, job.message = Phase.FAILED, "Timeout", "not completed within timeoutSeconds=60"
+    whole = ItemOutcome.from_answer(job, None, items[0][0].uri, items[0][1].uri, attempts=2)
+    assert (whole.ok, whole.reason, whole.error) == (False, "Timeout", job.message)
     assert results_uri(batch.output_prefix, "batch").uri == "s3://photos/out/_gpuroute/batch.results.jsonl"
+
+
+def test_the_item_retry_rule() -> None:
+    ok = ItemAnswer(OutputInfo(7, 2, 2, "cd" * 32, "png"))
+
+    def failed(code: ErrorCode) -> ItemAnswer:
+        return ItemAnswer(code=code, message=code.value)
+
+    assert judge_item(ok, 1, 3) is ItemVerdict.DONE
+    assert judge_item(None, 3, 3) is ItemVerdict.DONE  # the group failed as a whole: its reason stands
+    assert judge_item(failed(ErrorCode.INVALID_INPUT), 1, 3) is ItemVerdict.DONE  # never retried
+    for code in (ErrorCode.OOM, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.EXPIRED):
+        assert judge_item(failed(code), 1, 3) is ItemVerdict.AGAIN
+        assert judge_item(failed(code), 2, 3) is ItemVerdict.AGAIN
+        assert judge_item(failed(code), 3, 3) is ItemVerdict.EXHAUSTED
+    assert judge_item(failed(ErrorCode.CANCELLED), 1, 3) is ItemVerdict.NOT_DONE
