@@ -188,7 +188,7 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 2) if b else float("nan")
 
 
-def run(*, batch_items: int = 3000, single_items: int = 1000, workers: int = 2, clients: int = 4,
+def run(*, batch_items: int = 10_000, single_items: int = 1000, workers: int = 2, clients: int = 4,
         size: int = 32, profile: Path | None = None) -> dict[str, Any]:
     if single_items > batch_items:
         raise ValueError("the singles arm runs over the batch's first images: single_items <= batch_items")
@@ -239,7 +239,7 @@ def run(*, batch_items: int = 3000, single_items: int = 1000, workers: int = 2, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=3000, help="batch items (the issue's figure: 10000)")
+    parser.add_argument("--items", type=int, default=10_000, help="batch items (the issue's figure)")
     parser.add_argument("--singles", type=int, default=1000, help="single ImageJobs over the first of the same images")
     parser.add_argument("--profile", type=Path, help="py-spy's raw stacks of the operator during the batch arm")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpuroute.protocol import ItemAnswer
+from gpuroute.protocol import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, ItemAnswer
 from gpuroute_operator import admission
 from gpuroute_operator.batch import (
     BatchState,
@@ -69,9 +69,12 @@ class BatchConfig:
     journal_period_s: float = 1.0
     """Finished items are appended to the journal this often: what a crash can lose (and
     then recompute, or answer from the worker's result cache)."""
-    restart_grace_s: float = 3.0
+    restart_grace_s: float = 2 * HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
     """After the operator starts, a resumed batch waits this long for workers to register
-    again, so attempts they still run are adopted rather than sent elsewhere."""
+    again, so the groups they still run or hold answers for are adopted rather than computed
+    elsewhere: a worker notices the old leader's loss only after HEARTBEAT_LIVENESS silent
+    intervals, then reconnects with backoff; twice that window leaves room on a busy machine
+    (a group of 16 items recomputed costs far more than a few seconds' wait)."""
     listing_tries: int = 4
     """A failed listing page is tried this often (backing off) before the batch fails."""
 
