@@ -368,29 +368,19 @@ class Dispatcher:
             self.ledger.close(result.job)
             self._count("duplicate_result")
             return
-        if now > job.deadline:
-            # timeoutSeconds bounds the job, whatever arrives between two ticks.
+        if now > job.deadline:  # timeoutSeconds bounds the job, whatever arrives between two ticks
             self.ledger.close(result.job)
             self.expire(now)
             return
-        if len(result.items) != len(job.spec.items) or (result.output is None) != bool(job.spec.items):
-            # Not an answer to what was sent (a group answered item by item, in order): the
-            # attempt is spent; another worker (or this one, again) may answer it properly.
+        mismatch = _mismatch(job, result)
+        if mismatch is not None:  # the attempt is spent; another worker (or this one) may answer properly
             self._count("malformed_result")
-            log.warning("dropped a RESULT for %s from %s/%s: %d answers for %d items", result.job, conn.pool,
-                        conn.worker, len(result.items), len(job.spec.items))
-            self.on_error(conn, Error(result.job, ErrorCode.UNAVAILABLE, "the worker's answer did not match the "
-                                      f"job: {len(result.items)} answers for {len(job.spec.items)} items"), now)
+            log.warning("dropped a RESULT for %s from %s/%s: %s", result.job, conn.pool, conn.worker, mismatch.message)
+            self.on_error(conn, mismatch, now)
             return
         self.placement.learn(job, conn.pool, result)
         job.pool, job.worker, job.gpu = conn.pool, conn.worker, result.device or conn.device
-        if result.output is not None:
-            job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
-            message = (f"{result.output.width}x{result.output.height} {result.output.format} "
-                       f"written to {job.spec.output.uri}")
-        else:
-            job.item_answers = result.items
-            message = f"{sum(1 for item in result.items if item.ok)} of {len(result.items)} items written"
+        message = _record_output(job, result)
         metrics.labelled(metrics.E2E_SECONDS, conn.pool).observe(max(0.0, now - job.queued_at))
         self._finish(job, Phase.COMPLETED, "Succeeded", message, now, result=result)
 
@@ -461,6 +451,24 @@ class Dispatcher:
     def _count(self, why: str) -> None:
         self.counters[why] = self.counters.get(why, 0) + 1
         metrics.REJECTED_MESSAGES.labels(why).inc()
+
+
+def _mismatch(job: Job, result: Result) -> Error | None:
+    """An ERROR standing for a RESULT that does not answer what was sent (an item group is
+    answered item by item, in order; a single image by its output); None when it does."""
+    if len(result.items) == len(job.spec.items) and (result.output is None) == bool(job.spec.items):
+        return None
+    return Error(result.job, ErrorCode.UNAVAILABLE, "the worker's answer did not match the job: "
+                 f"{len(result.items)} answers for {len(job.spec.items)} items")
+
+
+def _record_output(job: Job, result: Result) -> str:
+    """Keep a matching RESULT's output (or an item group's answers) on the job; the Completed message."""
+    if result.output is None:
+        job.item_answers = result.items
+        return f"{sum(1 for item in result.items if item.ok)} of {len(result.items)} items written"
+    job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
+    return f"{result.output.width}x{result.output.height} {result.output.format} written to {job.spec.output.uri}"
 
 
 def _timing(job: Job, result: Result | None, now: float) -> dict[str, float]:
