@@ -173,13 +173,17 @@ class JobRunner:
             async with self._item_slots:
                 item_spec = {"steps": spec["steps"], "input": {"url": item["input"]},
                              "output": {**output, "url": item["output"], "headers": item.get("headers") or {}}}
+                # The compute checks this deadline before every step, so an item cut off by its
+                # timeout does not keep the device busy for the items behind it.
+                item_deadline = min(deadline, time.monotonic() + item_timeout) if item_timeout else deadline
                 try:
                     async with asyncio.timeout(item_timeout):
-                        answer = await self._process(job, item_spec, None, deadline)
-                except TimeoutError:
+                        answer = await self._process(job, item_spec, None, item_deadline)
+                except (TimeoutError, DeadlineExceeded):
                     metrics.JOBS.labels(ErrorCode.TIMEOUT.value).inc()
-                    return {"code": ErrorCode.TIMEOUT.value,
-                            "message": f"item ran past itemTimeoutSeconds ({item_timeout:g} s) on the worker"}
+                    why = (f"item ran past itemTimeoutSeconds ({item_timeout:g} s)" if item_deadline < deadline
+                           else "item ran past its group's timeout")
+                    return {"code": ErrorCode.TIMEOUT.value, "message": f"{why} on the worker"}
                 except JobFailed as exc:
                     metrics.JOBS.labels(exc.code.value).inc()
                     return {"code": exc.code.value, "message": redact(exc.message)[:MAX_ITEM_TEXT]}

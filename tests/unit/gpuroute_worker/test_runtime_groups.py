@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from gpuroute import protocol
 from gpuroute.protocol import ErrorCode, Kind, Message
@@ -151,3 +152,25 @@ def test_a_bad_pipeline_fails_every_item_with_the_same_reason() -> None:
         sent = _run({**_group(store, ["a.png", "a.png"]), "steps": [{"op": "no-such-op"}]})
     result = protocol.decode(protocol.encode(Kind.RESULT, sent[-1][1])).body
     assert [item.code for item in result.items] == [ErrorCode.INVALID_INPUT] * 2
+
+
+def _steps_run(op: str) -> float:
+    """Pipeline steps of `op` the executor has run in this process (its per-op histogram)."""
+    value = REGISTRY.get_sample_value("gpuroute_worker_op_seconds_count", {"op": op})
+    return value or 0.0
+
+
+def test_an_item_cut_off_by_its_timeout_stops_computing() -> None:
+    # 16 steps on a 2048x2048 image (3x up, then down): seconds of CPU unbounded. Cut off
+    # after 0.5 s, the pipeline stops at its next step instead of holding the executor.
+    gradient = np.tile(np.arange(2048, dtype=np.uint16)[None, :] // 8, (2048, 1)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([gradient] * 3, axis=2)).save(buffer, "PNG")
+    steps = [{"op": "upscale", "scale": 3.0, "method": "lanczos"}, {"op": "resize", "width": 2048, "method": "lanczos"}] * 8
+    before = _steps_run("upscale")
+    with storage({"/in/big.png": buffer.getvalue()}) as store:
+        sent = _run({**_group(store, ["big.png"], itemTimeoutS=0.5), "steps": steps})
+    result = protocol.decode(protocol.encode(Kind.RESULT, sent[-1][1])).body
+    assert result.items[0].code is ErrorCode.TIMEOUT and "itemTimeoutSeconds (0.5 s)" in result.items[0].message
+    # _run closes the executor, which waits for its thread: every step it ran is counted by now.
+    assert _steps_run("upscale") - before <= 2, _steps_run("upscale") - before
