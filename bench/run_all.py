@@ -13,7 +13,7 @@ Sizes (flags, or environment variables for `make bench`):
   --dispatch-jobs / GPUROUTE_BENCH_DISPATCH_JOBS  dispatch round trips per series (100)
   --routing-jobs / GPUROUTE_BENCH_ROUTING_JOBS routing-simulation trace length (10000)
   --batch-items / GPUROUTE_BENCH_BATCH_ITEMS   items in the batch arm of `batch` (10000, the issue's figure)
-  --batch-singles / GPUROUTE_BENCH_BATCH_SINGLES  single ImageJobs in its other arm (1000)
+  --batch-singles / GPUROUTE_BENCH_BATCH_SINGLES  single ImageJobs in its other arm (10000: the same images)
   --only NAME[,NAME]                           run a subset (names below); the others' results
                                                are kept from the existing latest.json, dated
 """
@@ -60,7 +60,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dispatch-jobs", type=int, default=_env_int("GPUROUTE_BENCH_DISPATCH_JOBS", 100))
     parser.add_argument("--routing-jobs", type=int, default=_env_int("GPUROUTE_BENCH_ROUTING_JOBS", 10_000))
     parser.add_argument("--batch-items", type=int, default=_env_int("GPUROUTE_BENCH_BATCH_ITEMS", 10_000))
-    parser.add_argument("--batch-singles", type=int, default=_env_int("GPUROUTE_BENCH_BATCH_SINGLES", 1000))
+    parser.add_argument("--batch-singles", type=int, default=_env_int("GPUROUTE_BENCH_BATCH_SINGLES", 10_000))
     parser.add_argument("--only", default=os.environ.get("GPUROUTE_BENCH_ONLY", ""),
                         help=f"comma-separated subset of {', '.join(NAMES)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json and latest.md")

@@ -34,12 +34,15 @@ RATE_WINDOW_S = 60.0
 _STAGES = ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs", "uploadMs", "totalMs")
 
 
-def group_uid(batch_uid: str, sources: Sequence[str]) -> str:
+def group_uid(batch_uid: str, sources: Sequence[str], retry: int = 0) -> str:
     """An item group's dispatcher uid (and so its wire AttemptId): the batch uid and a digest of
     its inputs. Groups are cut from fixed cells of the listing order (group_cell), so after an
     operator restart the unfinished items of a cell form the same group again, and a worker
-    that still runs or holds it is adopted or answers from its cache instead of recomputing."""
-    digest = hashlib.blake2s("\n".join(sources).encode(), digest_size=8).hexdigest()
+    that still runs or holds it is adopted or answers from its cache instead of recomputing.
+    `retry` (attempts its items already spent) tells a retry apart from the group that failed
+    them: the same uid would be a finished job to the dispatcher and a cached answer to the worker."""
+    text = "\n".join(sources) + (f"\n#retry {retry}" if retry else "")
+    digest = hashlib.blake2s(text.encode(), digest_size=8).hexdigest()
     return f"{batch_uid[:40]}-{digest}"
 
 

@@ -404,10 +404,12 @@ class BatchRunner:
         return Listed(position, entry, output)
 
     def _admit(self, run: BatchRun, group: list[Listed], now: float) -> None:
-        uid = group_uid(run.ref.uid, [item.source.uri for item in group])
-        # Each item may take itemTimeoutSeconds on the worker; the group, all of them one after
-        # another at worst, and never past the batch's own deadline.
-        timeout = int(min(run.spec.item_timeout_s * len(group), max(1.0, run.deadline - now)))
+        retry = max(run.spent.get(item.source.uri, 0) for item in group)
+        uid = group_uid(run.ref.uid, [item.source.uri for item in group], retry)
+        # The worker bounds each item by itemTimeoutSeconds from when it starts it, so a group
+        # ends within a few of them once running; a group waiting in a queue must not expire
+        # for that, so the group itself is bounded by the batch's deadline alone.
+        timeout = int(max(1.0, run.deadline - now))
         spec = group_spec(run.spec, [(item.source, item.output) for item in group], timeout)
         job = Job(uid, run.ref.namespace or "", run.ref.name, run.generation, spec, queued_at=now, batch=run.ref.uid)
         # Tracked before admit: the dispatcher may end it at once (storage it cannot sign).

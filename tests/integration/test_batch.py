@@ -1,6 +1,7 @@
 """Batch ImageJobs against a real kube-apiserver, moto S3 and real worker processes (issue 10):
 counts and results manifest with corrupt items among the inputs, the operator killed
-mid-batch resuming without redoing items, the Progress printer column, and cancelling."""
+mid-batch resuming without redoing items, the Progress printer column, an item past its
+timeout retried in later item groups then failing alone, and cancelling."""
 
 from __future__ import annotations
 
@@ -148,6 +149,29 @@ def test_operator_killed_mid_batch_resumes_without_redoing_items(stack: LocalSta
     # Finished items are not run again: the journal in S3 outlived the operator, and items
     # in flight at the kill were answered by the workers that held them.
     assert _computed(stack) - before == 150
+
+
+def test_an_item_past_its_timeout_is_retried_in_later_groups_then_fails_alone(stack: LocalStack, s3_server: Any) -> None:
+    # The same 12 steps (x4 then back, six times) are instant on the 16x16 images and seconds of
+    # CPU on the two 1536x1536 ones, so only those pass itemTimeoutSeconds: each is tried
+    # maxAttempts times, in later groups, and fails alone; the small images succeed.
+    _upload(s3_server, "in/overtime", good=40, size=(16, 16))
+    client = s3_server.client()
+    for name in ("img-0003-big.png", "img-0030-big.png"):
+        client.put_object(Bucket=BUCKET, Key=f"in/overtime/{name}", Body=noise_png(1536, 1536, seed=7))
+    steps = [{"op": "upscale", "scale": 4.0, "method": "lanczos"}, {"op": "resize", "scale": 0.25, "method": "lanczos"}] * 6
+    stack.create_job(NS, "overtime", _batch("overtime", steps, itemTimeoutSeconds=2, maxAttempts=3))
+    status = stack.wait_for_jobs(NS, ["overtime"], timeout=300)["overtime"]["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "ItemsFailed"), status
+    assert (status["items"]["succeeded"], status["items"]["failed"]) == (40, 2), status["items"]
+    assert {f["reason"] for f in status["failures"]} == {"MaxAttemptsExceeded"}
+    assert all("-big.png" in f["input"] and "itemTimeoutSeconds" in f["message"] for f in status["failures"])
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in _manifest(s3_server, status["results"])}
+    assert len(rows) == 42
+    assert rows["img-0003-big.png"]["attempts"] == rows["img-0030-big.png"]["attempts"] == 3
+    # A small image queued behind a big one on a worker's device may have been cut off once
+    # itself (the timeout counts its wait for the device); it then succeeded in a later group.
+    assert all(r["status"] == "succeeded" and r["attempts"] <= 2 for name, r in rows.items() if "-big" not in name)
 
 
 def test_cancel_stops_outstanding_items(stack: LocalStack, s3_server: Any) -> None:

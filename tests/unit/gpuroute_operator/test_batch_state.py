@@ -85,6 +85,10 @@ def test_group_uid_is_stable_wire_safe_and_names_its_members() -> None:
     assert uid == group_uid(batch_uid, ["s3://photos/in/a b.jpg", "s3://photos/in/c.jpg"])
     assert uid != group_uid(batch_uid, ["s3://photos/in/a b.jpg"])  # what is left of a cell is another group
     assert uid != group_uid(batch_uid, ["s3://photos/in/c.jpg", "s3://photos/in/a b.jpg"])
+    # Items run again after a retryable failure form a group of their own, never the finished one.
+    retried = group_uid(batch_uid, ["s3://photos/in/a b.jpg"], retry=1)
+    assert retried != group_uid(batch_uid, ["s3://photos/in/a b.jpg"])
+    assert retried != group_uid(batch_uid, ["s3://photos/in/a b.jpg"], retry=2)
     import re
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", uid)
 
