@@ -504,6 +504,28 @@ class OutputInfo:
                    digest, fmt)
 
 
+def _input_size(header: Mapping[str, Any], *, prefix: str = "") -> tuple[int, int]:
+    """The input's width and height a worker reports (0, 0 when it does not)."""
+    source = header.get("input") or {}
+    if not isinstance(source, dict):
+        raise ProtocolError(f"{prefix}input: expected a map, got {_show(source)}")
+    return (_int(source, "width", low=1, high=1 << 20, required=False),
+            _int(source, "height", low=1, high=1 << 20, required=False))
+
+
+def _failure(header: Mapping[str, Any], max_len: int, *, prefix: str = "") -> tuple[ErrorCode, str]:
+    """A failure's code and message. A long message is cut, not refused: refusing it would leave
+    the job waiting for its timeout."""
+    try:
+        code = ErrorCode(header.get("code"))
+    except ValueError as exc:
+        raise ProtocolError(f"{prefix}code: unknown error code {_show(header.get('code'))}") from exc
+    message = header.get("message")
+    if not isinstance(message, str):
+        raise ProtocolError(f"{prefix}message: expected a string, got {_show(message)}")
+    return code, message[:max_len]
+
+
 @dataclass(frozen=True)
 class ItemAnswer:
     """What became of one item of an item group: its output, or why it failed."""
@@ -538,20 +560,10 @@ class ItemAnswer:
         if not isinstance(header, dict):
             raise ProtocolError(f"items: expected maps, got {_show(header)}")
         if "output" not in header:
-            try:
-                code = ErrorCode(header.get("code"))
-            except ValueError as exc:
-                raise ProtocolError(f"items: unknown error code {_show(header.get('code'))}") from exc
-            message = header.get("message")
-            if not isinstance(message, str):
-                raise ProtocolError(f"items.message: expected a string, got {_show(message)}")
-            return cls(code=code, message=message[:MAX_ITEM_TEXT])
-        source = header.get("input") or {}
-        if not isinstance(source, dict):
-            raise ProtocolError(f"items.input: expected a map, got {_show(source)}")
+            code, message = _failure(header, MAX_ITEM_TEXT, prefix="items.")
+            return cls(code=code, message=message)
         return cls(OutputInfo.from_header(_map(header, "output")), StageTiming.from_header(_map(header, "timing")),
-                   _int(source, "width", low=1, high=1 << 20, required=False),
-                   _int(source, "height", low=1, high=1 << 20, required=False))
+                   *_input_size(header, prefix="items."))
 
 
 @dataclass(frozen=True)
@@ -590,9 +602,7 @@ class Result:
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Result:
-        source = header.get("input") or {}
-        if not isinstance(source, dict):
-            raise ProtocolError(f"input: expected a map, got {_show(source)}")
+        width, height = _input_size(header)
         timing = StageTiming.from_header(_map(header, "timing"))
         raw_items = header.get("items")
         items: tuple[ItemAnswer, ...] = ()
@@ -603,10 +613,8 @@ class Result:
             items = tuple(ItemAnswer.from_header(item) for item in raw_items)
         else:
             output = OutputInfo.from_header(_map(header, "output"))
-        return cls(_attempt(header), timing, output,
-                   _int(source, "width", low=1, high=1 << 20, required=False),
-                   _int(source, "height", low=1, high=1 << 20, required=False),
-                   _text(header, "device", required=False), _bool(header, "cached"), items)
+        return cls(_attempt(header), timing, output, width, height, _text(header, "device", required=False),
+                   _bool(header, "cached"), items)
 
 
 @dataclass(frozen=True)
@@ -630,15 +638,8 @@ class Error:
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Error:
-        try:
-            code = ErrorCode(header.get("code"))
-        except ValueError as exc:
-            raise ProtocolError(f"unknown error code {_show(header.get('code'))}") from exc
-        message = header.get("message")
-        if not isinstance(message, str):
-            raise ProtocolError(f"message: expected a string, got {_show(message)}")
-        # A long message is cut, not refused: refusing it would leave the job waiting for its timeout.
-        return cls(_attempt(header), code, message[:MAX_TEXT], _bool(header, "rejected"))
+        code, message = _failure(header, MAX_TEXT)
+        return cls(_attempt(header), code, message, _bool(header, "rejected"))
 
 
 @dataclass(frozen=True)
