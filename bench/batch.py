@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=10_000, help="batch items (the issue's figure)")
-    parser.add_argument("--singles", type=int, default=10_000, help="single ImageJobs over the first of the same images (the issue: all of them)")
+    parser.add_argument("--singles", type=int, default=10_000, help="single ImageJobs over the first of the same images")
     parser.add_argument("--profile", type=Path, help="py-spy's raw stacks of the operator during the batch arm")
     args = parser.parse_args(argv)
     out = run(batch_items=args.items, single_items=args.singles, profile=args.profile)
