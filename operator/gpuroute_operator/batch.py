@@ -3,10 +3,11 @@
 A batch's items travel in item groups: up to BatchConfig.group_items items of one
 batch form one dispatcher Job (job.batch set, job.spec.items), sent as one JOB and
 answered by one RESULT with an answer per item, so the per-message and per-job costs
-are paid once per group. What the batch itself remembers lives here: how many items were listed, which inputs are finished (the
-durable record is the results journal in object storage; `resume` reads it back), the
-first failures, and the rate items finish at. The clock is passed in, so the tests run
-in milliseconds and the operator's shell (batch_runner.py) decides when to call what.
+are paid once per group. What the batch itself remembers lives here: how many items
+were listed, which inputs are finished (the durable record is the results journal in
+object storage; `resume` reads it back), the first failures, and the rate items finish
+at. The clock is passed in, so the tests run in milliseconds and the operator's shell
+(batch_runner.py) decides when to call what.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ MAX_FAILURES = 20
 """status.failures keeps the first this many failures; the manifest has them all."""
 RATE_WINDOW_S = 60.0
 """items/s is measured over about this long a window of recent progress."""
-_STAGES = ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs", "uploadMs", "totalMs")
 
 
 def group_uid(batch_uid: str, sources: Sequence[str], retry: int = 0) -> str:
@@ -145,21 +145,19 @@ class ItemOutcome:
                     reason: str = "", error: str = "") -> ItemOutcome:
         """One item of a group that ended: its worker's answer (None: the group failed as a
         whole, with the group's reason), or the failure `reason` and `error` given."""
-        ok = answer is not None and answer.output is not None and not reason
+        info = answer.output if answer is not None and not reason else None
+        if info is None and not reason:
+            reason, error = ("InvalidInput", answer.message) if answer is not None else (group.reason, group.message)
         completed = group.completed_at or 0.0
         timing: dict[str, float] = {}
         if answer is not None and group.dispatched_at is not None:
             timing["queueMs"] = round(max(0.0, group.dispatched_at - group.queued_at) * 1000.0, 3)
             timing.update({k: round(v, 3) for k, v in answer.timing.stages().items()})
         timing["totalMs"] = round(max(0.0, completed - group.queued_at) * 1000.0, 3)
-        info = answer.output if answer is not None else None
-        if not ok and not reason:
-            reason, error = (("InvalidInput", answer.message) if answer is not None else (group.reason, group.message))
-        return cls(input=source, output=output, ok=ok, reason=reason, error=error,
-                   sha256=info.sha256 if ok and info else "", size=info.bytes if ok and info else 0,
-                   width=info.width if ok and info else 0, height=info.height if ok and info else 0,
-                   attempts=attempts, worker=f"{group.pool}/{group.worker}" if group.worker else "",
-                   completed_at=completed, timing=timing)
+        return cls(input=source, output=output, ok=info is not None, reason=reason, error=error,
+                   sha256=info.sha256 if info else "", size=info.bytes if info else 0,
+                   width=info.width if info else 0, height=info.height if info else 0, attempts=attempts,
+                   worker=f"{group.pool}/{group.worker}" if group.worker else "", completed_at=completed, timing=timing)
 
 
 @dataclass

@@ -363,11 +363,9 @@ class BatchRunner:
             while run.again and group_cell(run.again[0].position, size) == cell and len(group) < size:
                 group.append(run.again.popleft())
             return group
-        if not run.pending:
-            return None
+        if not run.pending or not self._whole_cell_pending(run):
+            return None  # nothing listed, or the rest of this cell is on the next page
         cell = group_cell(run.pending[0][0], size)
-        if not run.state.listing_complete and group_cell(run.pending[-1][0], size) == cell:
-            return None  # the rest of this cell is on the next page
         group = []
         while run.pending and group_cell(run.pending[0][0], size) == cell:
             position, entry = run.pending.popleft()
