@@ -1,7 +1,7 @@
 """Dispatch overhead: one small job over the persistent CURVE socket vs HTTPS per job.
 
 Socket side: a real `gpuroute worker` process dials a ROUTER that runs the operator's
-ZAP handler (gpuroute_operator.zap) and CURVE server keys; the bench speaks the wire
+ZAP handler (gpuroute_operator.link.zap) and CURVE server keys; the bench speaks the wire
 protocol (gpuroute.protocol) itself: JOB with an inline 256x256 PNG and an output URL,
 wait for RESULT. HTTPS side: a minimal server written here around the same worker code
 (decode_image, run_pipeline with the executor's uint8/float conversions, encode_image,
@@ -141,7 +141,7 @@ class _SocketSide:
     """A ROUTER with CURVE + ZAP, as the operator binds it, and one real worker process."""
 
     def __init__(self, folder: Path, delay_s: float) -> None:
-        from gpuroute_operator.zap import ZapHandler
+        from gpuroute_operator.link.zap import ZapHandler
 
         self.folder = folder
         server_keys, worker_keys = KeyPair.generate(), KeyPair.generate()

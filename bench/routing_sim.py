@@ -2,7 +2,7 @@
 
 `python -m bench.routing_sim [JOBS] [SEED]` replays one trace under every policy below and
 prints Markdown tables. For gpuroute the simulation drives the operator's dispatcher
-directly (`gpuroute_operator.dispatcher.Dispatcher`, the code the operator runs), with
+directly (`gpuroute_operator.core.dispatcher.Dispatcher`, the code the operator runs), with
 no copy of any of its rules: ImageJobs go in through `Dispatcher.admit`, workers register
 with `on_ready`, answer heartbeats and deliver RESULTs through `on_message`, and the clock
 moves the dispatcher through `tick` every `TICK_S` (the engine's period). Routing, the
@@ -119,16 +119,16 @@ from gpuroute.protocol import (
     StageTiming,
     routing_id_for,
 )
-from gpuroute_operator.dispatcher import Dispatcher, Signed
-from gpuroute_operator.effects import TerminalEvent
-from gpuroute_operator.engine import EngineConfig
-from gpuroute_operator.identity import Principal
-from gpuroute_operator.jobs import Job
-from gpuroute_operator.placement import Placer
-from gpuroute_operator.pools import parse_pool_spec
-from gpuroute_operator.router import Decision, JobNeeds, PoolView, choose, estimate
-from gpuroute_operator.spec import Placement, parse_job_spec
-from gpuroute_operator.status import ObjectRef
+from gpuroute_operator.core.dispatcher import Dispatcher, Signed
+from gpuroute_operator.core.effects import TerminalEvent
+from gpuroute_operator.core.identity import Principal
+from gpuroute_operator.core.jobs import Job
+from gpuroute_operator.core.placement import Placer
+from gpuroute_operator.core.pools import parse_pool_spec
+from gpuroute_operator.core.refs import ObjectRef
+from gpuroute_operator.core.router import Decision, JobNeeds, PoolView, choose, estimate
+from gpuroute_operator.core.spec import Placement, parse_job_spec
+from gpuroute_operator.shell.engine import EngineConfig
 
 # ---- scenario ----------------------------------------------------------------------------
 
@@ -1187,7 +1187,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> None:
     # Each simulated pool failure makes the dispatcher log one warning per lost worker, per run.
-    for module in ("gpuroute_operator.dispatcher", "gpuroute_operator.sessions"):
+    for module in ("gpuroute_operator.core.dispatcher", "gpuroute_operator.core.sessions"):
         logging.getLogger(module).setLevel(logging.ERROR)
     jobs = int(argv[1]) if len(argv) > 1 else 10_000
     seed = int(argv[2]) if len(argv) > 2 else 0

@@ -7,7 +7,7 @@ a full status). Watcher processes run side by side on it, each receiving the sam
   the operator configured it before this bench (its settings, INFO logging to a file);
 - `kopf, WARNING logs`: the same with kopf's per-object INFO lines ("Handler ...
   succeeded") turned off, the cheapest kopf can be made without patching it;
-- `raw watch, every event handed over`: gpuroute_operator.job_watch.ImageJobWatch with
+- `raw watch, every event handed over`: gpuroute_operator.kube.job_watch.ImageJobWatch with
   its filter off, so its handler runs for every event as kopf's does;
 - `raw watch, as the operator runs it`: the same with the filter on (events that change
   nothing for the engine are dropped after decoding).
@@ -95,8 +95,8 @@ def _child_kopf(quiet: bool) -> None:
 
 
 def _child_raw(skip_unchanged: bool) -> None:
-    from gpuroute_operator.job_watch import ImageJobWatch, WatchConfig
-    from gpuroute_operator.kube_async import AsyncKube
+    from gpuroute_operator.kube.api import AsyncKube
+    from gpuroute_operator.kube.job_watch import ImageJobWatch, WatchConfig
 
     async def observe(body: Mapping[str, Any]) -> None:
         _note(body)

@@ -33,15 +33,15 @@ def _env_key(path: str | None, env: str, what: str) -> bytes:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from gpuroute_operator.engine import EngineConfig
     from gpuroute_operator.main import run_operator
+    from gpuroute_operator.shell.engine import EngineConfig
 
     if args.dev_plaintext:
         logging.getLogger("gpuroute").warning("--dev-plaintext: worker traffic is NOT encrypted or authenticated")
         secret = KeyPair.generate().secret
     else:
         secret = _env_key(args.server_key_file, "GPUROUTE_SERVER_SECRET_KEY", "the operator's CURVE secret key")
-    from gpuroute_operator.storage import AzureAccount
+    from gpuroute_operator.storage.presign import AzureAccount
 
     accounts: dict[str, AzureAccount] = {}
     for value in args.azure_account:
@@ -58,11 +58,11 @@ def _cmd_operator(args: argparse.Namespace) -> int:
                           plaintext=args.dev_plaintext, azure_accounts=tuple(accounts.values()))
     election = None
     if not args.no_leader_election:
-        from gpuroute_operator.leader import LeaderElectionConfig, default_identity
+        from gpuroute_operator.kube.leader import LeaderElectionConfig, default_identity
 
         election = LeaderElectionConfig(name=args.lease_name, namespace=args.lease_namespace or args.namespace,
                                         identity=args.identity or default_identity(), pod_name=args.pod_name)
-    from gpuroute_operator.web import WebConfig
+    from gpuroute_operator.web.console import WebConfig
 
     web = WebConfig(port=args.web_port or None, metrics_port=args.metrics_port or None, bind=args.web_bind)
     run_operator(config, web=web, liveness_port=args.liveness_port or None, verbose=args.verbose,

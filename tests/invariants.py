@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from gpuroute_operator.jobs import parse_rfc3339
+from gpuroute_operator.core.timestamps import parse_rfc3339
 
 TERMINAL_PHASES = ("Completed", "Failed", "Cancelled")
 

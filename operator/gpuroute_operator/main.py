@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import kopf
 
 from gpuroute.redact import install_log_redaction
-from gpuroute_operator import handlers
-from gpuroute_operator.engine import EngineConfig
-from gpuroute_operator.leader import LeaderElectionConfig, LeaderElector, kube_api_client
-from gpuroute_operator.web import WebConfig
+from gpuroute_operator.kube.leader import LeaderElectionConfig, LeaderElector, kube_api_client
+from gpuroute_operator.shell import handlers
+from gpuroute_operator.shell.engine import EngineConfig
+from gpuroute_operator.web.console import WebConfig
 
 log = logging.getLogger("gpuroute.leader")
 

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from gpuroute_operator.leader import LeaderElectionConfig, LeaderElector, kube_api_client
+from gpuroute_operator.kube.leader import LeaderElectionConfig, LeaderElector, kube_api_client
 
 
 def main(kubeconfig: str, namespace: str, lease: str, identity: str, pod_name: str = "") -> int:

@@ -26,8 +26,9 @@ import yaml
 from azure.core.credentials import AccessToken
 
 from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
-from gpuroute_operator.autoscaler import AKS_AAD_SCOPE, Autoscaler, ScaleDecision, ScalingSpec, parse_scaling
-from gpuroute_operator.kube import Kube
+from gpuroute_operator.core.scaling_spec import ScalingSpec, parse_scaling
+from gpuroute_operator.kube.client import Kube
+from gpuroute_operator.scaling.autoscaler import AKS_AAD_SCOPE, Autoscaler, ScaleDecision
 
 SECRET_NS = "gpuroute-system"
 WORKER_NS = "gpuroute-workers"

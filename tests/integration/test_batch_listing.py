@@ -18,10 +18,10 @@ from botocore.exceptions import ClientError
 
 from gpuroute.localenv.objectstore import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, REGION
 from gpuroute.localenv.sigv4front import VerifyingS3
-from gpuroute_operator import batch_io
-from gpuroute_operator.batch_io import BatchStore, StorageIOError
-from gpuroute_operator.spec import StorageURI
-from gpuroute_operator.storage import Presigner
+from gpuroute_operator.batch import store as batch_io
+from gpuroute_operator.batch.store import BatchStore, StorageIOError
+from gpuroute_operator.core.spec import StorageURI
+from gpuroute_operator.storage.presign import Presigner
 
 BUCKET = "listing"
 ODD = [

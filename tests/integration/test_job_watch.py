@@ -13,8 +13,8 @@ from typing import Any
 
 from kubernetes import client
 
-from gpuroute_operator.job_watch import ImageJobWatch, WatchConfig
-from gpuroute_operator.kube_async import AsyncKube
+from gpuroute_operator.kube.api import AsyncKube
+from gpuroute_operator.kube.job_watch import ImageJobWatch, WatchConfig
 
 GROUP, VERSION, PLURAL = "gpuroute.io", "v1alpha1", "imagejobs"
 

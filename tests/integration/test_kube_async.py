@@ -8,7 +8,7 @@ from typing import Any
 
 from kubernetes import client
 
-from gpuroute_operator.kube_async import AsyncKube, KubeAPIError
+from gpuroute_operator.kube.api import AsyncKube, KubeAPIError
 
 GROUP, VERSION = "gpuroute.io", "v1alpha1"
 

@@ -191,7 +191,7 @@ def test_the_leader_labels_its_own_pod_for_the_service(
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
-    from gpuroute_operator.leader import LEADER_LABEL
+    from gpuroute_operator.kube.leader import LEADER_LABEL
 
     with control_plane.api_client() as api:
         core = client.CoreV1Api(api)

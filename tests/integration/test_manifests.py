@@ -262,7 +262,7 @@ def test_management_base_contents() -> None:
     metrics = _find(docs, "Service", "gpuroute-operator-metrics")
     assert [p["port"] for p in metrics["spec"]["ports"]] == [9090, 9091]
     # Only the leader serves the socket and the engine's metrics: both Services select
-    # the label the leader puts on its own pod (gpuroute_operator.leader.LEADER_LABEL).
+    # the label the leader puts on its own pod (gpuroute_operator.kube.leader.LEADER_LABEL).
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
     for service in (svc, metrics):
         selector = service["spec"]["selector"]

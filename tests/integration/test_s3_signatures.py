@@ -13,8 +13,8 @@ from botocore.config import Config
 from gpuroute.localenv.objectstore import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, REGION
 from gpuroute.localenv.sigv4front import VerifyingS3
 from gpuroute.localenv.stack import LocalStack, PoolConfig
-from gpuroute_operator.spec import parse_storage_uri
-from gpuroute_operator.storage import Presigner
+from gpuroute_operator.core.spec import parse_storage_uri
+from gpuroute_operator.storage.presign import Presigner
 from gpuroute_worker.transfer import TransferClient, TransferConfig, TransferError
 from tests.images import noise_png
 

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpuroute import netguard, protocol
-from gpuroute_operator import grants
-from gpuroute_operator.spec import SpecError, parse_job_spec
+from gpuroute_operator.core import grants
+from gpuroute_operator.core.spec import SpecError, parse_job_spec
 
 FUZZ = settings(max_examples=300, deadline=500, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TRIED: dict[str, int] = {}

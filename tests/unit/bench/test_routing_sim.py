@@ -24,8 +24,8 @@ from bench.routing_sim import (
     markdown,
     run,
 )
-from gpuroute_operator import router
-from gpuroute_operator.dispatcher import Dispatcher
+from gpuroute_operator.core import router
+from gpuroute_operator.core.dispatcher import Dispatcher
 
 JOBS = 2_000
 GPUROUTE = ("gpuroute-mix", "gpuroute-fastest", "gpuroute-cheapest", "gpuroute-balanced")

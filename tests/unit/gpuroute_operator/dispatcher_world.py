@@ -23,14 +23,14 @@ from gpuroute.protocol import (
     StageTiming,
     routing_id_for,
 )
-from gpuroute_operator.dispatcher import Dispatcher, DispatcherConfig, Signed
-from gpuroute_operator.effects import RecordingEffects
-from gpuroute_operator.identity import Principal
-from gpuroute_operator.jobs import Job
-from gpuroute_operator.pools import parse_pool_spec
-from gpuroute_operator.spec import parse_job_spec
-from gpuroute_operator.status import ObjectRef
-from gpuroute_operator.storage import SigningUnavailable
+from gpuroute_operator.core.dispatcher import Dispatcher, DispatcherConfig, Signed
+from gpuroute_operator.core.effects import RecordingEffects
+from gpuroute_operator.core.errors import SigningUnavailable
+from gpuroute_operator.core.identity import Principal
+from gpuroute_operator.core.jobs import Job
+from gpuroute_operator.core.pools import parse_pool_spec
+from gpuroute_operator.core.refs import ObjectRef
+from gpuroute_operator.core.spec import parse_job_spec
 from tests.invariants import timing_violations  # noqa: F401  (re-exported for the dispatcher tests)
 
 T0 = 1_800_000_000.0
@@ -123,8 +123,8 @@ class World:
         return ObjectRef("ImageJob", f"job-{uid}", "team-a", uid)
 
     def submit(self, uid: str, **spec: Any) -> None:
-        from gpuroute_operator.admission import Admitted, admit
-        from gpuroute_operator.storage import StorageGrants
+        from gpuroute_operator.core.admission import Admitted, admit
+        from gpuroute_operator.core.grants import StorageGrants
 
         outcome = admit(self.body(uid, **spec), StorageGrants(("s3://bucket/",), ("s3://bucket/",)), self.now)
         if isinstance(outcome, Admitted):

@@ -10,17 +10,16 @@ from typing import Any
 import pytest
 import yaml
 
-from gpuroute_operator.autoscaler import (
+from gpuroute_operator.core.scaling_spec import ScalingSpec, parse_scaling
+from gpuroute_operator.scaling.autoscaler import (
     AKS_AAD_SCOPE,
     Autoscaler,
     RemoteCluster,
     RemoteClusterError,
-    ScalingSpec,
     UnsafeKubeconfig,
     azure_ad_user,
     check_kubeconfig,
     desired_replicas,
-    parse_scaling,
 )
 
 NS = "gpuroute-system"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gpuroute.protocol import ErrorCode, ItemAnswer, OutputInfo, StageTiming
-from gpuroute_operator.batch import (
+from gpuroute_operator.batch.state import (
     MAX_FAILURES,
     BatchState,
     ItemOutcome,
@@ -19,9 +19,9 @@ from gpuroute_operator.batch import (
     judge_item,
     results_uri,
 )
-from gpuroute_operator.jobs import Job
-from gpuroute_operator.phases import Phase
-from gpuroute_operator.spec import SpecError, StorageURI, is_batch, item_output, parse_batch_spec
+from gpuroute_operator.core.jobs import Job
+from gpuroute_operator.core.phases import Phase
+from gpuroute_operator.core.spec import SpecError, StorageURI, is_batch, item_output, parse_batch_spec
 
 STEPS = [{"op": "invert"}]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpuroute_operator.coalesce import Coalescer
+from gpuroute_operator.kube.coalesce import Coalescer
 
 
 def test_changes_within_the_window_become_one_write_of_the_latest() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gpuroute.protocol import Accepted, AttemptId, Cancel, Disconnect, ErrorCode, Heartbeat, JobRequest, Ready
-from gpuroute_operator.dispatcher import DispatcherConfig
-from gpuroute_operator.jobs import Place
+from gpuroute_operator.core.dispatcher import DispatcherConfig
+from gpuroute_operator.core.jobs import Place
 from tests.unit.gpuroute_operator.dispatcher_world import GOOD_SHA, World, timing_violations
 
 
@@ -313,8 +313,8 @@ def test_a_job_cancelled_before_admission_is_never_sent(world: World) -> None:
     world.connect("pool-a", "w1")
     body = world.body("j1")
     body["metadata"]["annotations"] = {"gpuroute.io/cancel": "true"}
-    from gpuroute_operator.admission import admit
-    from gpuroute_operator.storage import StorageGrants
+    from gpuroute_operator.core.admission import admit
+    from gpuroute_operator.core.grants import StorageGrants
     outcome = admit(body, StorageGrants(("s3://bucket/",), ("s3://bucket/",)), world.now)
     world.dispatcher.admit(outcome.job, world.now, outcome.resume, cancel=outcome.cancel)
     assert world.requests() == [] and world.status("j1")["phase"] == "Cancelled"

@@ -4,10 +4,10 @@ item by item, by one RESULT. No sockets, no API server, a clock moved by hand.""
 from __future__ import annotations
 
 from gpuroute.protocol import AttemptId, ErrorCode, ItemAnswer, JobRequest, OutputInfo, Result, StageTiming
-from gpuroute_operator.batch import group_spec
-from gpuroute_operator.jobs import Job
-from gpuroute_operator.phases import Phase
-from gpuroute_operator.spec import StorageURI, parse_batch_spec
+from gpuroute_operator.batch.state import group_spec
+from gpuroute_operator.core.jobs import Job
+from gpuroute_operator.core.phases import Phase
+from gpuroute_operator.core.spec import StorageURI, parse_batch_spec
 from tests.unit.gpuroute_operator.dispatcher_world import GOOD_SHA, World
 
 

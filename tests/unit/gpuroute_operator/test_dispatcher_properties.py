@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gpuroute.protocol import AttemptId, Cancel, ErrorCode, Heartbeat, JobRequest, Result
-from gpuroute_operator.jobs import Place
+from gpuroute_operator.core.jobs import Place
 from tests.unit.gpuroute_operator.dispatcher_world import GOOD_SHA, World, timing_violations
 
 WORKERS = (("pool-a", "a1"), ("pool-a", "a2"), ("pool-b", "b1"))

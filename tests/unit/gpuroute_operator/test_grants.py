@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuroute_operator.grants import UnsafeURI, allowed, covers, normalise, parse_grants
+from gpuroute_operator.core.grants import UnsafeURI, allowed, covers, normalise, parse_grants
 
 S3 = "s3://datasets/team-a/"
 S3_BARE = "s3://datasets/team-a"

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from gpuroute_operator.job_watch import (
+from gpuroute_operator.kube.api import AsyncKube, KubeAPIError
+from gpuroute_operator.kube.job_watch import (
     EventFilter,
     Gone,
     ImageJobWatch,
@@ -19,7 +20,6 @@ from gpuroute_operator.job_watch import (
     decode_event,
     job_key,
 )
-from gpuroute_operator.kube_async import AsyncKube, KubeAPIError
 
 
 def _job(uid: str, *, generation: int = 1, cancel: str | None = None, message: str = "",

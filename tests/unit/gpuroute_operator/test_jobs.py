@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from gpuroute_operator.jobs import Job, failed_status, parse_rfc3339
-from gpuroute_operator.phases import Phase, TransitionError
-from gpuroute_operator.spec import parse_job_spec
-from gpuroute_operator.status import ObjectRef
+from gpuroute_operator.core.jobs import Job, failed_status
+from gpuroute_operator.core.phases import Phase, TransitionError
+from gpuroute_operator.core.refs import ObjectRef
+from gpuroute_operator.core.spec import parse_job_spec
+from gpuroute_operator.core.timestamps import parse_rfc3339
 
 QUEUED_AT = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 

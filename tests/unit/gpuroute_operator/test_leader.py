@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from gpuroute_operator.leader import (
+from gpuroute_operator.kube.leader import (
     LEASE_DURATION_S,
     RENEW_DEADLINE_S,
     RENEW_PERIOD_S,

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from gpuroute_operator.phases import TERMINAL, Phase, TransitionError, check_transition, conditions
+from gpuroute_operator.core.phases import TERMINAL, Phase, TransitionError, check_transition, conditions
 
 Q, D, P, C, F, X = (Phase.QUEUED, Phase.DISPATCHED, Phase.PROCESSING, Phase.COMPLETED, Phase.FAILED,
                     Phase.CANCELLED)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gpuroute_operator.pool_status import pool_status
-from gpuroute_operator.pools import PoolState, parse_pool_spec
+from gpuroute_operator.core.pools import PoolState, parse_pool_spec
+from gpuroute_operator.shell.pool_status import pool_status
 
 NOW = 1_800_000_000.0
 

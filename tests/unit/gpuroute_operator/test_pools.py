@@ -10,9 +10,9 @@ import pytest
 
 from gpuroute import protocol
 from gpuroute.protocol import AttemptId
-from gpuroute_operator.identity import Principal
-from gpuroute_operator.pools import EWMA_ALPHA, PoolSpec, PoolSpecError, PoolState, WorkerConn, ewma, parse_pool_spec
-from gpuroute_operator.router import PoolView
+from gpuroute_operator.core.identity import Principal
+from gpuroute_operator.core.pools import EWMA_ALPHA, PoolSpec, PoolSpecError, PoolState, WorkerConn, ewma, parse_pool_spec
+from gpuroute_operator.core.router import PoolView
 
 
 def parse(spec: dict[str, Any] | None, name: str = "gpu-a") -> PoolSpec:

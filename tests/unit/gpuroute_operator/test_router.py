@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gpuroute_operator.router import (
+from gpuroute_operator.core.router import (
     BALANCED_SLACK,
     DEADLINE_HEADROOM,
     PRIOR_SERVICE_MS,

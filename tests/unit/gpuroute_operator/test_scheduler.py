@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpuroute_operator.scheduler import FairQueue
+from gpuroute_operator.core.queues import FairQueue
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gpuroute_operator.service_model import MIN_SAMPLES_FOR_SLOPE, PipelinePriors, ServiceFit
+from gpuroute_operator.core.service_model import MIN_SAMPLES_FOR_SLOPE, PipelinePriors, ServiceFit
 
 
 def _fit(points: list[tuple[float, float]]) -> ServiceFit:
@@ -91,7 +91,7 @@ def test_priors_use_the_known_size_first() -> None:
 
 def test_cost_classes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     # Blur radii are user input: a stream of distinct pipelines must not grow memory forever.
-    from gpuroute_operator import service_model
+    from gpuroute_operator.core import service_model
 
     monkeypatch.setattr(service_model, "MAX_COST_CLASSES", 3)
     priors = PipelinePriors()

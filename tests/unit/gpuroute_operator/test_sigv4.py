@@ -14,9 +14,8 @@ from botocore.config import Config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpuroute_operator import sigv4
-from gpuroute_operator.spec import StorageURI
-from gpuroute_operator.storage import Presigner
+from gpuroute_operator.core.spec import StorageURI
+from gpuroute_operator.storage.presign import Presigner, sigv4
 
 
 def _client(*, endpoint: str | None = "http://127.0.0.1:9000", token: str | None = None, region: str = "eu-west-1",
@@ -144,7 +143,7 @@ def test_a_client_without_credentials_still_reports_them_missing(monkeypatch: py
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     client = boto3.session.Session().client("s3", endpoint_url="http://127.0.0.1:9000", region_name="eu-west-1")
-    from gpuroute_operator.storage import SigningUnavailable
+    from gpuroute_operator.core.errors import SigningUnavailable
 
     presigner = Presigner(s3_client=client)
     with pytest.raises(SigningUnavailable):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gpuroute_operator.spec import (
+from gpuroute_operator.core.spec import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT_S,
     MAX_INLINE_BYTES,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gpuroute_operator.spec import SpecError, parse_job_spec
+from gpuroute_operator.core.spec import SpecError, parse_job_spec
 
 
 def _spec(**output: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gpuroute_operator.status import ObjectRef, merge_patch_status
+from gpuroute_operator.core.refs import ObjectRef
+from gpuroute_operator.kube.status_writer import merge_patch_status
 
 
 def test_top_level_empty_values_become_null() -> None:

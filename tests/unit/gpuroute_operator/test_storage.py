@@ -12,16 +12,11 @@ import pytest
 import requests
 
 from gpuroute.localenv.objectstore import S3Server
-from gpuroute_operator import storage
-from gpuroute_operator.spec import JobSpec, SpecError, StorageURI, parse_job_spec
-from gpuroute_operator.storage import (
-    READ_ANNOTATION,
-    WRITE_ANNOTATION,
-    Presigner,
-    SignedURL,
-    SigningUnavailable,
-    StorageGrants,
-)
+from gpuroute_operator.core.errors import SigningUnavailable
+from gpuroute_operator.core.grants import READ_ANNOTATION, WRITE_ANNOTATION, StorageGrants
+from gpuroute_operator.core.spec import JobSpec, SpecError, StorageURI, parse_job_spec
+from gpuroute_operator.storage import presign as storage
+from gpuroute_operator.storage.presign import Presigner, SignedURL
 
 
 def job(input_: dict[str, Any], output_uri: str = "s3://results/team-a/out.png") -> JobSpec:

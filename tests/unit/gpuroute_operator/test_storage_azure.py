@@ -23,8 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from gpuroute.localenv.azurite import ACCOUNT, KEY, AzuriteServer
-from gpuroute_operator.spec import SpecError, parse_job_spec, parse_storage_uri
-from gpuroute_operator.storage import AzureAccount, Presigner, SigningUnavailable, StorageGrants
+from gpuroute_operator.core.errors import SigningUnavailable
+from gpuroute_operator.core.grants import StorageGrants
+from gpuroute_operator.core.spec import SpecError, parse_job_spec, parse_storage_uri
+from gpuroute_operator.storage.presign import AzureAccount, Presigner
 
 TENANT = "11111111-1111-1111-1111-111111111111"
 OBJECT_ID = "22222222-2222-2222-2222-222222222222"

@@ -13,8 +13,9 @@ from zmq.utils import z85
 
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair
-from gpuroute_operator.identity import Principal
-from gpuroute_operator.zap import ZAP_ENDPOINT, ZAP_VERSION, Admission, ZapHandler, parse_cidrs
+from gpuroute_operator.core.identity import Principal
+from gpuroute_operator.core.pools import parse_cidrs
+from gpuroute_operator.link.zap import ZAP_ENDPOINT, ZAP_VERSION, Admission, ZapHandler
 
 OK = (b"200", b"OK")
 

@@ -1,0 +1,117 @@
+"""A WorkerPool's `spec.scaling`, validated (pure): where the GPU cluster's worker Deployment
+is and the bounds the autoscaler keeps it within."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_DEPLOYMENT_NAMESPACE = "gpuroute-workers"
+"""Namespace of the worker Deployment when spec.scaling.deployment.namespace is unset."""
+
+
+DEFAULT_KUBECONFIG_KEY = "kubeconfig"
+"""Secret data key holding the kubeconfig when kubeconfigSecretRef.key is unset."""
+
+
+# Bounds from crds/workerpool.yaml spec.scaling, checked again here because the CRD is
+# not the only way a spec arrives (tests, an older CRD still installed).
+_MAX_REPLICAS_LIMIT = 10000
+
+
+_MAX_TARGET_QUEUE = 100000
+
+
+_MAX_IDLE_SECONDS = 86400
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    """A validated WorkerPool ``spec.scaling``."""
+
+    kubeconfig_secret: tuple[str, str]
+    """(namespace, name) of the management-cluster Secret holding the GPU cluster's kubeconfig."""
+    kubeconfig_key: str
+    """Data key in that Secret holding the kubeconfig."""
+    deployment_namespace: str
+    """Namespace of the worker Deployment in the GPU cluster."""
+    deployment_name: str
+    """Name of the worker Deployment in the GPU cluster."""
+    min_replicas: int
+    """Fewest workers; 0 lets an idle pool scale to zero."""
+    max_replicas: int
+    """Most workers."""
+    target_queue_per_worker: int
+    """Jobs (queued plus in flight) one worker is expected to handle."""
+    scale_down_idle_seconds: int
+    """Seconds without any demand before the pool scales down to min_replicas."""
+
+
+def _int_field(scaling: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int) -> int:
+    value = scaling.get(key, default)
+    if value is None:
+        raise ValueError(f"spec.scaling.{key} is required")
+    # bool is an int subclass; a YAML `true` here is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"spec.scaling.{key} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"spec.scaling.{key} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _str_field(ref: Mapping[str, Any], path: str, key: str, default: str | None) -> str:
+    value = ref.get(key, default)
+    if value is None or value == "":
+        if default is not None:
+            return default
+        raise ValueError(f"{path}.{key} is required")
+    if not isinstance(value, str):
+        raise ValueError(f"{path}.{key} must be a string, got {value!r}")
+    return value
+
+
+def _object_field(scaling: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = scaling.get(key)
+    if value is None:
+        raise ValueError(f"spec.scaling.{key} is required")
+    if not isinstance(value, Mapping):
+        raise ValueError(f"spec.scaling.{key} must be an object")
+    return value
+
+
+def parse_scaling(spec: Mapping[str, Any] | None, *, default_namespace: str) -> ScalingSpec | None:
+    """Validate a WorkerPool ``spec.scaling``; None when the pool has no scaling.
+
+    ``default_namespace`` is the operator's namespace, where the kubeconfig Secret lives
+    when its ref names none. Raises ValueError naming the offending field.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise ValueError("spec.scaling must be an object")
+    # The CRD leaves kubeconfigSecretRef optional, but remote scaling cannot work
+    # without it: say so on the pool instead of failing at every reconcile.
+    ref = _object_field(spec, "kubeconfigSecretRef")
+    deployment = _object_field(spec, "deployment")
+    ref_path = "spec.scaling.kubeconfigSecretRef"
+    dep_path = "spec.scaling.deployment"
+    min_replicas = _int_field(spec, "minReplicas", 0, 0, _MAX_REPLICAS_LIMIT)
+    max_replicas = _int_field(spec, "maxReplicas", None, 1, _MAX_REPLICAS_LIMIT)
+    if min_replicas > max_replicas:
+        raise ValueError(
+            f"spec.scaling.minReplicas ({min_replicas}) must not exceed spec.scaling.maxReplicas ({max_replicas})"
+        )
+    return ScalingSpec(
+        kubeconfig_secret=(
+            _str_field(ref, ref_path, "namespace", default_namespace),
+            _str_field(ref, ref_path, "name", None),
+        ),
+        kubeconfig_key=_str_field(ref, ref_path, "key", DEFAULT_KUBECONFIG_KEY),
+        deployment_namespace=_str_field(deployment, dep_path, "namespace", DEFAULT_DEPLOYMENT_NAMESPACE),
+        deployment_name=_str_field(deployment, dep_path, "name", None),
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        target_queue_per_worker=_int_field(spec, "targetQueuePerWorker", 8, 1, _MAX_TARGET_QUEUE),
+        scale_down_idle_seconds=_int_field(spec, "scaleDownIdleSeconds", 300, 0, _MAX_IDLE_SECONDS),
+    )

@@ -1,0 +1,162 @@
+"""Worker sessions: who is connected, and whether a message may be believed (pure).
+
+The broker half of the Majordomo pattern, apart from the job rules: a READY registers a
+session (or is refused and the connection kicked), every later message is checked against
+the session it arrived on, heartbeats measure round trips, silence ends a session, and a
+revoked key or a deleted pool ends its sessions. What any of that means for jobs (adopting
+attempts a returning worker still holds, re-queueing what a lost one had, handling
+answers) is the dispatcher's: it is told through `SessionOwner`.
+
+Invariants this module owns (each is tested through the dispatcher):
+- a session's pool is the one ZAP admitted its key for, and its routing id is bound to
+  that key (identity.ready_refusal); a key holds at most maxConnectionsPerKey sessions;
+- a message is believed only from the key its session registered with, and an answer
+  only for an attempt sent on that session;
+- a session ends once: out of the ledger and its pool, its attempts handed back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+
+from gpuroute.protocol import Accepted, AttemptId, Disconnect, Error, Heartbeat, Progress, Ready, Result
+from gpuroute_operator import metrics
+from gpuroute_operator.core.effects import Effects
+from gpuroute_operator.core.identity import Principal, ready_refusal
+from gpuroute_operator.core.ledger import Ledger
+from gpuroute_operator.core.pools import PoolState, WorkerConn, ewma
+
+log = logging.getLogger(__name__)
+
+Answer = Accepted | Result | Error
+
+
+class SessionOwner(Protocol):
+    """What the dispatcher does when a session changes; all pure, all given `now`."""
+
+    def joined(self, conn: WorkerConn, now: float) -> None:
+        """A session registered: adopt attempts it holds, dispatch to it."""
+
+    def answered(self, conn: WorkerConn, body: Answer, now: float) -> None:
+        """An answer for an attempt that was sent on `conn`."""
+
+    def lost(self, conn: WorkerConn, why: str, pool: PoolState | None, now: float) -> None:
+        """A session ended (already out of the books): its attempts are to be re-queued."""
+
+
+class WorkerSessions:
+    def __init__(self, ledger: Ledger, pools: Mapping[str, PoolState], effects: Effects, owner: SessionOwner,
+                 count: Callable[[str], None]) -> None:
+        self.ledger = ledger
+        self.pools = pools
+        self.effects = effects
+        self.owner = owner
+        self.count = count
+        """Counts a dropped or refused message by why."""
+
+    def on_ready(self, routing_id: bytes, principal: Principal, ready: Ready, now: float) -> None:
+        pool = self.pools.get(principal.pool)
+        why = ready_refusal(routing_id, principal, ready, pool.spec if pool else None,
+                            list(pool.workers.values()) if pool else [])
+        if why or pool is None:
+            self.count("bad_ready")
+            log.warning("refused READY from key %s: %s", principal, why)
+            self.effects.kick(routing_id, why)
+            return
+        old = self.ledger.sessions.get(routing_id)
+        carried: set[AttemptId] = set()
+        if old is not None:
+            # The same worker on a new connection: it keeps the attempts it still has.
+            carried = set(old.attempts) & set(ready.jobs)
+            old.attempts -= carried
+            self.lose(old, "reconnected", now)
+        conn = WorkerConn(routing_id, principal, ready.worker,
+                          min(ready.capacity, pool.spec.max_in_flight_per_worker), ready.device,
+                          frozenset(ready.models), last_seen=now)
+        conn.attempts = carried
+        for attempt in carried:
+            self.ledger.attempts[attempt] = routing_id
+        # Attempts it runs that this operator does not follow (it restarted, or they ended):
+        # their slots are busy until answered or adopted.
+        conn.foreign = set(ready.jobs) - carried
+        conn.answered = set(ready.answered) - carried - conn.foreign
+        pool.workers[routing_id] = conn
+        self.ledger.sessions[routing_id] = conn
+        metrics.WORKERS.labels(pool.spec.name).set(len(pool.workers))
+        log.info("worker %s joined pool %s with key %s (%s, capacity %d)", conn.worker, pool.spec.name,
+                 principal.key, conn.device, conn.capacity)
+        self.effects.send(routing_id, Heartbeat(ping=now))
+        self.owner.joined(conn, now)
+
+    def on_message(self, routing_id: bytes, principal: Principal, body: object, now: float) -> bool:
+        """Every message after READY; True when it may have freed a slot (worth a dispatch pass)."""
+        conn = self.ledger.sessions.get(routing_id)
+        if conn is None:
+            if not isinstance(body, Disconnect):
+                # Unknown peer (this operator restarted, or expired it): ask it to register again.
+                self.count("unregistered")
+                self.effects.send(routing_id, Disconnect("register again"))
+            return False
+        if conn.principal != principal:
+            self.count("identity_mismatch")
+            log.warning("dropped %s on %r: sent with key %s, session belongs to %s",
+                        type(body).__name__, routing_id[:64], principal, conn.principal)
+            return False
+        conn.last_seen = now
+        if isinstance(body, Heartbeat):
+            if body.pong is not None and body.pong <= now:
+                conn.rtt_ms = ewma(conn.rtt_ms, (now - body.pong) * 1000.0)
+            return False  # heartbeats change nothing to dispatch
+        if isinstance(body, (Accepted, Progress, Result, Error)):
+            if body.job in conn.foreign and isinstance(body, (Result, Error)):
+                # An attempt nobody follows (yet) ended: its slot is free, and its answer stays in
+                # the worker's cache, where a job admitted a moment later can still adopt it.
+                conn.foreign.discard(body.job)
+                conn.answered.add(body.job)
+            if body.job not in conn.attempts:
+                self.count("foreign_attempt")
+                log.warning("dropped %s for %s from key %s: that attempt was not sent on this connection",
+                            type(body).__name__, body.job, principal)
+                return False
+            if isinstance(body, Progress):
+                return False
+            self.owner.answered(conn, body, now)
+            return not isinstance(body, Accepted)  # an attempt starting frees no slot
+        elif isinstance(body, Disconnect):
+            self.lose(conn, "shut down", now)
+        else:
+            self.count("unexpected_kind")
+        return True
+
+    def lose(self, conn: WorkerConn, why: str, now: float, *, kick: bool = False,
+             pool: PoolState | None = None) -> None:
+        """End `conn` (once); `pool`: its pool when that was already removed from the pools."""
+        if self.ledger.sessions.get(conn.routing_id) is not conn:
+            return
+        del self.ledger.sessions[conn.routing_id]
+        pool = pool or self.pools.get(conn.pool)
+        if pool is not None:
+            pool.workers.pop(conn.routing_id, None)
+            metrics.WORKERS.labels(conn.pool).set(len(pool.workers))
+        metrics.WORKER_DISCONNECTS.labels(conn.pool, why.split()[0]).inc()
+        if kick:
+            self.effects.kick(conn.routing_id, why)
+        log.warning("worker %s of pool %s %s; re-queueing %d jobs", conn.worker, conn.pool, why, len(conn.attempts))
+        self.owner.lost(conn, why, pool, now)
+
+    def keep_only(self, pool: PoolState, admitted: Iterable[Principal], now: float) -> None:
+        """The pool's keys are now exactly `admitted`: sessions of other keys end."""
+        keep = set(admitted)
+        for conn in list(pool.workers.values()):
+            if conn.principal not in keep:
+                self.lose(conn, "key revoked", now, kick=True)
+
+    def check(self, now: float, *, heartbeat: bool) -> None:
+        """Liveness: silent sessions end; the others get a heartbeat (and end if it cannot be sent)."""
+        for conn in list(self.ledger.sessions.values()):
+            if conn.expired(now):
+                self.lose(conn, f"silent for {now - conn.last_seen:.1f}s", now, kick=True)
+            elif heartbeat and not self.effects.send(conn.routing_id, Heartbeat(ping=now, rtt_ms=conn.rtt_ms)):
+                self.lose(conn, "unreachable", now)
