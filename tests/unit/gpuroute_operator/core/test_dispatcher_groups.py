@@ -8,7 +8,7 @@ from gpuroute_operator.batch.state import group_spec
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase
 from gpuroute_operator.core.spec import StorageURI, parse_batch_spec
-from tests.unit.gpuroute_operator.dispatcher_world import GOOD_SHA, World
+from tests.unit.gpuroute_operator.core.dispatcher_world import GOOD_SHA, World
 
 
 def _group(world: World, uid: str, names: str, *, item_timeout: int = 30) -> Job:

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gpuroute.protocol import AttemptId, Cancel, ErrorCode, Heartbeat, JobRequest, Result
 from gpuroute_operator.core.jobs import Place
-from tests.unit.gpuroute_operator.dispatcher_world import GOOD_SHA, World, timing_violations
+from tests.unit.gpuroute_operator.core.dispatcher_world import GOOD_SHA, World, timing_violations
 
 WORKERS = (("pool-a", "a1"), ("pool-a", "a2"), ("pool-b", "b1"))
 JOBS = tuple(f"j{i}" for i in range(6))

@@ -7,7 +7,7 @@ import pytest
 from gpuroute.protocol import Accepted, AttemptId, Cancel, Disconnect, ErrorCode, Heartbeat, JobRequest, Ready
 from gpuroute_operator.core.dispatcher import DispatcherConfig
 from gpuroute_operator.core.jobs import Place
-from tests.unit.gpuroute_operator.dispatcher_world import GOOD_SHA, World, timing_violations
+from tests.unit.gpuroute_operator.core.dispatcher_world import GOOD_SHA, World, timing_violations
 
 
 @pytest.fixture
