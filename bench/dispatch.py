@@ -77,7 +77,7 @@ class _Sink(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # as real servers do: no 40 ms delayed-ACK stalls
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.send_response(200)
         self.send_header("Content-Length", "0")
@@ -113,7 +113,7 @@ def _https_server(sink_url: str, cert: Path, key: Path) -> ThreadingHTTPServer:
         protocol_version = "HTTP/1.1"  # keep-alive possible; the per-job client closes anyway
         disable_nagle_algorithm = True  # as real servers do: no 40 ms delayed-ACK stalls
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             data = self.rfile.read(int(self.headers["Content-Length"]))
             pixels = decode_image(data, max_bytes=64 << 20, max_pixels=64_000_000).pixels
             with torch.inference_mode():

@@ -70,7 +70,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_model(value: str):  # noqa: ANN202 (ModelSpec is imported lazily)
+def _parse_model(value: str):
     from gpuroute_worker.config import ModelSpec
 
     name, sep, rest = value.partition("=")

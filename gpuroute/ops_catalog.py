@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpuroute.fields import FieldError
+
 MAX_STEPS = 16
 MAX_DIMENSION = 16384
 """Largest width or height any step may ask for, in pixels."""
@@ -22,13 +24,8 @@ RESAMPLING_METHODS = ("nearest", "bilinear", "bicubic", "lanczos")
 _HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}([0-9a-fA-F]{2})?$")
 
 
-class StepError(ValueError):
+class StepError(FieldError, ValueError):
     """A step the worker cannot run; `field` names the offending spec path."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from typing import Any
 
 import msgpack
 
+from gpuroute.fields import int_in
+
 PROTOCOL_VERSION = 1
 
 HEARTBEAT_INTERVAL_S = 1.0
@@ -111,7 +113,7 @@ def _int(header: Mapping[str, Any], key: str, *, low: int, high: int, required: 
     value = header.get(key)
     if value is None and not required:
         return default
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+    if not int_in(value, low, high):
         raise ProtocolError(f"{key}: expected an integer in [{low}, {high}], got {_show(value)}")
     return value
 

@@ -79,7 +79,7 @@ def _standby_health(port: int | None, elector: LeaderElector) -> Iterator[None]:
         return
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             if self.path.split("?")[0] != "/healthz":
                 self.send_error(404)
                 return
@@ -90,7 +90,7 @@ def _standby_health(port: int | None, elector: LeaderElector) -> Iterator[None]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (probes every few seconds)
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
     server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)

@@ -315,7 +315,7 @@ def test_status_page_shows_waterfall_and_updates(stack: LocalStack) -> None:
     pools = login + "JSON.stringify([...document.querySelectorAll('#pools tr[data-pool]')].map(r => r.innerText))"
     browser = Browser(binary)
     try:
-        def has(name: str):  # noqa: ANN202
+        def has(name: str):
             return lambda value: value and any(r["job"] == f"{NS}/{name}" for r in json.loads(value))
 
         first = json.loads(browser.evaluate_over_time(url, rows, until=has("page-one")))

@@ -13,7 +13,7 @@ def serve_health(port: int, is_ready: Callable[[], bool], host: str = "0.0.0.0")
     """Start the server in a daemon thread; /healthz is liveness, /readyz needs the operator."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
@@ -32,7 +32,7 @@ def serve_health(port: int, is_ready: Callable[[], bool], host: str = "0.0.0.0")
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             return  # probes every few seconds would drown the job log
 
     server = ThreadingHTTPServer((host, port), Handler)

@@ -1,7 +1,12 @@
-"""What a worker's ERROR means for its job: the retry policy in one table (pure).
+"""Is this answer right, and what does it mean for its job? (pure)
 
-A worker reports why an attempt ended without a result; the job then goes back to a queue
-(without spending the attempt, or spending it), or ends. The dispatcher applies the verdict.
+Every answer a worker gives is judged here, after sessions.py has decided that the connection
+may say it at all:
+- an ERROR: the retry policy in one table (`judge`): the job goes back to a queue (without
+  spending the attempt, or spending it), or ends;
+- a RESULT: whether it answers what was sent (`result_mismatch`: one answer per item of a group,
+  in order, or one output for a single image) and what a completed job keeps (`record_output`).
+The dispatcher applies the verdicts.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from gpuroute.protocol import Error, ErrorCode
+from gpuroute.protocol import Error, ErrorCode, Result
 from gpuroute_operator.core.jobs import Job
 
 RETRY_REASONS = {ErrorCode.OOM: "OutOfMemory", ErrorCode.UNAVAILABLE: "WorkerUnavailable", ErrorCode.TIMEOUT: "Timeout",
@@ -55,3 +60,21 @@ def judge(job: Job, error: Error, where: str) -> Verdict:
     if job.attempts >= job.spec.max_attempts:
         return Verdict(Action.FAIL, reason, f"{text} (after {job.attempts} attempts)")
     return Verdict(Action.RETRY, reason, text)
+
+
+def result_mismatch(job: Job, result: Result) -> Error | None:
+    """An ERROR standing for a RESULT that does not answer what was sent (an item group is
+    answered item by item, in order; a single image by its output); None when it does."""
+    if len(result.items) == len(job.spec.items) and (result.output is None) == bool(job.spec.items):
+        return None
+    return Error(result.job, ErrorCode.UNAVAILABLE, "the worker's answer did not match the job: "
+                 f"{len(result.items)} answers for {len(job.spec.items)} items")
+
+
+def record_output(job: Job, result: Result) -> str:
+    """Keep a matching RESULT's output (or an item group's answers) on the job; the Completed message."""
+    if result.output is None:
+        job.item_answers = result.items
+        return f"{sum(1 for item in result.items if item.ok)} of {len(result.items)} items written"
+    job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
+    return f"{result.output.width}x{result.output.height} {result.output.format} written to {job.spec.output.uri}"

@@ -3,9 +3,9 @@ answers, retries, endings. The Dispatcher is the entry point for everything that
 its parts, each pure too:
 
 - ledger.py: the books (where every job is, which attempts are out, on which session);
-- sessions.py: worker sessions (READY, the identity of every message, liveness, loss);
+- sessions.py: may this connection say this? (READY, the identity of every message, liveness, loss);
 - placement.py: which pool a job should go to, and whether a worker may adopt an attempt;
-- answers.py: what a worker's ERROR means for its job (the retry policy);
+- answers.py: whether an answer is right and what it means (ERROR retry policy, RESULT checks);
 - reports.py: how a job's changes reach the Effects port (resource status or batch item).
 
 Nothing here does I/O or reads a clock: every entry point takes `now` (seconds, wall
@@ -38,7 +38,6 @@ from gpuroute.protocol import (
     AttemptId,
     Cancel,
     Error,
-    ErrorCode,
     InputSource,
     ItemTarget,
     JobRequest,
@@ -381,7 +380,7 @@ class Dispatcher:
             self.ledger.close(result.job)
             self.expire(now)
             return
-        mismatch = _mismatch(job, result)
+        mismatch = answers.result_mismatch(job, result)
         if mismatch is not None:  # the attempt is spent; another worker (or this one) may answer properly
             self._count("malformed_result")
             log.warning("dropped a RESULT for %s from %s/%s: %s", result.job, conn.pool, conn.worker, mismatch.message)
@@ -389,7 +388,7 @@ class Dispatcher:
             return
         self.placement.learn(job, conn.pool, result)
         job.pool, job.worker, job.gpu = conn.pool, conn.worker, result.device or conn.device
-        message = _record_output(job, result)
+        message = answers.record_output(job, result)
         metrics.labelled(metrics.E2E_SECONDS, conn.pool).observe(max(0.0, now - job.queued_at))
         self._finish(job, Phase.COMPLETED, "Succeeded", message, now, result=result)
 
@@ -460,24 +459,6 @@ class Dispatcher:
     def _count(self, why: str) -> None:
         self.counters[why] = self.counters.get(why, 0) + 1
         metrics.REJECTED_MESSAGES.labels(why).inc()
-
-
-def _mismatch(job: Job, result: Result) -> Error | None:
-    """An ERROR standing for a RESULT that does not answer what was sent (an item group is
-    answered item by item, in order; a single image by its output); None when it does."""
-    if len(result.items) == len(job.spec.items) and (result.output is None) == bool(job.spec.items):
-        return None
-    return Error(result.job, ErrorCode.UNAVAILABLE, "the worker's answer did not match the job: "
-                 f"{len(result.items)} answers for {len(job.spec.items)} items")
-
-
-def _record_output(job: Job, result: Result) -> str:
-    """Keep a matching RESULT's output (or an item group's answers) on the job; the Completed message."""
-    if result.output is None:
-        job.item_answers = result.items
-        return f"{sum(1 for item in result.items if item.ok)} of {len(result.items)} items written"
-    job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
-    return f"{result.output.width}x{result.output.height} {result.output.format} written to {job.spec.output.uri}"
 
 
 def _timing(job: Job, result: Result | None, now: float) -> dict[str, float]:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from gpuroute.protocol import Ready, routing_id_for
-
-if TYPE_CHECKING:
-    from gpuroute_operator.core.pools import PoolSpec, WorkerConn
+from gpuroute.protocol import routing_id_for
 
 
 @dataclass(frozen=True)
@@ -42,22 +37,3 @@ class Principal:
 
     def __str__(self) -> str:
         return f"{self.pool}/{self.key}"
-
-
-
-def ready_refusal(routing_id: bytes, principal: Principal, ready: Ready, pool: PoolSpec | None,
-                  sessions: Iterable[WorkerConn]) -> str:
-    """Why a READY must be refused ("" when it may register): the pool must exist and be the
-    one the key was admitted for, the routing id must be bound to the key, and the key may
-    not hold more live connections than the pool allows (`sessions`: the pool's sessions)."""
-    if pool is None:
-        return f"pool {principal.pool} does not exist"
-    if ready.pool != principal.pool:
-        return f"key {principal} belongs to pool {principal.pool}, READY claims pool {ready.pool}"
-    if not principal.owns(routing_id):
-        return f"routing id is not bound to key {principal} (expected '<public key>/<worker>')"
-    others = [c for c in sessions if c.principal == principal and c.routing_id != routing_id]
-    if len(others) >= pool.max_connections_per_key:
-        return (f"key {principal} already has {len(others)} live connection(s) "
-                f"(spec.maxConnectionsPerKey={pool.max_connections_per_key})")
-    return ""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpuroute import protocol
+from gpuroute.fields import int_in
 from gpuroute.protocol import AttemptId
 from gpuroute_operator.core.identity import Principal
 from gpuroute_operator.core.queues import FairQueue
@@ -93,7 +94,7 @@ def parse_pool_spec(name: str, spec: Mapping[str, Any] | None, *, generation: in
     if price < 0 or max_in_flight < 1:
         raise PoolSpecError("spec.pricePerGpuHour must be >= 0 and spec.maxInFlightPerWorker >= 1")
     per_key = spec.get("maxConnectionsPerKey", 1)
-    if not isinstance(per_key, int) or isinstance(per_key, bool) or not 1 <= per_key <= 64:
+    if not int_in(per_key, 1, 64):
         raise PoolSpecError(f"spec.maxConnectionsPerKey: must be an integer from 1 to 64, got {per_key!r}")
     try:
         cidrs = parse_cidrs(spec.get("allowedSourceCIDRs") or (), "spec.allowedSourceCIDRs")

@@ -74,7 +74,7 @@ class FairQueue(Generic[J]):
                 del lanes[job.namespace]
         return job
 
-    def __iter__(self):  # noqa: ANN204 (generator of J)
+    def __iter__(self):
         for priority in PRIORITY_ORDER:
             for lane in self._lanes[priority].values():
                 yield from lane

@@ -9,7 +9,7 @@ answers) is the dispatcher's: it is told through `SessionOwner`.
 
 Invariants this module owns (each is tested through the dispatcher):
 - a session's pool is the one ZAP admitted its key for, and its routing id is bound to
-  that key (identity.ready_refusal); a key holds at most maxConnectionsPerKey sessions;
+  that key (`ready_refusal`); a key holds at most maxConnectionsPerKey sessions;
 - a message is believed only from the key its session registered with, and an answer
   only for an attempt sent on that session;
 - a session ends once: out of the ledger and its pool, its attempts handed back.
@@ -24,9 +24,9 @@ from typing import Protocol
 from gpuroute.protocol import Accepted, AttemptId, Disconnect, Error, Heartbeat, Progress, Ready, Result
 from gpuroute_operator import metrics
 from gpuroute_operator.core.effects import Effects
-from gpuroute_operator.core.identity import Principal, ready_refusal
+from gpuroute_operator.core.identity import Principal
 from gpuroute_operator.core.ledger import Ledger
-from gpuroute_operator.core.pools import PoolState, WorkerConn, ewma
+from gpuroute_operator.core.pools import PoolSpec, PoolState, WorkerConn, ewma
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +160,21 @@ class WorkerSessions:
                 self.lose(conn, f"silent for {now - conn.last_seen:.1f}s", now, kick=True)
             elif heartbeat and not self.effects.send(conn.routing_id, Heartbeat(ping=now, rtt_ms=conn.rtt_ms)):
                 self.lose(conn, "unreachable", now)
+
+
+def ready_refusal(routing_id: bytes, principal: Principal, ready: Ready, pool: PoolSpec | None,
+                  sessions: Iterable[WorkerConn]) -> str:
+    """Why a READY must be refused ("" when it may register): the pool must exist and be the
+    one the key was admitted for, the routing id must be bound to the key, and the key may
+    not hold more live connections than the pool allows (`sessions`: the pool's sessions)."""
+    if pool is None:
+        return f"pool {principal.pool} does not exist"
+    if ready.pool != principal.pool:
+        return f"key {principal} belongs to pool {principal.pool}, READY claims pool {ready.pool}"
+    if not principal.owns(routing_id):
+        return f"routing id is not bound to key {principal} (expected '<public key>/<worker>')"
+    others = [c for c in sessions if c.principal == principal and c.routing_id != routing_id]
+    if len(others) >= pool.max_connections_per_key:
+        return (f"key {principal} already has {len(others)} live connection(s) "
+                f"(spec.maxConnectionsPerKey={pool.max_connections_per_key})")
+    return ""

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpuroute.fields import FieldError, int_in
 from gpuroute.image_header import image_size
 from gpuroute.ops_catalog import StepError, cost_class, normalize_steps
 from gpuroute.protocol import CONTENT_TYPES
@@ -28,14 +29,13 @@ _S3 = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.
 _AZURE = re.compile(r"^azure://(?P<account>[a-z0-9]{3,24})/(?P<container>[a-z0-9](?:[a-z0-9\-]{1,61}[a-z0-9]))/(?P<blob>.+)$")
 
 
-class SpecError(ValueError):
+class SpecError(FieldError, ValueError):
     """A spec the operator cannot run; permanent: the job fails and is never retried."""
 
     def __init__(self, field: str, message: str, reason: str = "InvalidSpec") -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        super().__init__(field, message)
         self.reason = reason
+        """The Failed reason, e.g. InvalidSpec or StorageNotGranted."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def _strings(value: Any, field: str) -> tuple[str, ...]:
 def _int_in(value: Any, field: str, default: int, lo: int, hi: int) -> int:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if not int_in(value, lo, hi):
         raise SpecError(field, f"must be an integer from {lo} to {hi}, got {value!r}")
     return value
 

@@ -1,8 +1,8 @@
 """ImageJobs from a raw list + watch on the event loop, instead of kopf.
 
-Every status patch the operator makes comes back as a MODIFIED event. kopf spent about
-ten times the CPU of a raw watch on each one (deep copies, diffs, a log line per event;
-bench/watch_cost.py measures both in one run), for events that the engine ignores anyway.
+Every status patch the operator makes comes back as a MODIFIED event. kopf spends
+several times the CPU of a raw watch on each one (deep copies, diffs, a log line per event;
+bench/watch_cost.py measures both in one run, figures in bench/results/latest.md), for events that the engine ignores anyway.
 This loop reads the stream on AsyncKube's keep-alive session, decodes each event and
 drops, before anything else runs, those that cannot change anything for the engine:
 same uid, same metadata.generation, same cancel annotation as the event already handed
@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from gpuroute.aio import stop_tasks
 from gpuroute_operator.core.admission import CANCEL_ANNOTATION
 from gpuroute_operator.kube.api import TRANSPORT_ERRORS, AsyncKube, KubeAPIError
 
@@ -188,14 +189,7 @@ class ImageJobWatch:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="imagejob-watch")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self._lanes.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(self._task, *self._lanes.values())
         self._lanes.clear()
         self._waiting.clear()
 

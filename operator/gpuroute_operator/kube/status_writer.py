@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from gpuroute.aio import stop_tasks
 from gpuroute.redact import redact, redact_json
 from gpuroute_operator import metrics
 from gpuroute_operator.core.refs import ObjectRef
@@ -107,12 +108,7 @@ class StatusWriter:
 
     async def stop(self) -> None:
         await self.flush()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(self._loop_task)
         await self._kube.close()
 
     def _spawn(self, coro: Any) -> None:

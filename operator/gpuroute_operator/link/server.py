@@ -23,6 +23,7 @@ import zmq.asyncio
 import zmq.utils.monitor
 
 from gpuroute import protocol
+from gpuroute.aio import stop_tasks
 from gpuroute.protocol import Body, Disconnect, Kind, Message, ProtocolError
 from gpuroute.zmqsend import send_now
 from gpuroute_operator import metrics
@@ -98,14 +99,7 @@ class WorkerServer:
         log.info("listening for workers on %s (%s)", self.endpoint, "PLAINTEXT, dev only" if self._plaintext else "CURVE")
 
     async def stop(self) -> None:
-        for task in (self._task, self._monitor_task):
-            if task is None:
-                continue
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(self._task, self._monitor_task)
         if self._socket is not None:
             self._socket.disable_monitor()
             self._socket.close()

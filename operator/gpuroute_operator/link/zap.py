@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils import z85
 
+from gpuroute.aio import stop_tasks
 from gpuroute_operator import metrics
 from gpuroute_operator.core.identity import Principal
 
@@ -81,12 +82,7 @@ class ZapHandler:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="zap")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(self._task)
         if self._socket is not None:
             self._socket.close()
 

@@ -25,6 +25,7 @@ from typing import Any
 import zmq.asyncio
 
 from gpuroute import protocol
+from gpuroute.aio import stop_tasks
 from gpuroute.netguard import UnsafeURL, check_public_https_url
 from gpuroute.protocol import Body, InputSource, ItemTarget, Message, OutputTarget, Ready
 from gpuroute_operator import metrics
@@ -190,12 +191,7 @@ class Engine:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await stop_tasks(*self._tasks)
         await self.batches.stop()
         self.autoscaler.close()
         self.presigner.close()  # stops the Azure delegation-key renewal thread

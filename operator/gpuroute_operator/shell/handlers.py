@@ -1,8 +1,8 @@
 """kopf handlers: start-up, clean-up and WorkerPools; ImageJobs come from job_watch.py.
 
 kopf is not watching ImageJobs: every status patch the operator makes comes back as a
-MODIFIED event, and kopf's per-event work cost about four times a raw watch's CPU on
-them (bench/watch_cost.py, in one run). The raw watch drops those events after decoding
+MODIFIED event, and kopf's per-event work costs several times a raw watch's CPU on
+them (bench/watch_cost.py; the measured ratio is in bench/results/latest.md). The raw watch drops those events after decoding
 and hands the rest to the same engine entry points. The engine is idempotent per uid, so
 it needs no per-object progress annotations or finalizers: deleting an ImageJob never
 hangs on a finalizer while the operator is down (an Argo CD prune must not wait for us).
@@ -64,7 +64,7 @@ async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, "workerpools")
-async def workerpool_event(type: str | None, body: kopf.Body, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:  # noqa: A002
+async def workerpool_event(type: str | None, body: kopf.Body, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     engine: Engine = memo.engine
     seen: dict[str, int] = memo.setdefault("pool_generations", {})
     if type == "DELETED":

@@ -80,7 +80,7 @@ class ScriptedServer:
                     with outer._lock:
                         outer.open_handlers -= 1
 
-            do_GET = do_PUT = _answer  # noqa: N815
+            do_GET = do_PUT = _answer
 
             def log_message(self, *_: object) -> None:
                 return

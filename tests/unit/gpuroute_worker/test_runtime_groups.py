@@ -44,7 +44,7 @@ class Storage:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 if path in outer.slow:
                     time.sleep(slow_s)
@@ -54,7 +54,7 @@ class Storage:
                 self.end_headers()
                 self.wfile.write(body or b"")
 
-            def do_PUT(self) -> None:  # noqa: N802
+            def do_PUT(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 outer.objects[self.path.split("?")[0]] = body
                 self.send_response(200)

@@ -6,14 +6,11 @@ never retried (invalid_input); OutOfMemory is the device's and is retryable (oom
 
 from __future__ import annotations
 
+from gpuroute.fields import FieldError
 
-class OpError(ValueError):
+
+class OpError(FieldError, ValueError):
     """A step cannot run on this input; `field` names the offending spec path."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class OutOfMemory(RuntimeError):

@@ -24,7 +24,6 @@ from gpuroute.protocol import (
     routing_id_for,
 )
 from gpuroute_operator.core.dispatcher import Dispatcher, DispatcherConfig, Signed
-from gpuroute_operator.core.effects import RecordingEffects
 from gpuroute_operator.core.errors import SigningUnavailable
 from gpuroute_operator.core.identity import Principal
 from gpuroute_operator.core.jobs import Job
@@ -32,6 +31,7 @@ from gpuroute_operator.core.pools import parse_pool_spec
 from gpuroute_operator.core.refs import ObjectRef
 from gpuroute_operator.core.spec import parse_job_spec
 from tests.invariants import timing_violations  # noqa: F401  (re-exported for the dispatcher tests)
+from tests.unit.gpuroute_operator.core.recording_effects import RecordingEffects
 
 T0 = 1_800_000_000.0
 GOOD_SHA = "a" * 64
