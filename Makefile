@@ -27,10 +27,11 @@ browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-# Style, types and the import contract (the shared gpuroute package imports neither side).
+# Style, types (strict for the operator's pure core) and the import contracts (layers, a pure core).
 lint: venv
 	$(VENV)/bin/ruff check operator gpuroute worker_image bench tests
 	$(VENV)/bin/mypy operator/gpuroute_operator gpuroute
+	$(VENV)/bin/mypy --strict operator/gpuroute_operator/core
 	$(VENV)/bin/lint-imports
 
 test: venv assets browser lint

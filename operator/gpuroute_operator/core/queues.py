@@ -8,6 +8,7 @@ per busy namespace, not by the whole burst.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
 
@@ -74,7 +75,7 @@ class FairQueue(Generic[J]):
                 del lanes[job.namespace]
         return job
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[J]:
         for priority in PRIORITY_ORDER:
             for lane in self._lanes[priority].values():
                 yield from lane
