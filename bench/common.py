@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -11,11 +12,13 @@ from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile; NaN for no values (a benchmark that measured nothing)."""
+    """Nearest-rank percentile: the smallest value with at least a share `q` of the values at or
+    below it (index ceil(q * n) - 1, no interpolation); NaN for no values (a benchmark that
+    measured nothing). The one definition every benchmark uses, so their p50 / p95 compare."""
     ordered = sorted(values)
     if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+        return math.nan
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def summary_ms(seconds: Sequence[float]) -> dict[str, float]:

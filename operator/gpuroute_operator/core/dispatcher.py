@@ -10,7 +10,7 @@ its parts, each pure too:
 
 Nothing here does I/O or reads a clock: every entry point takes `now` (seconds, wall
 clock) and every outcome goes through the injected `Effects` port. That is what lets
-the unit tests, the property test and bench/routing_sim.py drive the very code the
+the unit tests, the property test and bench/routing_sim/ drive the very code the
 operator runs.
 
 Invariants the dispatcher and its parts keep (each is tested):

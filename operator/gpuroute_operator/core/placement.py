@@ -19,7 +19,7 @@ from gpuroute_operator.core.router import Decision, JobNeeds, PoolView, choose, 
 from gpuroute_operator.core.service_model import PipelinePriors
 
 Chooser = Callable[[JobNeeds, Sequence[PoolView]], Decision]
-"""router.choose, or a stand-in that changes what the views show (bench/routing_sim.py's counterfactuals)."""
+"""router.choose, or a stand-in that changes what the views show (the counterfactuals in bench/routing_sim/gpuroute.py)."""
 
 
 class Placer:

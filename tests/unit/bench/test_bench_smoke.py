@@ -37,6 +37,15 @@ def test_row_ratio_reads_the_same_way_for_times_and_rates() -> None:
     assert set(summary_ms([0.001, 0.002])) == {"n", "p50_ms", "p95_ms", "p99_ms", "mean_ms"}
 
 
+def test_percentile_is_nearest_rank() -> None:
+    # The one definition every benchmark uses: index ceil(q * n) - 1, never interpolated, so each
+    # figure is a value that was measured (the routing simulation's tables depend on this rule).
+    assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.0
+    assert percentile([float(v) for v in range(1, 101)], 0.95) == 95.0
+    assert percentile([float(v) for v in range(1, 21)], 0.99) == 20.0
+    assert percentile([7.0], 0.0) == 7.0 and percentile([7.0], 1.0) == 7.0
+
+
 def test_machine_info_names_cpu_torch_and_cuda() -> None:
     info = machine()
     assert info["cpus"] >= 1 and "cpu_model" in info and "torch" in info and "cuda_available" in info
