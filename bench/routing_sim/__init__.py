@@ -15,7 +15,7 @@ One module per part, each with its own part of the description:
 - `trace`: the synthetic ImageJobs every policy replays (`make_trace`, `TraceJob`);
 - `kernel`: the event loop, attempts on simulated GPUs, outcomes, cost and the summary row
   every policy shares (`Simulation`, `SimJob`, `Attempt`);
-- `gpuroute`: the adapter that drives the operator's real Dispatcher (`GpurouteSim`, its
+- `gpuroute_adapter`: the adapter that drives the operator's real Dispatcher (`GpurouteSim`, its
   effects port `SimEffects`, `CounterfactualPlacer`);
 - `baselines`: round-robin (with and without failover) and the two MultiKueue variants;
 - `experiment`: every policy over both scenarios, the router checks (`run`, `POLICIES`);
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from bench.routing_sim.baselines import MultiKueueSim, RoundRobinSim
 from bench.routing_sim.experiment import POLICIES, run
-from bench.routing_sim.gpuroute import TICK_S, CounterfactualPlacer, GpurouteSim, SimEffects
+from bench.routing_sim.gpuroute_adapter import TICK_S, CounterfactualPlacer, GpurouteSim, SimEffects
 from bench.routing_sim.kernel import SimJob, Simulation
 from bench.routing_sim.report import markdown
 from bench.routing_sim.scenario import FAIL_AT_S, FAILING, POOLS, RECOVER_AT_S, PoolModel, Scenario

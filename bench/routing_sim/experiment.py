@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.routing_sim.baselines import MultiKueueSim, RoundRobinSim
-from bench.routing_sim.gpuroute import GpurouteSim
+from bench.routing_sim.gpuroute_adapter import GpurouteSim
 from bench.routing_sim.kernel import COMPLETED, Simulation
 from bench.routing_sim.scenario import PoolModel, Scenario
 from bench.routing_sim.trace import TraceJob, make_trace
