@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,13 +180,24 @@ class AttemptId:
         return cls(uid, int(number))
 
 
-def routing_id_for(public_key: str, worker: str) -> bytes:
-    """The routing id a worker must use: its own Z85 public key, '/', its id (at most 255 bytes).
+def routing_id_for(public_key: str, worker: str, nonce: str = "") -> bytes:
+    """The routing id a worker uses: its own Z85 public key, '/', then a secret nonce and '/'
+    when given, then its id (at most 255 bytes in all; the worker id is what is cut).
 
     The operator refuses a connection whose routing id does not start with the key ZAP
-    admitted it with, so no key can occupy, or take over, another key's ids.
+    admitted it with, so no key can occupy another key's ids. The nonce (random, made once
+    per worker process, sent only inside the CURVE handshake) makes the id unguessable:
+    once a worker's TCP connection drops, nobody else can connect under its id and
+    receive the jobs meant for it. ZAP cannot refuse such a squat itself: libzmq's ZAP
+    request carries the server socket's own routing id, not the peer's.
     """
-    return f"{public_key}/{worker}".encode()[:255]
+    prefix = f"{public_key}/{nonce}/" if nonce else f"{public_key}/"
+    return (prefix + worker).encode()[:255]
+
+
+def routing_nonce() -> str:
+    """A fresh secret for routing_id_for: 128 random bits, URL-safe."""
+    return secrets.token_urlsafe(16)
 
 
 def job_id(uid: str, attempt: int) -> str:

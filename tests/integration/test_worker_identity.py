@@ -263,3 +263,40 @@ def test_a_silent_connection_cannot_hold_a_routing_id(stack: LocalStack) -> None
         stack.wait_for_pool(POOL_B, workers=1, timeout=30)
     finally:
         squatter.close()
+
+
+def test_a_dropped_connection_leaves_no_session_to_squat(stack: LocalStack, s3_server: Any) -> None:
+    """The review's live squat: a worker's TCP connection ends without DISCONNECT (crash, OOM kill,
+    network cut); another admitted key connects at once under the same routing id and listens. Its
+    session must end with its connection, so the jobs meant for it never reach the squatter."""
+    stack.workers["b1"].kill()
+    deadline = time.monotonic() + 15
+    while stack.worker_pool(POOL_B).get("status", {}).get("connectedWorkers"):
+        assert time.monotonic() < deadline, "b1 was never noticed gone"
+        time.sleep(0.2)
+    victim_id = _routing_id(stack, POOL_B, "b1")
+    victim = RogueWorker(stack, stack.worker_keys[(POOL_B, "b1")], victim_id)
+    squatter: RogueWorker | None = None
+    try:
+        reply = victim.first_reply(Ready(pool=POOL_B, worker="b1", capacity=4))
+        assert reply is not None and reply.kind is Kind.HEARTBEAT, "the victim was not registered"
+        disconnects = stack.operator_metric("gpuroute_worker_disconnects_total", {"pool": POOL_B, "reason": "disconnected"})
+        victim.close()  # no DISCONNECT: the TCP connection just ends
+        squatter = RogueWorker(stack, stack.worker_keys[(POOL_A, "a1")], victim_id)
+        # The operator ends the session because its connection closed (not after missed heartbeats).
+        deadline = time.monotonic() + 10
+        while stack.operator_metric("gpuroute_worker_disconnects_total",
+                                    {"pool": POOL_B, "reason": "disconnected"}) <= disconnects:
+            assert time.monotonic() < deadline, "the session outlived its connection"
+            time.sleep(0.05)
+        stack.create_job(NS, "squat-b", _spec("squat-b", POOL_B))
+        got = squatter.received(3.0)
+        assert not [m for m in got if m.kind is Kind.JOB], "the squatter received the victim's job"
+    finally:
+        if squatter is not None:
+            squatter.close()
+        stack.start_worker(POOL_B, "b1")
+        stack.wait_for_pool(POOL_B, workers=1, timeout=30)
+    status = stack.wait_for_jobs(NS, ["squat-b"])["squat-b"]["status"]
+    assert (status["phase"], status["worker"]) == ("Completed", "b1")
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gpuroute.protocol import routing_nonce
 from gpuroute_worker.transfer import TransferConfig
 
 
@@ -74,6 +75,9 @@ class WorkerConfig:
     """Super-resolution models served, by name."""
     gpu_name: str = ""
     """Filled at start-up from the device (e.g. 'NVIDIA H100 80GB HBM3' or 'cpu')."""
+    routing_nonce: str = field(default_factory=routing_nonce)
+    """The secret part of this process's routing id (protocol.routing_id_for): the same across
+    reconnects, so the operator recognises the worker, and known to nobody else."""
 
 
 def transfer_config(config: WorkerConfig) -> TransferConfig:

@@ -50,9 +50,10 @@ def make_dealer(context: zmq.asyncio.Context, config: WorkerConfig) -> zmq.async
     socket.curve_publickey = zmq.curve_public(config.secret_key)
     # Pinning: the handshake fails unless the server proves it holds this key.
     socket.curve_serverkey = config.server_public_key
-    # The operator only accepts a routing id that starts with this worker's own key.
+    # The operator only accepts a routing id that starts with this worker's own key; the
+    # nonce keeps anyone else from connecting under it once this connection drops.
     socket.setsockopt(zmq.ROUTING_ID, protocol.routing_id_for(zmq.curve_public(config.secret_key).decode(),
-                                                              config.worker_id))
+                                                              config.worker_id, config.routing_nonce))
     if not config.listen_endpoint:
         socket.connect(config.operator_endpoint)
         return socket

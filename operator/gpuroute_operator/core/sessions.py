@@ -99,7 +99,7 @@ class WorkerSessions:
                 self.count("unregistered")
                 self.effects.send(routing_id, Disconnect("register again"))
             return False
-        if conn.principal != principal:
+        if conn.principal != principal or not principal.owns(routing_id):
             self.count("identity_mismatch")
             log.warning("dropped %s on %r: sent with key %s, session belongs to %s",
                         type(body).__name__, routing_id[:64], principal, conn.principal)

@@ -40,6 +40,9 @@ connection would otherwise hold its routing id, keeping the worker that owns it 
 class MessageHandler(Protocol):
     def on_message(self, routing_id: bytes, user_id: str, message: Message) -> None: ...
 
+    def on_disconnected(self, routing_id: bytes) -> None:
+        """The connection that registered `routing_id` (sent READY on it) has closed."""
+
 
 @dataclass(frozen=True)
 class _Peer:
@@ -115,9 +118,24 @@ class WorkerServer:
                         self._unregistered[fd] = (time.monotonic(), _fd_peer(fd))
                     else:
                         self._unregistered.pop(fd, None)
+                        self._disconnected(fd)
                 self._cut_silent(time.monotonic())
         finally:
             monitor.close()
+
+    def _disconnected(self, fd: int) -> None:
+        """A connection closed: the session registered on it ends now, not after missed heartbeats,
+        so its routing id holds no jobs once libzmq has freed it for another connection. The
+        descriptor may already serve a new connection: a peer whose address is still the one
+        behind it is that new connection, and stays."""
+        current = _fd_peer(fd)
+        for routing_id, peer in list(self._peers.items()):
+            if peer.fd == fd and peer.address != current:
+                del self._peers[routing_id]
+                try:
+                    self._handler.on_disconnected(routing_id)
+                except Exception:  # a handler bug must not stop the monitor
+                    log.exception("handling the disconnect of %r failed", routing_id[:64])
 
     def _cut_silent(self, now: float) -> None:
         for fd, (since, peer) in list(self._unregistered.items()):

@@ -333,6 +333,9 @@ class Engine:
         else:
             self.dispatcher.on_message(routing_id, principal, body, now)
 
+    def on_disconnected(self, routing_id: bytes) -> None:
+        self.dispatcher.on_lost(routing_id, "disconnected", time.time())
+
     # ---- housekeeping ----------------------------------------------------------------
 
     async def _tick_loop(self) -> None:
