@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 # etcd + kube-apiserver for the local control plane, built once and cached in ~/.cache/gpuroute.
 assets:
-	bash gpuroute/localenv/kube-assets.sh >/dev/null
+	bash gpuroute_dev/localenv/kube-assets.sh >/dev/null
 
 # Headless Chromium for the status-page test (Debian's package; no browser download).
 browser:
@@ -29,8 +29,8 @@ browser:
 
 # Style, types (strict for the operator's pure core) and the import contracts (layers, a pure core).
 lint: venv
-	$(VENV)/bin/ruff check operator gpuroute worker_image bench tests
-	$(VENV)/bin/mypy operator/gpuroute_operator gpuroute
+	$(VENV)/bin/ruff check operator gpuroute gpuroute_dev worker_image bench tests
+	$(VENV)/bin/mypy operator/gpuroute_operator gpuroute gpuroute_dev
 	$(VENV)/bin/mypy --strict operator/gpuroute_operator/core
 	$(VENV)/bin/lint-imports
 

@@ -41,7 +41,7 @@ from PIL import Image
 from bench import control_plane as cp
 from bench.common import percentile, row
 from bench.control_plane import BUCKET, NS, PhaseWatch
-from gpuroute.localenv.stack import LocalStack
+from gpuroute_dev.localenv.stack import LocalStack
 
 STEPS: list[dict[str, Any]] = [{"op": "invert"}]
 FOLDER = "in/batch-bench"

@@ -47,9 +47,9 @@ import numpy as np
 from PIL import Image
 
 from bench.common import percentile, row, summary_ms
-from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
-from gpuroute.localenv.objectstore import S3Server
-from gpuroute.localenv.stack import TERMINAL_PHASES, LocalStack, PoolConfig
+from gpuroute_dev.localenv.controlplane import ControlPlane, ControlPlaneConfig
+from gpuroute_dev.localenv.objectstore import S3Server
+from gpuroute_dev.localenv.stack import TERMINAL_PHASES, LocalStack, PoolConfig
 
 GROUP, VERSION, PLURAL = "gpuroute.io", "v1alpha1", "imagejobs"
 BUCKET, NS, POOL = "bench", "bench", "bench-pool"

@@ -47,10 +47,10 @@ from PIL import Image
 from bench.common import row, summary_ms
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair, write_key_file
-from gpuroute.localenv.tcpproxy import TcpProxy
-from gpuroute.localenv.tls import self_signed
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute.protocol import Kind
+from gpuroute_dev.localenv.tcpproxy import TcpProxy
+from gpuroute_dev.localenv.tls import self_signed
 
 STEPS = [{"op": "invert"}]
 ONE_WAY_DELAY_S = 0.035

@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.common import row
 from bench.control_plane import NS, burst, create_job, local_stack, settled_metric
-from gpuroute.localenv.stack import LocalStack
+from gpuroute_dev.localenv.stack import LocalStack
 
 
 def _status_kb(pid: int, field: str) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import row
-from gpuroute.localenv.tls import self_signed
+from gpuroute_dev.localenv.tls import self_signed
 
 INPUT_BYTES = 200 * 1024
 BLOCK = 10

@@ -160,7 +160,7 @@ def run(*, objects: int = 50, events: int = 2000, rounds: int = 3, clients: int 
         idle_s: float = 4.0) -> dict[str, Any]:
     from kubernetes import client
 
-    from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
+    from gpuroute_dev.localenv.controlplane import ControlPlane, ControlPlaneConfig
 
     with tempfile.TemporaryDirectory(prefix="gpuroute-watch-bench-") as tmp, ControlPlane(ControlPlaneConfig()) as cp:
         api = cp.api_client()

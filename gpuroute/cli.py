@@ -125,8 +125,18 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_NEEDS_CHECKOUT = ("gpuroute demo: needs a development checkout (the gpuroute_dev package is not installed); "
+                       "run it from a clone after `pip install -e '.[dev]'`")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gpuroute.demo import run_demo
+    # gpuroute_dev (local control plane, S3, demo) is development-only: the images do not install it.
+    try:
+        from gpuroute_dev.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("gpuroute_dev", "gpuroute_dev.demo"):
+            raise
+        raise SystemExit(DEMO_NEEDS_CHECKOUT) from exc
 
     return run_demo(workdir=args.workdir, output_dir=args.output_dir, keep_running=args.keep_running,
                     workers=args.workers, operators=args.operators)

@@ -15,8 +15,8 @@ import pytest
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
-    from gpuroute.localenv.controlplane import ControlPlane
-    from gpuroute.localenv.objectstore import S3Server
+    from gpuroute_dev.localenv.controlplane import ControlPlane
+    from gpuroute_dev.localenv.objectstore import S3Server
 
 TESTS_DIR = Path(__file__).resolve().parent
 # Folder under tests/ -> marker added to every test collected there.
@@ -62,7 +62,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if not any(_CONTROL_PLANE_FIXTURES & set(getattr(i, "fixturenames", ())) for i in session.items):
         return
-    from gpuroute.localenv.controlplane import KubeAssetsError, kube_assets
+    from gpuroute_dev.localenv.controlplane import KubeAssetsError, kube_assets
 
     try:
         session.config.stash[_assets_key] = kube_assets()
@@ -78,7 +78,7 @@ def control_plane(
 
     Never skips: a missing control plane is a failure, with the reason.
     """
-    from gpuroute.localenv.controlplane import (
+    from gpuroute_dev.localenv.controlplane import (
         ControlPlane,
         ControlPlaneConfig,
         ControlPlaneError,
@@ -123,7 +123,7 @@ def kube_api(control_plane: ControlPlane) -> Iterator[ApiClient]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto S3 over real HTTP on a free loopback port, for the whole session."""
-    from gpuroute.localenv.objectstore import S3Server
+    from gpuroute_dev.localenv.objectstore import S3Server
 
     with S3Server() as server:
         yield server
@@ -132,7 +132,7 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def azurite_server() -> Iterator[object]:
     """Azurite's Blob service (installed from npm on first use) for the whole session."""
-    from gpuroute.localenv.azurite import AzuriteServer
+    from gpuroute_dev.localenv.azurite import AzuriteServer
 
     with AzuriteServer() as server:
         yield server

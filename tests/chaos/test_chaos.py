@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig, kube_assets
-from gpuroute.localenv.objectstore import S3Server
-from gpuroute.localenv.stack import LocalStack, PoolConfig
-from gpuroute.localenv.tcpproxy import TcpProxy
+from gpuroute_dev.localenv.controlplane import ControlPlane, ControlPlaneConfig, kube_assets
+from gpuroute_dev.localenv.objectstore import S3Server
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.tcpproxy import TcpProxy
 from tests.invariants import TERMINAL_PHASES, timing_violations
 
 JOBS = int(os.environ.get("GPUROUTE_CHAOS_JOBS", "1000"))

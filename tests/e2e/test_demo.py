@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpuroute.demo import load_examples
+from gpuroute_dev.demo import load_examples
 
 
 def test_demo_completes_every_example(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from gpuroute.localenv.stack import free_port
+from gpuroute_dev.localenv.stack import free_port
 
 # Flags from the machine notes: no sandbox as root, and no background networking, which
 # this closed network refuses connection by connection.

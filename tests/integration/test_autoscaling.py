@@ -25,7 +25,7 @@ import pytest
 import yaml
 from azure.core.credentials import AccessToken
 
-from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
+from gpuroute_dev.localenv.controlplane import ControlPlane, ControlPlaneConfig
 from gpuroute_operator.core.scaling_spec import ScalingSpec, parse_scaling
 from gpuroute_operator.kube.client import Kube
 from gpuroute_operator.scaling.autoscaler import AKS_AAD_SCOPE, Autoscaler, ScaleDecision

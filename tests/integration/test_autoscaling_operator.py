@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.controlplane import ControlPlane, ControlPlaneConfig
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 
 BUCKET, NS, POOL = "gpuroute-elastic", "team-e", "elastic"
 WORKER_NS, DEPLOYMENT = "gpuroute-workers", "gpuroute-worker"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 
 NS, BUCKET, CONTAINER = "team-az", "gpuroute-az", "photos"
 ACCOUNT = "devstoreaccount1"

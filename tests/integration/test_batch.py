@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 from tests.images import noise_png
 
 pytestmark = pytest.mark.integration

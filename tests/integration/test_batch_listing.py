@@ -16,8 +16,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from gpuroute.localenv.objectstore import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, REGION
-from gpuroute.localenv.sigv4front import VerifyingS3
+from gpuroute_dev.localenv.objectstore import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, REGION
+from gpuroute_dev.localenv.sigv4front import VerifyingS3
 from gpuroute_operator.batch import store as batch_io
 from gpuroute_operator.batch.store import BatchStore, StorageIOError
 from gpuroute_operator.core.spec import StorageURI

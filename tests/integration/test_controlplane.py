@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from gpuroute.localenv.controlplane import (
+from gpuroute_dev.localenv.controlplane import (
     ControlPlane,
     ControlPlaneConfig,
     ControlPlaneError,
@@ -196,7 +196,7 @@ def test_stop_leaves_nothing_running(tmp_path: Path) -> None:
 _KILLED_PARENT = """
 import sys, time
 from pathlib import Path
-from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
+from gpuroute_dev.localenv.controlplane import ControlPlane, ControlPlaneConfig
 cp = ControlPlane(ControlPlaneConfig(workdir=Path(sys.argv[1]), name="orphan", crd_dir=None))
 cp.start()
 print(" ".join(str(c.popen.pid) for c in cp._children), flush=True)

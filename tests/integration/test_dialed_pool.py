@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from gpuroute.curve_keys import KeyPair
-from gpuroute.localenv.stack import LocalStack, PoolConfig, free_port
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig, free_port
 
 BUCKET = "gpuroute-dialed"
 NS = "team-dialed"

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from gpuroute.curve_keys import KeyPair, write_key_file
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 
 BUCKET = "gpuroute-it"
 NS = "team-a"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from gpuroute.localenv.controlplane import ControlPlane
+    from gpuroute_dev.localenv.controlplane import ControlPlane
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 from gpuroute_worker.sr.srvgg import SRVGGNetCompact
 
 BUCKET = "gpuroute-sr"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gpuroute.localenv.stack import TERMINAL_PHASES, LocalStack, PoolConfig
+from gpuroute_dev.localenv.stack import TERMINAL_PHASES, LocalStack, PoolConfig
 from tests.images import noise_png
 
 pytestmark = pytest.mark.integration

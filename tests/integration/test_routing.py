@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 
 BUCKET = "gpuroute-routing"
 NS = "team-r"

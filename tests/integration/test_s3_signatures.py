@@ -10,9 +10,9 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from gpuroute.localenv.objectstore import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, REGION
-from gpuroute.localenv.sigv4front import VerifyingS3
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.objectstore import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_ACCESS_KEY, REGION
+from gpuroute_dev.localenv.sigv4front import VerifyingS3
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 from gpuroute_operator.core.spec import parse_storage_uri
 from gpuroute_operator.storage.presign import Presigner
 from gpuroute_worker.transfer import TransferClient, TransferConfig, TransferError

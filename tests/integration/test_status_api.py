@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 
 pytestmark = pytest.mark.integration
 

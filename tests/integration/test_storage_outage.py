@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 
 BUCKET = "gpuroute-outage"
 NS = "team-outage"

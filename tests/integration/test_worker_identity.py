@@ -19,8 +19,8 @@ import zmq.utils.monitor
 
 from gpuroute import protocol
 from gpuroute.curve_keys import KeyPair
-from gpuroute.localenv.stack import LocalStack, PoolConfig
 from gpuroute.protocol import AttemptId, Heartbeat, Kind, OutputInfo, Ready, Result, StageTiming
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 from tests.images import noise_png
 
 BUCKET = "gpuroute-identity"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from http_testutil import Reply, serving, wait_until
 
-from gpuroute.localenv.tls import self_signed
 from gpuroute.netguard import CheckedURL
+from gpuroute_dev.localenv.tls import self_signed
 from gpuroute_worker.transfer import TransferAborted, TransferClient, TransferConfig, TransferError, in_thread
 
 FAST = TransferConfig(pool_size=2, connect_timeout_s=2, read_timeout_s=5, total_timeout_s=10, retries=3,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from gpuroute.localenv.objectstore import S3Server
+from gpuroute_dev.localenv.objectstore import S3Server
 from gpuroute_operator.core.errors import SigningUnavailable
 from gpuroute_operator.core.grants import READ_ANNOTATION, WRITE_ANNOTATION, StorageGrants
 from gpuroute_operator.core.spec import JobSpec, SpecError, StorageURI, parse_job_spec

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from gpuroute.localenv.azurite import ACCOUNT, KEY, AzuriteServer
+from gpuroute_dev.localenv.azurite import ACCOUNT, KEY, AzuriteServer
 from gpuroute_operator.core.errors import SigningUnavailable
 from gpuroute_operator.core.grants import StorageGrants
 from gpuroute_operator.core.spec import SpecError, parse_job_spec, parse_storage_uri

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from gpuroute.curve_keys import KeyPair, write_key_file
-from gpuroute.localenv.controlplane import ControlPlane, pdeathsig_prefix
-from gpuroute.localenv.objectstore import S3Server
+from gpuroute_dev.localenv.controlplane import ControlPlane, pdeathsig_prefix
+from gpuroute_dev.localenv.objectstore import S3Server
 
 GROUP, VERSION = "gpuroute.io", "v1alpha1"
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"

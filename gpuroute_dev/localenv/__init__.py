@@ -1,8 +1,8 @@
 """Local stand-ins for the cloud pieces gpuroute talks to, for tests, CI and the demo.
 
-- :mod:`gpuroute.localenv.controlplane`: real etcd and kube-apiserver processes on free
+- :mod:`gpuroute_dev.localenv.controlplane`: real etcd and kube-apiserver processes on free
   loopback ports (the envtest approach), with the project's CRDs installed.
-- :mod:`gpuroute.localenv.objectstore`: moto's S3 in server mode (real HTTP, boto3
+- :mod:`gpuroute_dev.localenv.objectstore`: moto's S3 in server mode (real HTTP, boto3
   unchanged).
 
 The submodules are not imported here, so importing one does not pull in the other's

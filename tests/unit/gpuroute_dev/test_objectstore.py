@@ -8,7 +8,7 @@ import os
 import pytest
 import requests
 
-from gpuroute.localenv.objectstore import S3Server
+from gpuroute_dev.localenv.objectstore import S3Server
 
 
 def test_presigned_put_then_get_round_trip(s3_server: S3Server) -> None:

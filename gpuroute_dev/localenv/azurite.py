@@ -24,8 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from gpuroute.localenv.stack import free_port
-from gpuroute.localenv.tls import self_signed
+from gpuroute_dev.localenv.stack import free_port
+from gpuroute_dev.localenv.tls import self_signed
 
 ACCOUNT = "devstoreaccount1"
 # Azurite's published development key (not a secret: the same in every installation).

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
-from gpuroute.localenv.objectstore import S3Server
-from gpuroute.localenv.stack import LocalStack, PoolConfig
+from gpuroute_dev.localenv.controlplane import ControlPlane, ControlPlaneConfig
+from gpuroute_dev.localenv.objectstore import S3Server
+from gpuroute_dev.localenv.stack import LocalStack, PoolConfig
 
 BUCKET = "gpuroute-demo"
 NAMESPACE = "demo"
