@@ -14,8 +14,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from gpuroute.protocol import Error, ErrorCode, Result
+from gpuroute.protocol import AttemptId, Error, ErrorCode, Result
 from gpuroute_operator.core.jobs import Job
+from gpuroute_operator.core.phases import Phase
 
 RETRY_REASONS = {ErrorCode.OOM: "OutOfMemory", ErrorCode.UNAVAILABLE: "WorkerUnavailable", ErrorCode.TIMEOUT: "Timeout",
                  ErrorCode.EXPIRED: "StorageURLRejected"}
@@ -42,6 +43,29 @@ class Verdict:
     """The worker refused for capacity: no dispatch to it for a moment."""
     resign: bool = False
     """Storage refused a URL: sign both again before re-sending (allowed once per job)."""
+
+
+def overdue(job: Job, attempt: AttemptId, now: float, *, accept_within_s: float, floor_s: float,
+            expected_ms: float | None, slack: float) -> Error | None:
+    """An ERROR standing for an answer that did not come in time, or None while there is time.
+
+    A worker ACCEPTs a JOB the moment it reads it, so one that has not within `accept_within_s`
+    while its session lives is broken (or is a stolen key holding jobs). Once accepted, an
+    attempt may run `slack` times what the pool is expected to take (`expected_ms`, learned),
+    or, for work the pool has no figures for yet, its share of timeoutSeconds over maxAttempts;
+    never less than `floor_s`. The job's own deadline still bounds every attempt."""
+    if job.dispatched_at is None or attempt != job.current_attempt:
+        return None
+    if job.phase is Phase.DISPATCHED:
+        if now - job.dispatched_at > accept_within_s:
+            return Error(attempt, ErrorCode.UNAVAILABLE, f"not accepted within {accept_within_s:g} s")
+        return None
+    started = job.started_at if job.started_at is not None else job.dispatched_at
+    share_s = (expected_ms / 1000.0 * slack) if expected_ms is not None else job.spec.timeout_s / job.spec.max_attempts
+    limit_s = max(floor_s, share_s)
+    if now - started > limit_s:
+        return Error(attempt, ErrorCode.TIMEOUT, f"no answer within {limit_s:.0f} s of starting (per-attempt limit)")
+    return None
 
 
 def judge(job: Job, error: Error, where: str) -> Verdict:

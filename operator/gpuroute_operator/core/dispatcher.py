@@ -38,6 +38,7 @@ from gpuroute.protocol import (
     AttemptId,
     Cancel,
     Error,
+    ErrorCode,
     InputSource,
     ItemTarget,
     JobRequest,
@@ -84,6 +85,13 @@ class DispatcherConfig:
     its Dispatched write may have been lost with the previous leader while a worker runs it."""
     finished_memory: int = 100_000
     """Terminal job uids remembered, so late events and duplicate results are ignored cheaply."""
+    accept_within_s: float = 10.0
+    """A JOB not ACCEPTED this long after it was sent (workers accept on receipt, and heartbeats
+    show the session alive) is taken back and the worker cut: it is broken, or a stolen key."""
+    attempt_floor_s: float = 60.0
+    """Least time an accepted attempt gets before it is given up (see answers.overdue)."""
+    attempt_slack: float = 10.0
+    """An accepted attempt may take this many times the pool's expected time for it."""
 
 
 class Dispatcher:
@@ -434,6 +442,7 @@ class Dispatcher:
         """Liveness, deadlines, retries; then dispatch what can go."""
         self.registry.check(now, heartbeat=heartbeat)
         self.expire(now)
+        self._give_up_overdue(now)
         for uid, retry_at in list(self.ledger.held.items()):
             if retry_at <= now:
                 self._route(self.jobs[uid], now)
@@ -449,6 +458,29 @@ class Dispatcher:
         for job in list(self.ledger.past_deadline(now)):
             self._finish(job, Phase.FAILED, "Timeout",
                          f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})", now)
+
+    def _give_up_overdue(self, now: float) -> None:
+        """Attempts whose answer is overdue end as the worker's ERROR would (answers.overdue); a
+        worker that never accepted is cut, since its heartbeats alone say nothing."""
+        config = self.config
+        for conn in list(self.sessions.values()):
+            for attempt in sorted(conn.attempts):
+                job = self.jobs.get(attempt.uid)
+                pool = self.pools.get(conn.pool)
+                if job is None or pool is None:
+                    continue
+                error = answers.overdue(job, attempt, now, accept_within_s=config.accept_within_s,
+                                        floor_s=config.attempt_floor_s, expected_ms=self.placement.expected_ms(job, pool),
+                                        slack=config.attempt_slack)
+                if error is None:
+                    continue
+                self._count("overdue_attempt")
+                log.warning("attempt %s on %s/%s: %s", attempt, conn.pool, conn.worker, error.message)
+                self.effects.send(conn.routing_id, Cancel(attempt))
+                self.on_error(conn, error, now)
+                if error.code is ErrorCode.UNAVAILABLE:
+                    self.registry.lose(conn, "unresponsive (a JOB was never accepted)", now, kick=True)
+                    break
 
     def _reroute_unrouted(self, now: float) -> None:
         for job in list(self.ledger.unrouted.values()):

@@ -40,6 +40,13 @@ class Placer:
         view = dataclasses.replace(view, workers=max(1, view.workers), slots=max(1, view.slots))
         return rejection(self.needs(job, now), view) is None
 
+    def expected_ms(self, job: Job, pool: PoolState) -> float | None:
+        """What `pool` is expected to take for `job` (worker ms), from what it has learned; None if nothing."""
+        pixels = job.spec.input_pixels
+        cost_class = job.spec.cost_class
+        mpix = self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None)
+        return pool.job_service_ms(cost_class, mpix, self.priors.shape(cost_class))
+
     def decide(self, job: Job, now: float) -> Decision:
         pixels = job.spec.input_pixels
         cost_class = job.spec.cost_class
