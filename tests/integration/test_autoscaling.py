@@ -28,7 +28,9 @@ from azure.core.credentials import AccessToken
 from gpuroute.localenv.controlplane import ControlPlane, ControlPlaneConfig
 from gpuroute_operator.core.scaling_spec import ScalingSpec, parse_scaling
 from gpuroute_operator.kube.client import Kube
-from gpuroute_operator.scaling.autoscaler import AKS_AAD_SCOPE, Autoscaler, ScaleDecision
+from gpuroute_operator.scaling.autoscaler import Autoscaler
+from gpuroute_operator.scaling.policy import ScaleDecision
+from gpuroute_operator.scaling.remote import AKS_AAD_SCOPE
 
 SECRET_NS = "gpuroute-system"
 WORKER_NS = "gpuroute-workers"

@@ -45,8 +45,7 @@ from gpuroute_operator.kube.status_writer import StatusWriter
 from gpuroute_operator.link.pool_keys import PoolKeys
 from gpuroute_operator.link.server import WorkerServer
 from gpuroute_operator.link.zap import ZapHandler
-from gpuroute_operator.scaling.autoscaler import Autoscaler
-from gpuroute_operator.scaling.loop import autoscale_loop
+from gpuroute_operator.scaling.autoscaler import Autoscaler, autoscale_loop
 from gpuroute_operator.shell.pool_status import PoolStatusPublisher, pool_status
 from gpuroute_operator.storage.presign import AzureAccount, Presigner
 
