@@ -61,8 +61,10 @@ class Autoscaler:
     ``read_secret(namespace, name)`` returns a Secret's base64 ``data`` (the engine
     passes ``Kube.read_secret_data``); it is called in a worker thread.
     ``credential_factory`` builds the Azure AD credential (default
-    DefaultAzureCredential). Each pool talks to its GPU cluster at most once per
-    ``min_interval_s``; calls in between only track idleness and return None.
+    DefaultAzureCredential); ``allowed_scopes`` are the Azure AD scopes besides the AKS
+    one that a Secret may ask the operator's token for (the operator's own configuration).
+    Each pool talks to its GPU cluster at most once per ``min_interval_s``; calls in
+    between only track idleness and return None.
     """
 
     def __init__(
@@ -71,10 +73,12 @@ class Autoscaler:
         *,
         min_interval_s: float = 5.0,
         credential_factory: Callable[[], TokenCredential] | None = None,
+        allowed_scopes: frozenset[str] = frozenset(),
     ) -> None:
         self._read_secret = read_secret
         self.min_interval_s = min_interval_s
         self._credential_factory = credential_factory
+        self._allowed_scopes = allowed_scopes
         self._pools: dict[str, _PoolState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -141,13 +145,15 @@ class Autoscaler:
         where = f"Secret {secret_ns}/{secret_name}"
         data = await asyncio.to_thread(self._read_secret, secret_ns, secret_name)
         # Only a digest is kept, so the Secret's content does not linger in memory twice.
-        fingerprint = hashlib.sha256(
-            json.dumps({"key": scaling.kubeconfig_key, "data": dict(data)}, sort_keys=True).encode()
-        ).hexdigest()
+        # The pinned API server is part of it: changing it on the pool rebuilds the client.
+        fingerprint = hashlib.sha256(json.dumps(
+            {"key": scaling.kubeconfig_key, "data": dict(data), "apiServer": scaling.api_server}, sort_keys=True,
+        ).encode()).hexdigest()
         if state.cluster is not None and state.fingerprint == fingerprint:
             return state.cluster
         cluster = await asyncio.to_thread(
-            cluster_from_secret, data, scaling.kubeconfig_key, where, credential_factory=self._credential_factory,
+            cluster_from_secret, data, scaling.kubeconfig_key, where, api_server=scaling.api_server,
+            allowed_scopes=self._allowed_scopes, credential_factory=self._credential_factory,
         )
         old, state.cluster, state.fingerprint = state.cluster, cluster, fingerprint
         if old is not None:

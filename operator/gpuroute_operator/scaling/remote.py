@@ -16,6 +16,12 @@ Credentials, in the Secret named by ``kubeconfigSecretRef``:
   on that list, are refused before the kubernetes client sees the kubeconfig: whoever
   can write the Secret must not run code inside the operator, which holds its
   ServiceAccount token, cloud credentials and CURVE key (:func:`check_kubeconfig`).
+- Every cluster's ``server`` must be an ``https://`` URL, and ``proxy-url`` (other than
+  empty) and ``insecure-skip-tls-verify`` (other than false) are refused, in every mode:
+  a static token and the operator's Azure AD token alike go only over verified TLS,
+  straight to the API server.
+- ``spec.scaling.apiServer`` on the WorkerPool (admin-owned, unlike the Secret) pins the
+  API server: when it is set, the current context's cluster must name that server.
 - Azure AD (AKS with Entra ID authentication): the operator fetches the bearer token
   itself with azure-identity's ``DefaultAzureCredential`` (in a pod with workload
   identity, the federated token of the operator's ServiceAccount) for the AKS server
@@ -25,8 +31,12 @@ Credentials, in the Secret named by ``kubeconfigSecretRef``:
   ``exec`` plugin running ``kubelogin``, or the legacy ``auth-provider: azure``): the
   operator image has no kubelogin, and the token it would produce is the same. That user
   entry is dropped unread, so its command never runs; every other entry is checked as
-  above. An optional ``azure-ad-scope`` key overrides the scope; otherwise kubelogin's
-  ``--server-id`` is used when present.
+  above. The token is the operator's own, so the Secret neither picks where it goes nor
+  what it is good for: Azure AD mode requires ``spec.scaling.apiServer``, and a scope the
+  Secret names (the ``azure-ad-scope`` key, or kubelogin's ``--server-id``) other than the
+  AKS one is refused unless the operator's own configuration allows it
+  (``--scaling-azure-ad-scope``, EngineConfig.scaling_azure_ad_scopes); a storage or Key
+  Vault token never leaves for a listener the Secret chose.
 
 Every problem (bad kubeconfig, refused entry, token failure) is a
 :class:`RemoteClusterError`; :func:`describe_error` turns it, or a failed API call, into
@@ -47,6 +57,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+from gpuroute_operator.core.scaling_spec import normalise_api_server
+
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient, Configuration
 
@@ -59,7 +71,8 @@ AKS_AAD_SCOPE = f"{AKS_AAD_SERVER_ID}/.default"
 AZURE_AD_KEY = "azure-ad"
 """Secret data key that switches on Azure AD tokens when it holds "true"."""
 AZURE_AD_SCOPE_KEY = "azure-ad-scope"
-"""Optional Secret data key overriding the Azure AD scope."""
+"""Optional Secret data key naming the Azure AD scope: honoured only when it is the AKS one
+or in the operator's own allow-list (:func:`azure_ad_scope`)."""
 TOKEN_REFRESH_MARGIN_S = 300.0
 """Refresh an Azure AD token this long before it expires: a request signed with a token
 that expires in flight fails, and Azure AD tokens live about an hour."""
@@ -140,6 +153,9 @@ _ALLOWED_CLUSTER_KEYS = frozenset({
     "disable-compression", "extensions",
 })
 _ALLOWED_CONTEXT_KEYS = frozenset({"cluster", "user", "namespace", "extensions"})
+_INLINE_ONLY = ("only inline credentials (token, client-certificate-data, client-key-data, "
+                "certificate-authority-data) or azure-ad mode are accepted")
+_VERIFIED_TLS_ONLY = "the operator sends credentials only over verified TLS (https), straight to the API server"
 # Why each refused entry is dangerous, for the message the pool's owner reads.
 _REFUSED_WHY = {
     "exec": "runs a command",
@@ -154,12 +170,11 @@ _REFUSED_WHY = {
 
 
 class UnsafeKubeconfig(RemoteClusterError):
-    """A kubeconfig entry that could run a command or read a file in the operator."""
+    """A kubeconfig entry that could run a command or read a file in the operator, or send
+    its credentials anywhere but over verified TLS to the API server."""
 
-    def __init__(self, entry: str, why: str) -> None:
-        super().__init__(
-            f"kubeconfig entry {entry} is refused: it {why}; only inline credentials (token, "
-            "client-certificate-data, client-key-data, certificate-authority-data) or azure-ad mode are accepted")
+    def __init__(self, entry: str, why: str, accepted: str = _INLINE_ONLY) -> None:
+        super().__init__(f"kubeconfig entry {entry} is refused: it {why}; {accepted}")
         self.entry = entry
         """Where the entry sits, e.g. users[0](gpu).user.exec."""
 
@@ -190,16 +205,77 @@ def _check_section(config: Mapping[str, Any], section: str, inner: str, allowed:
             raise UnsafeKubeconfig(f"{where}.{inner}.{key}", why)
 
 
+def _check_transport(config: Mapping[str, Any]) -> None:
+    """Every cluster's server is https, verified, and reached without a proxy."""
+    # Shapes were checked by _check_section before.
+    for index, entry in enumerate(config.get("clusters") or ()):
+        body = entry.get("cluster") or {}
+        where = f"clusters[{index}]({entry.get('name')}).cluster"
+        # Both keys stay on the allow-list for their harmless values (false, empty), which
+        # some tools write out; the kubernetes client reads any other value as "on".
+        if body.get("insecure-skip-tls-verify", False) is not False:
+            raise UnsafeKubeconfig(f"{where}.insecure-skip-tls-verify",
+                                   "turns off the check of the API server's certificate", _VERIFIED_TLS_ONLY)
+        if body.get("proxy-url") not in (None, ""):
+            raise UnsafeKubeconfig(f"{where}.proxy-url", "sends every request, credentials included, through a "
+                                   "proxy the Secret chooses", _VERIFIED_TLS_ONLY)
+        server = body.get("server")
+        if server is None:
+            continue  # the kubernetes client refuses a cluster without one
+        # The kubernetes client loads the CA only for a server spelled "https..." exactly.
+        if not isinstance(server, str) or not server.startswith("https://"):
+            raise UnsafeKubeconfig(f"{where}.server", f"is {server!r}, not an https:// URL", _VERIFIED_TLS_ONLY)
+        try:
+            normalise_api_server(server)
+        except ValueError as exc:
+            raise UnsafeKubeconfig(f"{where}.server", f"is not a usable https URL ({exc})", _VERIFIED_TLS_ONLY) from exc
+
+
 def check_kubeconfig(config: Mapping[str, Any]) -> None:
-    """Raise UnsafeKubeconfig naming the first entry that is not an inline credential.
+    """Raise UnsafeKubeconfig naming the first entry that is not an inline credential, or
+    that would send credentials other than over verified TLS straight to an https server
+    (``http://`` servers, ``proxy-url``, ``insecure-skip-tls-verify``).
 
     Every user, cluster and context is checked, not only the current context's: the
     kubernetes client picks what it loads, and nothing in the Secret should be able to
-    run a command or read a file whichever it picks.
+    run a command, read a file or divert a credential whichever it picks. The transport
+    rules hold in every mode: a static token or the operator's Azure AD token travel the
+    same way.
     """
     _check_section(config, "users", "user", _ALLOWED_USER_KEYS)
     _check_section(config, "clusters", "cluster", _ALLOWED_CLUSTER_KEYS)
     _check_section(config, "contexts", "context", _ALLOWED_CONTEXT_KEYS)
+    _check_transport(config)
+
+
+def _current_server(config: Mapping[str, Any]) -> object:
+    """The ``server`` of the current context's cluster, as the kubernetes client picks it;
+    None when there is none. Call after check_kubeconfig (shapes checked)."""
+    contexts = {c.get("name"): c.get("context") or {} for c in config.get("contexts") or ()}
+    context = contexts.get(config.get("current-context"))
+    if context is None:
+        return None
+    clusters = [c.get("cluster") or {} for c in config.get("clusters") or () if c.get("name") == context.get("cluster")]
+    # Two clusters of one name: the kubernetes client refuses them, so does this check.
+    return clusters[0].get("server") if len(clusters) == 1 else None
+
+
+def azure_ad_scope(named: str | None, origin: str, allowed: frozenset[str]) -> str:
+    """The scope the operator asks Azure AD for when the Secret names ``named`` (None: names none).
+
+    The token is the operator's own, so the Secret does not choose what it is good for: the
+    AKS server application's scope (any case of its id), or one the operator's own
+    configuration lists in ``allowed``. Anything else (a storage, Key Vault or management
+    scope) is refused with RemoteClusterError naming ``origin``, where the Secret named it.
+    """
+    if named is None or named.lower() == AKS_AAD_SCOPE:
+        return AKS_AAD_SCOPE
+    if named in allowed:
+        return named
+    raise RemoteClusterError(
+        f"{origin} names Azure AD scope {named!r}, which is refused: the operator requests its own Azure AD "
+        f"token only for the AKS server application ({AKS_AAD_SCOPE}) or a scope its own configuration allows "
+        "(--scaling-azure-ad-scope), never for one a Secret chooses")
 
 
 class RemoteCluster:
@@ -207,8 +283,14 @@ class RemoteCluster:
 
     Blocking: call its methods from a worker thread. In Azure AD mode the kubeconfig
     user's own credentials are dropped and every request carries a token from the
-    credential ``credential_factory`` builds, for ``scope``, fetched on first use and
-    again when less than TOKEN_REFRESH_MARGIN_S remain.
+    credential ``credential_factory`` builds, fetched on first use and again when less
+    than TOKEN_REFRESH_MARGIN_S remain, for the scope :func:`azure_ad_scope` picks from
+    ``scope`` (what the Secret's azure-ad-scope key names) or kubelogin's ``--server-id``
+    and the operator's ``allowed_scopes``.
+
+    ``api_server`` (the WorkerPool's spec.scaling.apiServer) pins the API server: the
+    current context's cluster must name it. Azure AD mode requires it, so the
+    operator's own token never goes to a server only the Secret chose.
     """
 
     def __init__(
@@ -217,6 +299,8 @@ class RemoteCluster:
         *,
         azure_ad: bool = False,
         scope: str | None = None,
+        allowed_scopes: frozenset[str] = frozenset(),
+        api_server: str | None = None,
         credential_factory: Callable[[], TokenCredential] | None = None,
     ) -> None:
         from kubernetes import client
@@ -238,9 +322,19 @@ class RemoteCluster:
         self.token_fetches = 0
         """How many tokens were fetched from Azure AD (for status and tests)."""
         user_name, user = _current_user(parsed)
-        server_id = _kubelogin_server_id(user)
-        self.scope = scope or (f"{server_id}/.default" if server_id else AKS_AAD_SCOPE)
+        self.scope = AKS_AAD_SCOPE
+        """The scope Azure AD tokens are requested for (used in Azure AD mode only)."""
         if self.azure_ad:
+            if api_server is None:
+                raise RemoteClusterError(
+                    "Azure AD mode needs spec.scaling.apiServer on the WorkerPool: the operator sends its own "
+                    "Azure AD token only to the API server the pool pins, not to one the Secret names")
+            if scope:
+                self.scope = azure_ad_scope(scope, f"the Secret key {AZURE_AD_SCOPE_KEY!r}", allowed_scopes)
+            else:
+                server_id = _kubelogin_server_id(user)
+                self.scope = azure_ad_scope(f"{server_id}/.default" if server_id else None,
+                                            f"kubelogin --server-id of kubeconfig user {user_name!r}", allowed_scopes)
             # The kubelogin exec plugin (or auth-provider) would run here otherwise;
             # the operator supplies the same token itself.
             users = parsed.get("users")
@@ -254,10 +348,32 @@ class RemoteCluster:
         # would run an exec plugin or open a file while it loads the config.
         check_kubeconfig(parsed)
         try:
+            pinned = normalise_api_server(api_server) if api_server is not None else None
+        except ValueError as exc:  # parse_scaling refuses it already; this is for direct callers
+            raise RemoteClusterError(f"spec.scaling.apiServer: {exc}") from exc
+        if pinned is not None:
+            server = _current_server(parsed)
+            if not isinstance(server, str) or normalise_api_server(server) != pinned:
+                raise RemoteClusterError(
+                    f"kubeconfig server {server!r} of the current context is not spec.scaling.apiServer "
+                    f"{api_server!r}: the operator talks only to the API server the WorkerPool pins")
+        try:
             self.api_client: ApiClient = kube_config.new_client_from_config_dict(parsed, persist_config=False)
         except (ConfigException, KeyError, TypeError, ValueError, OSError) as exc:
             raise RemoteClusterError(f"kubeconfig cannot be used: {exc}") from exc
         configuration = self.api_client.configuration
+        # The client's own reading of the kubeconfig, checked again: the rules above are
+        # about where credentials go, and what counts is where the client sends them. (A
+        # proxy from the operator's own environment, HTTPS_PROXY, is the admin's choice.)
+        try:
+            host_ok = pinned is None or normalise_api_server(str(configuration.host)) == pinned
+        except ValueError:
+            host_ok = False
+        if not host_ok or not configuration.verify_ssl:
+            self.api_client.close()
+            raise RemoteClusterError(f"kubeconfig resolves to {configuration.host!r}"
+                                     + ("" if configuration.verify_ssl else " without certificate checks")
+                                     + ("" if host_ok else f", not spec.scaling.apiServer {api_server!r}"))
         # One retry at most: the reconcile loop retries anyway, and urllib3's default
         # three retries multiply the wait on a dead apiserver.
         configuration.retries = 1
@@ -324,21 +440,28 @@ def _decode(data: Mapping[str, str], key: str, where: str) -> str:
 
 def cluster_from_secret(
     data: Mapping[str, str], kubeconfig_key: str, where: str,
-    *, credential_factory: Callable[[], TokenCredential] | None = None,
+    *, api_server: str | None = None, allowed_scopes: frozenset[str] = frozenset(),
+    credential_factory: Callable[[], TokenCredential] | None = None,
 ) -> RemoteCluster:
     """The RemoteCluster a kubeconfig Secret's base64 ``data`` describes.
 
     ``kubeconfig_key`` holds the kubeconfig; the optional AZURE_AD_KEY and
-    AZURE_AD_SCOPE_KEY select Azure AD mode and its scope. Blocking (the kubernetes
-    client is built here). ``where`` names the Secret in every error.
+    AZURE_AD_SCOPE_KEY select Azure AD mode and its scope. ``api_server`` (the WorkerPool's
+    spec.scaling.apiServer) and ``allowed_scopes`` (the operator's configuration) are
+    what the Secret may not change. Blocking (the kubernetes client is built here).
+    ``where`` names the Secret in every error.
     """
     if kubeconfig_key not in data:
         raise RemoteClusterError(f"{where} has no key {kubeconfig_key!r} (keys: {sorted(data)})")
     kubeconfig = _decode(data, kubeconfig_key, where)
     azure_ad = AZURE_AD_KEY in data and _decode(data, AZURE_AD_KEY, where).strip().lower() == "true"
     scope = _decode(data, AZURE_AD_SCOPE_KEY, where).strip() if AZURE_AD_SCOPE_KEY in data else None
+    # Checked here, in any mode, so the message names the key rather than the kubeconfig.
+    if scope:
+        azure_ad_scope(scope, f"{where} key {AZURE_AD_SCOPE_KEY!r}", allowed_scopes)
     try:
-        return RemoteCluster(kubeconfig, azure_ad=azure_ad, scope=scope or None, credential_factory=credential_factory)
+        return RemoteCluster(kubeconfig, azure_ad=azure_ad, scope=scope or None, allowed_scopes=allowed_scopes,
+                             api_server=api_server, credential_factory=credential_factory)
     except RemoteClusterError as exc:
         raise RemoteClusterError(f"{where} key {kubeconfig_key!r}: {exc}") from exc
 

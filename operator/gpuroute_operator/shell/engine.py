@@ -83,6 +83,9 @@ class EngineConfig:
     resume_hold: bool = True
     """Hold jobs without an attempt in status for a moment at start, for workers to claim them
     (False when this replica knows it did not take over from a leader that died)."""
+    scaling_azure_ad_scopes: tuple[str, ...] = ()
+    """Azure AD scopes, besides the AKS server application's, that a scaling Secret may name
+    (azure-ad-scope key or kubelogin --server-id) for the operator's own Azure AD token."""
 
 
 class _ShellEffects:
@@ -129,7 +132,8 @@ class Engine:
         self.dispatcher = Dispatcher(_ShellEffects(self), self._sign,
                                      started_at=time.time() if config.resume_hold else None)
         self.pool_publisher = PoolStatusPublisher(self.writer)
-        self.autoscaler = Autoscaler(self.kube.read_secret_data)
+        self.autoscaler = Autoscaler(self.kube.read_secret_data,
+                                     allowed_scopes=frozenset(config.scaling_azure_ad_scopes))
         self.scaling_problems: dict[str, str] = {}
         """Pool -> why its remote autoscaling last failed (the ScalingReady condition)."""
         self.batches = BatchRunner(self.dispatcher, self.writer, self.presigner, self._namespace_grants)

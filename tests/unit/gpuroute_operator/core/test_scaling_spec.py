@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gpuroute_operator.core.scaling_spec import ScalingSpec, parse_scaling
+from gpuroute_operator.core.scaling_spec import ScalingSpec, normalise_api_server, parse_scaling
 
 NS = "gpuroute-system"
 
@@ -70,6 +70,13 @@ def test_parse_none_is_no_scaling() -> None:
         ({"kubeconfigSecretRef": None}, "spec.scaling.kubeconfigSecretRef"),
         ({"kubeconfigSecretRef": {"name": ""}}, "spec.scaling.kubeconfigSecretRef.name"),
         ({"kubeconfigSecretRef": {"name": "k", "key": 3}}, "spec.scaling.kubeconfigSecretRef.key"),
+        ({"apiServer": "http://gpu-aks.example"}, "spec.scaling.apiServer"),
+        ({"apiServer": "https://"}, "spec.scaling.apiServer"),
+        ({"apiServer": "https://user:pw@gpu-aks.example"}, "spec.scaling.apiServer"),
+        ({"apiServer": "https://gpu-aks.example/?x=1"}, "spec.scaling.apiServer"),
+        ({"apiServer": "https://gpu-aks.example:99999"}, "spec.scaling.apiServer"),
+        ({"apiServer": "https://gpu-aks.example\n"}, "spec.scaling.apiServer"),
+        ({"apiServer": 443}, "spec.scaling.apiServer"),
     ],
 )
 def test_parse_errors_name_the_field(overrides: dict[str, Any], field: str) -> None:
@@ -83,3 +90,17 @@ def test_parse_errors_name_the_field(overrides: dict[str, Any], field: str) -> N
 def test_parse_rejects_non_object() -> None:
     with pytest.raises(ValueError, match=r"spec\.scaling must be an object"):
         parse_scaling(["x"], default_namespace=NS)  # type: ignore[arg-type]
+
+
+def test_parse_api_server() -> None:
+    spec = parse_scaling(_scaling(apiServer="https://gpu-aks.example:443"), default_namespace=NS)
+    assert spec is not None and spec.api_server == "https://gpu-aks.example:443"
+    unpinned = parse_scaling(_scaling(), default_namespace=NS)
+    assert unpinned is not None and unpinned.api_server is None
+
+
+def test_api_server_spellings_compare_equal() -> None:
+    assert normalise_api_server("https://GPU-aks.example/") == normalise_api_server("https://gpu-aks.example:443")
+    assert normalise_api_server("https://[::1]:6443/k8s/") == "https://[::1]:6443/k8s"
+    assert normalise_api_server("https://gpu-aks.example:6443") != normalise_api_server("https://gpu-aks.example")
+    assert normalise_api_server("https://a.example") != normalise_api_server("https://b.example")

@@ -8,21 +8,24 @@ from typing import Any
 from gpuroute_operator.core.scaling_spec import ScalingSpec
 
 NS = "gpuroute-system"
+SERVER = "https://aks.example:443"
+"""The API server every kubeconfig here names."""
 
 CA = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").decode()
 
 
-def scaling_spec(*, lo: int = 0, hi: int = 8, per: int = 4, idle: int = 300) -> ScalingSpec:
+def scaling_spec(*, lo: int = 0, hi: int = 8, per: int = 4, idle: int = 300,
+                 api_server: str | None = None) -> ScalingSpec:
     return ScalingSpec(
         kubeconfig_secret=(NS, "k"), kubeconfig_key="kubeconfig", deployment_namespace="w",
         deployment_name="d", min_replicas=lo, max_replicas=hi, target_queue_per_worker=per,
-        scale_down_idle_seconds=idle,
+        scale_down_idle_seconds=idle, api_server=api_server,
     )
 
 
 def gpu_kubeconfig(user: dict[str, Any]) -> dict[str, Any]:
     return {
-        "clusters": [{"name": "c", "cluster": {"server": "https://aks.example:443"}}],
+        "clusters": [{"name": "c", "cluster": {"server": SERVER}}],
         "users": [{"name": "u", "user": user}],
         "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "u"}}],
         "current-context": "ctx",
