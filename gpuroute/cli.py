@@ -55,7 +55,8 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         key = os.environ.get(f"GPUROUTE_AZURE_KEY_{name.upper()}") or None
         accounts[name] = AzureAccount(name, endpoint, key)
     config = EngineConfig(bind=args.bind, secret_key=secret, namespace=args.namespace, kubeconfig=args.kubeconfig,
-                          plaintext=args.dev_plaintext, azure_accounts=tuple(accounts.values()))
+                          plaintext=args.dev_plaintext, azure_accounts=tuple(accounts.values()),
+                          scaling_azure_ad_scopes=tuple(args.scaling_azure_ad_scope))
     election = None
     if not args.no_leader_election:
         from gpuroute_operator.kube.leader import LeaderElectionConfig, default_identity
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--azure-account", action="append", default=[], metavar="NAME[=ENDPOINT]",
                     help="Azure storage account to sign for (key from $GPUROUTE_AZURE_KEY_<NAME>, "
                          "else a user delegation key via azure-identity); repeatable")
+    op.add_argument("--scaling-azure-ad-scope", action="append", default=[], metavar="SCOPE",
+                    help="Azure AD scope besides the AKS one (6dae42f8-4368-4678-94ff-3960e28e3630/.default) that a "
+                         "scaling Secret may name for the operator's own token, e.g. api://my-proxy/.default; "
+                         "repeatable")
     op.add_argument("--dev-plaintext", action="store_true", help="DEV ONLY: no CURVE on the worker socket")
     op.add_argument("--lease-name", default="gpuroute-operator", help="coordination.k8s.io Lease for leader election")
     op.add_argument("--lease-namespace", default=None, help="namespace of the Lease (default: --namespace)")

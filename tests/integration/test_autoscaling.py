@@ -8,7 +8,9 @@ spec.replicas as the scale subresource reports it, which is what the autoscaler 
 The Azure AD service cannot run here, so the Azure AD tests replace azure-identity's
 DefaultAzureCredential (and only it) with a credential that hands out AccessTokens whose
 token is the GPU apiserver's static bearer token; the kubeconfig in those Secrets carries
-no credential of its own, so a request that succeeds proves the token was used.
+no credential of its own, so a request that succeeds proves the token was used. The
+same stand-in records the scopes it is asked for, which shows that refused Secrets never
+get the operator's token minted.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from azure.core.credentials import AccessToken
 from gpuroute_dev.localenv.controlplane import ControlPlane, ControlPlaneConfig
 from gpuroute_operator.core.scaling_spec import ScalingSpec, parse_scaling
 from gpuroute_operator.kube.client import Kube
-from gpuroute_operator.scaling.autoscaler import AKS_AAD_SCOPE, Autoscaler, ScaleDecision
+from gpuroute_operator.scaling.autoscaler import Autoscaler
+from gpuroute_operator.scaling.policy import ScaleDecision
+from gpuroute_operator.scaling.remote import AKS_AAD_SCOPE
 
 SECRET_NS = "gpuroute-system"
 WORKER_NS = "gpuroute-workers"
@@ -329,7 +333,7 @@ def test_azure_ad_token_used_and_refreshed_near_expiry(
 
     scaler = Autoscaler(Kube(control_plane.kubeconfig).read_secret_data, min_interval_s=0.0,
                         credential_factory=factory)
-    spec = _scaling("gpu-aad")
+    spec = _scaling("gpu-aad", apiServer=gpu_cluster.server)
     try:
         up = _reconcile(scaler, "aks", spec, queued=8, now=0.0)
         assert up is not None and up.applied and up.desired == 2, up
@@ -361,7 +365,7 @@ def test_azure_ad_bad_token_reported_then_refetched(
     credential = FakeAzureCredential([("revoked-token", 3600), (gpu_cluster.token, 3600)])
     scaler = Autoscaler(Kube(control_plane.kubeconfig).read_secret_data, min_interval_s=0.0,
                         credential_factory=lambda: credential)
-    spec = _scaling("gpu-kubelogin")
+    spec = _scaling("gpu-kubelogin", apiServer=gpu_cluster.server)
     try:
         refused = _reconcile(scaler, "aks", spec, queued=8, now=0.0)
         assert refused is not None and not refused.applied and "401" in refused.reason, refused
@@ -386,3 +390,48 @@ def test_azure_ad_bad_token_reported_then_refetched(
             failing.close()
     finally:
         scaler.close()
+
+
+def test_azure_ad_token_goes_only_to_the_pinned_server_for_the_aks_scope(
+    gpu_cluster: ControlPlane, control_plane: ControlPlane, mgmt: Any
+) -> None:
+    # Each Secret would have the operator mint its own Azure AD token and send it somewhere
+    # the Secret's writer chose; none may get as far as asking for the token.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        elsewhere = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        ca = _ca(gpu_cluster)
+        hostile: dict[str, tuple[dict[str, str], str | None, str]] = {
+            "storage scope": ({"kubeconfig": _kubeconfig(gpu_cluster.server, ca, {}), "azure-ad": "true",
+                               "azure-ad-scope": "https://storage.azure.com/.default"},
+                              gpu_cluster.server, "key 'azure-ad-scope' names Azure AD scope"),
+            "kubelogin --server-id of Key Vault": (
+                {"kubeconfig": _kubeconfig(gpu_cluster.server, ca, {"exec": {
+                    "apiVersion": "client.authentication.k8s.io/v1beta1", "command": "kubelogin",
+                    "args": ["get-token", "--server-id", "https://vault.azure.net"]}})},
+                gpu_cluster.server, "--server-id"),
+            "server not the pinned one": ({"kubeconfig": _kubeconfig(elsewhere, ca, {}), "azure-ad": "true"},
+                                          gpu_cluster.server, "is not spec.scaling.apiServer"),
+            "no apiServer": ({"kubeconfig": _kubeconfig(elsewhere, ca, {}), "azure-ad": "true"}, None,
+                             "Azure AD mode needs spec.scaling.apiServer"),
+        }
+        _set_remote_replicas(gpu_cluster, 1)
+        credential = FakeAzureCredential([(gpu_cluster.token, 3600)])
+        scaler = Autoscaler(Kube(control_plane.kubeconfig).read_secret_data, min_interval_s=0.0,
+                            credential_factory=lambda: credential)
+        try:
+            for number, (case, (data, api_server, reason)) in enumerate(hostile.items()):
+                _put_secret(mgmt, "gpu-aad-hostile", data)
+                pin = {"apiServer": api_server} if api_server else {}
+                decision = _reconcile(scaler, "aad-hostile", _scaling("gpu-aad-hostile", **pin), queued=20,
+                                      now=float(number))
+                assert decision is not None and not decision.applied and decision.desired is None, case
+                assert reason in decision.reason, (case, decision.reason)
+                assert credential.scopes == [], case
+                with pytest.raises(BlockingIOError):
+                    listener.accept()
+            assert _remote_replicas(gpu_cluster) == 1
+        finally:
+            scaler.close()

@@ -733,6 +733,7 @@ def test_workerpool_example_is_accepted(dyn: Any) -> None:
             "models": [{"name": "realesrgan-x4", "uri": "azure://acct/models/x4.pth", "sha256": "0" * 64}],
             "scaling": {
                 "kubeconfigSecretRef": {"name": "aks-kubeconfig"},
+                "apiServer": "https://gpu-aks-dns-1a2b3c4d.hcp.westeurope.azmk8s.io:443",
                 "deployment": {"name": "gpuroute-worker"},
                 "maxReplicas": 8,
             },
@@ -744,6 +745,15 @@ def test_workerpool_example_is_accepted(dyn: Any) -> None:
     assert spec["scaling"]["minReplicas"] == 0
     assert spec["scaling"]["deployment"]["namespace"] == "gpuroute-workers"
     assert spec["scaling"]["kubeconfigSecretRef"]["key"] == "kubeconfig"
+    assert spec["scaling"]["apiServer"] == pool["spec"]["scaling"]["apiServer"]  # not pruned
+    # A plain-http API server is refused by the schema already.
+    pool["spec"]["scaling"]["apiServer"] = "http://gpu-aks.example:80"
+    from kubernetes.dynamic.exceptions import DynamicApiError
+
+    resource = dyn.resources.get(api_version=pool["apiVersion"], kind=pool["kind"])
+    with pytest.raises(DynamicApiError) as info:
+        resource.create(body=pool, dry_run="All")
+    assert info.value.status == 422, info.value.body
 
 
 def _kubectl(control_plane: Any, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

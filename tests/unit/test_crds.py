@@ -431,9 +431,15 @@ def test_workerpool_fields(workerpool: dict[str, Any]) -> None:
     scaling = spec["scaling"]["properties"]
     assert set(scaling) == {
         "kubeconfigSecretRef", "deployment", "minReplicas", "maxReplicas",
-        "targetQueuePerWorker", "scaleDownIdleSeconds",
+        "targetQueuePerWorker", "scaleDownIdleSeconds", "apiServer",
     }
     assert set(scaling["kubeconfigSecretRef"]["properties"]) == {"name", "namespace", "key"}
+    api_server = scaling["apiServer"]["pattern"]
+    assert re.search(api_server, "https://gpu-aks.hcp.westeurope.azmk8s.io:443")
+    assert re.search(api_server, "https://rancher.example/k8s/clusters/c-1")
+    for refused in ("http://gpu-aks.example", "https://user:pw@gpu-aks.example", "https://gpu/?x=1", "gpu-aks:443"):
+        assert not re.search(api_server, refused), refused
+    assert "Azure AD" in scaling["apiServer"]["description"]
     assert scaling["minReplicas"]["minimum"] == 0
     status = _at(schema, "status")["properties"]
     assert set(status) == {

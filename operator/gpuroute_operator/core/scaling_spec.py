@@ -1,11 +1,12 @@
 """A WorkerPool's `spec.scaling`, validated (pure): where the GPU cluster's worker Deployment
-is and the bounds the autoscaler keeps it within."""
+is, the bounds the autoscaler keeps it within and, optionally, the API server it may talk to."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 DEFAULT_DEPLOYMENT_NAMESPACE = "gpuroute-workers"
 """Namespace of the worker Deployment when spec.scaling.deployment.namespace is unset."""
@@ -46,6 +47,32 @@ class ScalingSpec:
     """Jobs (queued plus in flight) one worker is expected to handle."""
     scale_down_idle_seconds: int
     """Seconds without any demand before the pool scales down to min_replicas."""
+    api_server: str | None = None
+    """The GPU cluster's API server (https URL) the kubeconfig must name, pinned by the pool's
+    admin rather than the Secret; required for Azure AD mode. None: not pinned."""
+
+
+def normalise_api_server(url: str) -> str:
+    """``https://host:port[/path]`` with the host lower-cased and the port explicit, so two
+    spellings of one API server compare equal. Raises ValueError for anything but an https
+    URL with a host and no credentials, query or fragment."""
+    if any(ch.isspace() or ord(ch) < 0x20 or ch == "\x7f" for ch in url):
+        raise ValueError(f"{url!r} contains whitespace or control characters")
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "https":
+        raise ValueError(f"{url!r} is not an https URL")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} has no host")
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise ValueError(f"{url!r} may not carry credentials, a query or a fragment")
+    try:
+        port = parts.port or 443
+    except ValueError as exc:
+        raise ValueError(f"{url!r} has an invalid port") from exc
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"https://{host}:{port}{parts.path.rstrip('/')}"
 
 
 def _int_field(scaling: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int) -> int:
@@ -77,6 +104,19 @@ def _object_field(scaling: Mapping[str, Any], key: str) -> Mapping[str, Any]:
         raise ValueError(f"spec.scaling.{key} is required")
     if not isinstance(value, Mapping):
         raise ValueError(f"spec.scaling.{key} must be an object")
+    return value
+
+
+def _api_server_field(scaling: Mapping[str, Any]) -> str | None:
+    value = scaling.get("apiServer")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"spec.scaling.apiServer must be a string, got {value!r}")
+    try:
+        normalise_api_server(value)
+    except ValueError as exc:
+        raise ValueError(f"spec.scaling.apiServer must be an https URL of the GPU cluster's API server: {exc}") from exc
     return value
 
 
@@ -114,4 +154,5 @@ def parse_scaling(spec: Mapping[str, Any] | None, *, default_namespace: str) -> 
         max_replicas=max_replicas,
         target_queue_per_worker=_int_field(spec, "targetQueuePerWorker", 8, 1, _MAX_TARGET_QUEUE),
         scale_down_idle_seconds=_int_field(spec, "scaleDownIdleSeconds", 300, 0, _MAX_IDLE_SECONDS),
+        api_server=_api_server_field(spec),
     )

@@ -46,8 +46,7 @@ from gpuroute_operator.kube.status_writer import StatusWriter
 from gpuroute_operator.link.pool_keys import PoolKeys
 from gpuroute_operator.link.server import WorkerServer
 from gpuroute_operator.link.zap import ZapHandler
-from gpuroute_operator.scaling.autoscaler import Autoscaler
-from gpuroute_operator.scaling.loop import autoscale_loop
+from gpuroute_operator.scaling.autoscaler import Autoscaler, autoscale_loop
 from gpuroute_operator.shell.pool_status import PoolStatusPublisher, pool_status
 from gpuroute_operator.storage.presign import AzureAccount, Presigner
 
@@ -85,6 +84,9 @@ class EngineConfig:
     resume_hold: bool = True
     """Hold jobs without an attempt in status for a moment at start, for workers to claim them
     (False when this replica knows it did not take over from a leader that died)."""
+    scaling_azure_ad_scopes: tuple[str, ...] = ()
+    """Azure AD scopes, besides the AKS server application's, that a scaling Secret may name
+    (azure-ad-scope key or kubelogin --server-id) for the operator's own Azure AD token."""
 
 
 class _ShellEffects:
@@ -131,7 +133,8 @@ class Engine:
         self.dispatcher = Dispatcher(_ShellEffects(self), self._sign,
                                      started_at=time.time() if config.resume_hold else None)
         self.pool_publisher = PoolStatusPublisher(self.writer)
-        self.autoscaler = Autoscaler(self.kube.read_secret_data)
+        self.autoscaler = Autoscaler(self.kube.read_secret_data,
+                                     allowed_scopes=frozenset(config.scaling_azure_ad_scopes))
         self.scaling_problems: dict[str, str] = {}
         """Pool -> why its remote autoscaling last failed (the ScalingReady condition)."""
         self.batches = BatchRunner(self.dispatcher, self.writer, self.presigner, self._namespace_grants)

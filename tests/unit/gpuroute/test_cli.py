@@ -32,6 +32,7 @@ def test_operator_defaults() -> None:
     assert (args.web_port, args.metrics_port, args.liveness_port) == (9091, 9090, 8080)
     assert (args.dev_plaintext, args.verbose) == (False, False)
     assert args.web_bind == "0.0.0.0"
+    assert args.scaling_azure_ad_scope == []  # only the AKS scope for the operator's Azure AD token
 
 
 def test_operator_options(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,6 +44,9 @@ def test_operator_options(monkeypatch: pytest.MonkeyPatch) -> None:
     assert args.verbose is True
     assert (args.bind, args.server_key_file, args.namespace, args.kubeconfig) == ("tcp://127.0.0.1:1", "/k", "ns", "/kc")
     assert (args.web_port, args.liveness_port, args.dev_plaintext) == (0, 0, True)
+    scopes = cli.build_parser().parse_args(["operator", "--scaling-azure-ad-scope", "api://a/.default",
+                                            "--scaling-azure-ad-scope", "api://b/.default"])
+    assert scopes.scaling_azure_ad_scope == ["api://a/.default", "api://b/.default"]
 
 
 def test_worker_defaults_and_required() -> None:
