@@ -150,6 +150,7 @@ class Dispatcher:
             self.pools[spec.name] = PoolState(spec)
         else:
             pool.spec = spec
+            self.registry.keep_allowed_sources(pool, now)
         self._reroute_unrouted(now)
         self.pump(now)
 
@@ -347,8 +348,9 @@ class Dispatcher:
 
     # ---- worker sessions ------------------------------------------------------------------------
 
-    def on_ready(self, routing_id: bytes, principal: Principal, ready: Ready, now: float) -> None:
-        self.registry.on_ready(routing_id, principal, ready, now)
+    def on_ready(self, routing_id: bytes, principal: Principal, ready: Ready, now: float, *, address: str = "") -> None:
+        """A worker's READY; `address`: its IP address as the socket saw it ("" when unknown)."""
+        self.registry.on_ready(routing_id, principal, ready, now, address=address)
 
     def joined(self, conn: WorkerConn, now: float) -> None:
         for attempt in sorted(conn.foreign | conn.answered):

@@ -152,6 +152,10 @@ class WorkerConn:
     """Attempts it holds answers for in its cache (no slot): adopted to answer a resumed job."""
     paused_until: float = 0.0
     """After it refused a job for capacity, no dispatch to it before this time."""
+    address: str = ""
+    """The peer's IP address as the socket saw it at READY ("" when unknown: inproc, ipc)."""
+    joined_at: float = 0.0
+    """Clock time of its READY."""
 
     @property
     def pool(self) -> str:
@@ -225,6 +229,18 @@ class PoolState:
             if conn.worker == preferred:
                 return conn
         return max(free, key=lambda w: (w.free(now), -len(w.attempts)))
+
+
+def source_allowed(address: str, cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """An address may be served by a pool with these allowedSourceCIDRs (none: any address).
+    An unknown or unparseable address is allowed only when the pool sets no CIDRs."""
+    if not cidrs:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in cidrs)
 
 
 def parse_cidrs(values: Iterable[str], field: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -18,6 +18,7 @@ Invariants this module owns (each is tested through the dispatcher):
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
@@ -26,11 +27,20 @@ from gpuroute_operator import metrics
 from gpuroute_operator.core.effects import Effects
 from gpuroute_operator.core.identity import Principal
 from gpuroute_operator.core.ledger import Ledger
-from gpuroute_operator.core.pools import PoolSpec, PoolState, WorkerConn, ewma
+from gpuroute_operator.core.pools import PoolSpec, PoolState, WorkerConn, ewma, source_allowed
+from gpuroute_operator.core.refs import ObjectRef
 
 log = logging.getLogger(__name__)
 
 Answer = Accepted | Result | Error
+
+
+KEY_CONFLICT = "key connection limit"
+"""How ready_refusal's message for a key over maxConnectionsPerKey begins."""
+CONFLICT_ALERT_EVERY_S = 60.0
+"""A KeyConflict Warning Event is posted at most this often per key (the counter counts every one)."""
+RECENTLY_ENDED_KEPT = 4096
+"""Ended sessions' routing ids remembered, so that a worker returning on its own id is recognised."""
 
 
 class SessionOwner(Protocol):
@@ -55,11 +65,17 @@ class WorkerSessions:
         self.owner = owner
         self.count = count
         """Counts a dropped or refused message by why."""
+        self.recently_ended: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        """Routing ids of ended sessions (oldest first, bounded): who had each, and when it ended."""
+        self.conflict_alerted: dict[Principal, float] = {}
+        """When each key's last KeyConflict Event was posted."""
 
-    def on_ready(self, routing_id: bytes, principal: Principal, ready: Ready, now: float) -> None:
+    def on_ready(self, routing_id: bytes, principal: Principal, ready: Ready, now: float, *, address: str = "") -> None:
         pool = self.pools.get(principal.pool)
         why = ready_refusal(routing_id, principal, ready, pool.spec if pool else None,
-                            list(pool.workers.values()) if pool else [])
+                            list(pool.workers.values()) if pool else [], address)
+        if pool is not None and why.startswith(KEY_CONFLICT):
+            why = self._key_conflict(pool, routing_id, principal, why, address, now)
         if why or pool is None:
             self.count("bad_ready")
             log.warning("refused READY from key %s: %s", principal, why)
@@ -74,7 +90,7 @@ class WorkerSessions:
             self.lose(old, "reconnected", now)
         conn = WorkerConn(routing_id, principal, ready.worker,
                           min(ready.capacity, pool.spec.max_in_flight_per_worker), ready.device,
-                          frozenset(ready.models), last_seen=now)
+                          frozenset(ready.models), last_seen=now, address=address, joined_at=now)
         conn.attempts = carried
         for attempt in carried:
             self.ledger.attempts[attempt] = routing_id
@@ -136,6 +152,10 @@ class WorkerSessions:
         if self.ledger.sessions.get(conn.routing_id) is not conn:
             return
         del self.ledger.sessions[conn.routing_id]
+        self.recently_ended[conn.routing_id] = (conn.principal, now)
+        self.recently_ended.move_to_end(conn.routing_id)
+        while len(self.recently_ended) > RECENTLY_ENDED_KEPT:
+            self.recently_ended.popitem(last=False)
         pool = pool or self.pools.get(conn.pool)
         if pool is not None:
             pool.workers.pop(conn.routing_id, None)
@@ -145,6 +165,41 @@ class WorkerSessions:
             self.effects.kick(conn.routing_id, why)
         log.warning("worker %s of pool %s %s; re-queueing %d jobs", conn.worker, conn.pool, why, len(conn.attempts))
         self.owner.lost(conn, why, pool, now)
+
+    def _key_conflict(self, pool: PoolState, routing_id: bytes, principal: Principal, why: str, address: str,
+                      now: float) -> str:
+        """A READY over the key's maxConnectionsPerKey: a copied key, or more pods sharing a key than
+        the pool allows. Always alerted (a counter, and a Warning Event on the WorkerPool at most once
+        a minute per key). A worker coming back on the routing id its own session just had (the id
+        carries a per-process secret, so a copy cannot use it) takes its place back from a connection
+        of its key that registered since: that one is the copy which slipped in during the reconnect.
+        Returns why the READY is refused ("" once the place is taken back)."""
+        holders = [c for c in pool.workers.values() if c.principal == principal and c.routing_id != routing_id]
+        ended = self.recently_ended.get(routing_id)
+        newer = [c for c in holders if ended is not None and ended[0] == principal and c.joined_at > ended[1]]
+        usurper = max(newer, key=lambda c: c.joined_at) if newer else None
+        addresses = ", ".join(sorted({c.address or "?" for c in holders} | {address or "?"}))
+        message = (f"key {principal.key} of pool {pool.spec.name} wanted on {len(holders) + 1} connections "
+                   f"(spec.maxConnectionsPerKey={pool.spec.max_connections_per_key}) from {addresses}: "
+                   + ("the worker returning on its own routing id displaces the one that took its place; a copied key? "
+                      if usurper else "the newest is refused; a copied key, or more pods than the limit? ")
+                   + "Rotate the key if it was copied.")
+        self.count("key_conflict")
+        if now - self.conflict_alerted.get(principal, float("-inf")) >= CONFLICT_ALERT_EVERY_S:
+            self.conflict_alerted[principal] = now
+            log.error("%s", message)
+            self.effects.warn(ObjectRef("WorkerPool", pool.spec.name), "KeyConflict", message)
+        if usurper is None:
+            return why
+        self.lose(usurper, "displaced by the worker returning on its own routing id", now, kick=True)
+        del self.recently_ended[usurper.routing_id]  # a displaced connection has no place to come back to
+        return ""
+
+    def keep_allowed_sources(self, pool: PoolState, now: float) -> None:
+        """The pool's allowedSourceCIDRs may have narrowed: sessions from addresses now excluded end."""
+        for conn in list(pool.workers.values()):
+            if not source_allowed(conn.address, pool.spec.cidrs):
+                self.lose(conn, f"source address {conn.address or 'unknown'} no longer allowed", now, kick=True)
 
     def keep_only(self, pool: PoolState, admitted: Iterable[Principal], now: float) -> None:
         """The pool's keys are now exactly `admitted`: sessions of other keys end."""
@@ -163,7 +218,7 @@ class WorkerSessions:
 
 
 def ready_refusal(routing_id: bytes, principal: Principal, ready: Ready, pool: PoolSpec | None,
-                  sessions: Iterable[WorkerConn]) -> str:
+                  sessions: Iterable[WorkerConn], address: str = "") -> str:
     """Why a READY must be refused ("" when it may register): the pool must exist and be the
     one the key was admitted for, the routing id must be bound to the key, and the key may
     not hold more live connections than the pool allows (`sessions`: the pool's sessions)."""
@@ -173,8 +228,10 @@ def ready_refusal(routing_id: bytes, principal: Principal, ready: Ready, pool: P
         return f"key {principal} belongs to pool {principal.pool}, READY claims pool {ready.pool}"
     if not principal.owns(routing_id):
         return f"routing id is not bound to key {principal} (expected '<public key>/<worker>')"
+    if not source_allowed(address, pool.cidrs):
+        return f"source address {address or 'unknown'} is outside spec.allowedSourceCIDRs of pool {pool.name}"
     others = [c for c in sessions if c.principal == principal and c.routing_id != routing_id]
     if len(others) >= pool.max_connections_per_key:
-        return (f"key {principal} already has {len(others)} live connection(s) "
+        return (f"{KEY_CONFLICT}: key {principal} already has {len(others)} live connection(s) "
                 f"(spec.maxConnectionsPerKey={pool.max_connections_per_key})")
     return ""

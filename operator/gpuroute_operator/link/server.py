@@ -38,7 +38,8 @@ connection would otherwise hold its routing id, keeping the worker that owns it 
 
 
 class MessageHandler(Protocol):
-    def on_message(self, routing_id: bytes, user_id: str, message: Message) -> None: ...
+    def on_message(self, routing_id: bytes, user_id: str, message: Message, address: str = "") -> None:
+        """A decoded message; `address`: the peer's IP address (READY only; "" otherwise or unknown)."""
 
     def on_disconnected(self, routing_id: bytes) -> None:
         """The connection that registered `routing_id` (sent READY on it) has closed."""
@@ -229,13 +230,23 @@ class WorkerServer:
             log.warning("dropped malformed message from %r: %s", routing_id[:64], exc)
             return
         metrics.labelled(metrics.MESSAGES, "in", message.kind.name).inc()
+        address = ""
         if message.kind is Kind.READY:
             self._remember_peer(routing_id, frames[1])
+            address = _peer_address(frames[1])
         try:
-            self._handler.on_message(routing_id, user_id, message)
+            self._handler.on_message(routing_id, user_id, message, address)
         except Exception:  # a handler bug must not take the socket loop down
             metrics.REJECTED_MESSAGES.labels("handler_error").inc()
             log.exception("handling %s from %r failed", message.kind.name, routing_id[:64])
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    """The IP address libzmq reports for the frame's connection ("" for inproc and ipc)."""
+    try:
+        return str(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return ""
 
 
 def _fd_peer(fd: int) -> str:

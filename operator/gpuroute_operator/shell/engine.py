@@ -318,7 +318,7 @@ class Engine:
 
     # ---- worker messages -------------------------------------------------------------
 
-    def on_message(self, routing_id: bytes, user_id: str, message: Message) -> None:
+    def on_message(self, routing_id: bytes, user_id: str, message: Message, address: str = "") -> None:
         now = time.time()
         body = message.body
         if self.config.plaintext:
@@ -332,7 +332,7 @@ class Engine:
             metrics.REJECTED_MESSAGES.labels("unauthenticated").inc()
             return
         if isinstance(body, Ready):
-            self.dispatcher.on_ready(routing_id, principal, body, now)
+            self.dispatcher.on_ready(routing_id, principal, body, now, address=address)
         else:
             self.dispatcher.on_message(routing_id, principal, body, now)
 
