@@ -40,7 +40,7 @@ from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.pools import PoolSpec, PoolState
 from gpuroute_operator.core.refs import ObjectRef
 from gpuroute_operator.core.spec import SpecError, is_batch
-from gpuroute_operator.kube.api import AsyncKube
+from gpuroute_operator.kube.api import AsyncKube, KubeAPIError
 from gpuroute_operator.kube.client import Kube
 from gpuroute_operator.kube.status_writer import StatusWriter
 from gpuroute_operator.link.pool_keys import PoolKeys
@@ -191,6 +191,7 @@ class Engine:
             # Its own loop: a slow GPU-cluster API must never delay heartbeats or dispatch.
             loop.create_task(autoscale_loop(self.autoscaler, self.dispatcher, self.writer, self.scaling_problems),
                              name="autoscaler"),
+            loop.create_task(self._grants_loop(), name="grants"),
         ]
 
     async def stop(self) -> None:
@@ -263,11 +264,27 @@ class Engine:
         try:
             annotations = await self.api.namespace_annotations(namespace)
         except Exception as exc:  # HTTP errors (404 for a deleted namespace) or transport errors
+            if cached and not (isinstance(exc, KubeAPIError) and exc.status == 404):
+                # The API server is unreachable: what it last said still stands (no job fails for a blip).
+                log.warning("cannot read namespace %s: %s; keeping its last grants", namespace, exc)
+                return cached[0]
             log.warning("cannot read namespace %s: %s; granting nothing", namespace, exc)
             annotations = {}
         grants = StorageGrants.from_annotations(annotations)
         self._grants[namespace] = (grants, time.monotonic())
         return grants
+
+    async def _grants_loop(self) -> None:
+        """Keep the grants of every namespace with live jobs at most GRANTS_TTL_S old, off the tick:
+        each attempt is signed against them (_sign), so a revoked prefix stops being signed within
+        that time, for retries as for first attempts."""
+        while True:
+            await asyncio.sleep(GRANTS_TTL_S / 2)
+            for namespace in {job.namespace for job in list(self.dispatcher.jobs.values())}:
+                try:
+                    await self._namespace_grants(namespace)
+                except Exception:  # one namespace must not stop the others' refresh
+                    log.exception("refreshing the grants of namespace %s failed", namespace)
 
     def forget(self, uid: str) -> None:
         """The ImageJob was deleted: stop its work everywhere."""
@@ -276,6 +293,11 @@ class Engine:
 
     def _sign(self, job: Job, now: float) -> Signed:
         spec = job.spec
+        grants = self._grants.get(job.namespace)
+        if grants is not None and not spec.items:  # a batch's items are checked by its runner
+            # Grants change: an attempt is signed only under what the namespace is granted now
+            # (SpecError StorageNotGranted ends the job, as at admission).
+            grants[0].check(spec, job.namespace)
         expires = int(max(60, job.deadline - now + 60))
         options = {"background": spec.background, "keepMetadata": spec.keep_metadata}
         if spec.items:
