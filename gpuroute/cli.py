@@ -59,16 +59,26 @@ def _cmd_operator(args: argparse.Namespace) -> int:
                           scaling_azure_ad_scopes=tuple(args.scaling_azure_ad_scope))
     election = None
     if not args.no_leader_election:
-        from gpuroute_operator.kube.leader import LeaderElectionConfig, default_identity
+        from gpuroute_operator.kube.leader import LeaderElectionConfig, LeaderService, default_identity
 
+        services = (LeaderService(args.socket_service, (("zmq", _endpoint_port(args.bind)),)),
+                    LeaderService(args.web_service, tuple((name, port) for name, port in
+                                                          (("metrics", args.metrics_port), ("web", args.web_port)) if port)))
         election = LeaderElectionConfig(name=args.lease_name, namespace=args.lease_namespace or args.namespace,
-                                        identity=args.identity or default_identity(), pod_name=args.pod_name)
+                                        identity=args.identity or default_identity(), pod_name=args.pod_name,
+                                        pod_ip=args.pod_ip, services=services)
     from gpuroute_operator.web.console import WebConfig
 
     web = WebConfig(port=args.web_port or None, metrics_port=args.metrics_port or None, bind=args.web_bind)
     run_operator(config, web=web, liveness_port=args.liveness_port or None, verbose=args.verbose,
                  election=election)
     return 0
+
+
+def _endpoint_port(endpoint: str) -> int:
+    """The port of a tcp:// ZeroMQ endpoint (7700 when it names none)."""
+    _, _, port = endpoint.rpartition(":")
+    return int(port) if port.isdigit() else 7700
 
 
 def _parse_model(value: str):
@@ -171,7 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--lease-namespace", default=None, help="namespace of the Lease (default: --namespace)")
     op.add_argument("--identity", default=None, help="this replica's Lease holder identity (default: hostname_pid)")
     op.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
-                    help="own pod, labelled gpuroute.io/leader=true while leading (default: $POD_NAME)")
+                    help="own pod, named in the leader's Endpoints (default: $POD_NAME)")
+    op.add_argument("--pod-ip", default=os.environ.get("POD_IP", ""),
+                    help="own pod's IP, which the leader writes into the Endpoints of --socket-service and "
+                         "--web-service (default: $POD_IP; empty: none written, as outside a cluster)")
+    op.add_argument("--socket-service", default="gpuroute-operator",
+                    help="selector-less Service of the worker socket, routed to the leader")
+    op.add_argument("--web-service", default="gpuroute-operator-metrics",
+                    help="selector-less Service of /metrics and the status page, routed to the leader")
     op.add_argument("--no-leader-election", action="store_true",
                     help="start at once without a Lease (single replica only: two would both dispatch)")
     op.set_defaults(func=_cmd_operator)

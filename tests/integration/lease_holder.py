@@ -1,6 +1,6 @@
 """A process that contends for a Lease with gpuroute's LeaderElector, for the tests.
 
-    python lease_holder.py KUBECONFIG NAMESPACE LEASE IDENTITY [POD_NAME]
+    python lease_holder.py KUBECONFIG NAMESPACE LEASE IDENTITY [POD_NAME [POD_IP SERVICE]]
 
 Prints "LEADING" once it holds the Lease; on SIGTERM it releases the Lease, prints
 "RELEASED" and exits 0; on lost leadership it exits 3 as the operator would (with 1).
@@ -13,14 +13,17 @@ import signal
 import sys
 import threading
 
-from gpuroute_operator.kube.leader import LeaderElectionConfig, LeaderElector, kube_api_client
+from gpuroute_operator.kube.leader import LeaderElectionConfig, LeaderElector, LeaderService, kube_api_client
 
 
-def main(kubeconfig: str, namespace: str, lease: str, identity: str, pod_name: str = "") -> int:
+def main(kubeconfig: str, namespace: str, lease: str, identity: str, pod_name: str = "", pod_ip: str = "",
+         service: str = "") -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    services = (LeaderService(service, (("zmq", 7700),)),) if service else ()
     elector = LeaderElector(kube_api_client(kubeconfig), LeaderElectionConfig(lease, namespace, identity,
-                                                                                     pod_name=pod_name))
+                                                                                     pod_name=pod_name, pod_ip=pod_ip,
+                                                                                     services=services))
     if not elector.wait_until_leading(stop):
         return 0
     print("LEADING", flush=True)
@@ -37,4 +40,4 @@ def main(kubeconfig: str, namespace: str, lease: str, identity: str, pod_name: s
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:6]))
+    sys.exit(main(*sys.argv[1:8]))

@@ -29,11 +29,12 @@ TAKEOVER_GOAL_S = 5.0
 class Holder:
     """One lease_holder.py process; its stdout lines are collected by a thread."""
 
-    def __init__(self, control_plane: ControlPlane, lease: str, identity: str, pod: str = "") -> None:
+    def __init__(self, control_plane: ControlPlane, lease: str, identity: str, pod: str = "", pod_ip: str = "",
+                 service: str = "") -> None:
         self.identity = identity
         self.lines: list[str] = []
         self.popen = subprocess.Popen(
-            [sys.executable, str(HOLDER), control_plane.kubeconfig, NAMESPACE, lease, identity, pod],
+            [sys.executable, str(HOLDER), control_plane.kubeconfig, NAMESPACE, lease, identity, pod, pod_ip, service],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -184,53 +185,54 @@ def test_a_leader_that_could_not_renew_exits_when_it_wakes(
     assert new.popen.poll() is None
 
 
-def test_the_leader_labels_its_own_pod_for_the_service(
+def test_the_leader_routes_its_service_to_its_own_pod(
         control_plane: ControlPlane, lease: str, holders: list[Holder]) -> None:
-    """The socket Service selects gpuroute.io/leader=true: only the leader's pod carries
-    it, a restarted replica clears a label its predecessor left, a release clears it."""
+    """The socket Service has no selector: the leader writes its own pod IP into its Endpoints,
+    the next leader overwrites them, and a replica letting go empties them only while they
+    still name it (never the new leader's). RBAC needs patch on those Endpoints alone."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
-    from gpuroute_operator.kube.leader import LEADER_LABEL
-
+    service = f"socket-{uuid.uuid4().hex[:6]}"
     with control_plane.api_client() as api:
         core = client.CoreV1Api(api)
-        # No controller-manager here: the ServiceAccount admission needs "default" to exist.
-        try:
-            core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": "default"}})
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        pods = {}
-        for name in ("pod-a", "pod-b"):
-            pods[name] = f"{name}-{uuid.uuid4().hex[:6]}"
-            # Pods are only objects here (no scheduler or kubelet); "pod-b" starts with a
-            # stale leader label, as after its container was restarted.
-            labels = {LEADER_LABEL: "true"} if name == "pod-b" else {}
-            core.create_namespaced_pod(NAMESPACE, {
-                "metadata": {"name": pods[name], "labels": labels},
-                "spec": {"automountServiceAccountToken": False,
-                         "containers": [{"name": "c", "image": "example.invalid/none"}]}})
+        core.create_namespaced_service(NAMESPACE, {"metadata": {"name": service},
+                                                   "spec": {"ports": [{"name": "zmq", "port": 7700}]}})
+        core.create_namespaced_endpoints(NAMESPACE, {"metadata": {"name": service}, "subsets": []})
 
-        def labelled() -> set[str]:
-            return {p.metadata.name for p in core.list_namespaced_pod(NAMESPACE).items
-                    if (p.metadata.labels or {}).get(LEADER_LABEL) == "true" and p.metadata.name in pods.values()}
+        def routed() -> list[tuple[str, str, int]]:
+            try:
+                body = core.read_namespaced_endpoints(service, NAMESPACE)
+            except ApiException:
+                return []
+            return [(a.ip, (a.target_ref.name if a.target_ref else ""), port.port)
+                    for s in body.subsets or () for a in s.addresses or () for port in s.ports or ()]
 
-        def wait_labelled(expected: set[str]) -> None:
+        def wait_routed(expected: list[tuple[str, str, int]]) -> None:
             deadline = time.monotonic() + 5
-            while labelled() != expected:
-                assert time.monotonic() < deadline, f"leader-labelled pods {labelled()}, expected {expected}"
+            while routed() != expected:
+                assert time.monotonic() < deadline, f"Endpoints {routed()}, expected {expected}"
                 time.sleep(0.05)
 
-        a = Holder(control_plane, lease, "a", pods["pod-a"])
+        a = Holder(control_plane, lease, "a", "pod-a", "10.0.0.1", service)
         holders.append(a)
         _wait_holder(control_plane, lease, {"a"}, timeout=30)
-        b = Holder(control_plane, lease, "b", pods["pod-b"])
+        wait_routed([("10.0.0.1", "pod-a", 7700)])
+        b = Holder(control_plane, lease, "b", "pod-b", "10.0.0.2", service)
         holders.append(b)
-        wait_labelled({pods["pod-a"]})
+        time.sleep(1.0)  # b follows: it must not touch the leader's Endpoints
+        assert routed() == [("10.0.0.1", "pod-a", 7700)]
         a.popen.send_signal(signal.SIGTERM)
         assert a.popen.wait(10) == 0
         _wait_holder(control_plane, lease, {"b"}, timeout=5)
-        wait_labelled({pods["pod-b"]})
-        for pod in pods.values():
-            core.delete_namespaced_pod(pod, NAMESPACE, grace_period_seconds=0)
+        wait_routed([("10.0.0.2", "pod-b", 7700)])
+        # A restarted "a" (same pod IP, now a follower) must leave b's Endpoints alone.
+        again = Holder(control_plane, lease, "a2", "pod-a", "10.0.0.1", service)
+        holders.append(again)
+        time.sleep(1.0)
+        assert routed() == [("10.0.0.2", "pod-b", 7700)]
+        b.popen.send_signal(signal.SIGTERM)
+        assert b.popen.wait(10) == 0
+        _wait_holder(control_plane, lease, {"a2"}, timeout=5)
+        wait_routed([("10.0.0.1", "pod-a", 7700)])
+        core.delete_namespaced_service(service, NAMESPACE, _preload_content=False)

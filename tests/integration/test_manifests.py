@@ -261,13 +261,16 @@ def test_management_base_contents() -> None:
     assert [p["port"] for p in svc["spec"]["ports"]] == [7700]
     metrics = _find(docs, "Service", "gpuroute-operator-metrics")
     assert [p["port"] for p in metrics["spec"]["ports"]] == [9090, 9091]
-    # Only the leader serves the socket and the engine's metrics: both Services select
-    # the label the leader puts on its own pod (gpuroute_operator.kube.leader.LEADER_LABEL).
-    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    # Only the leader serves the socket and the engine's metrics: both Services have no
+    # selector, and the leader writes its pod IP into their Endpoints (kube.leader.LeaderService),
+    # with the ports the CLI's defaults give (gpuroute.cli: --socket-service, --web-service).
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for service in (svc, metrics):
-        selector = service["spec"]["selector"]
-        assert selector.pop("gpuroute.io/leader") == "true"
-        assert all(pod_labels.get(k) == v for k, v in selector.items())
+        assert "selector" not in service["spec"]
+        assert _find(docs, "Endpoints", service["metadata"]["name"])["subsets"] == []
+        assert all(container_ports[p["targetPort"]] == p["port"] for p in service["spec"]["ports"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     pdb = _find(docs, "PodDisruptionBudget", "gpuroute-operator")
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["minAvailable"] == 1
@@ -491,9 +494,8 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
         ("create", "events", "", "default", None),
         # Worker public keys, in the operator's namespace only.
         ("get", "secrets", "", "gpuroute-system", None),
-        # Leader election: the Lease and the leader label on its own pod.
+        # Leader election: the Lease (the leader's Endpoints are checked by name below).
         ("create", "leases", "coordination.k8s.io", "gpuroute-system", None),
-        ("patch", "pods", "", "gpuroute-system", None),
         # The status API's TokenReview and SubjectAccessReviews.
         ("create", "tokenreviews", "authentication.k8s.io", None, None),
         ("create", "subjectaccessreviews", "authorization.k8s.io", None, None),
@@ -536,7 +538,12 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
         ("delete", "leases", "coordination.k8s.io", "gpuroute-system", None),
         ("list", "leases", "coordination.k8s.io", "gpuroute-system", None),
         ("patch", "pods", "", "team-a", None),
+        # No pod verb at all: a pod patch can change a container's image.
+        ("patch", "pods", "", "gpuroute-system", None),
+        ("update", "pods", "", "gpuroute-system", None),
         ("delete", "pods", "", "gpuroute-system", None),
+        ("create", "endpoints", "", "gpuroute-system", None),
+        ("list", "endpoints", "", "gpuroute-system", None),
         ("list", "clusterkopfpeerings", "kopf.dev", None, None),
     ]
     api = control_plane.api_client()
@@ -549,8 +556,12 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
             lease_named = {(verb, name): _can(api, user, verb, "leases", group="coordination.k8s.io",
                                               namespace="gpuroute-system", name=name)
                            for verb in ("get", "update") for name in ("gpuroute-operator", "someone-elses")}
+            endpoints_named = {(verb, name): _can(api, user, verb, "endpoints", namespace="gpuroute-system", name=name)
+                               for verb in ("get", "patch")
+                               for name in ("gpuroute-operator", "gpuroute-operator-metrics", "kube-dns")}
     finally:
         api.close()
+    assert endpoints_named == {(verb, name): name != "kube-dns" for verb, name in endpoints_named}, endpoints_named
     assert lease_named == {("get", "gpuroute-operator"): True, ("update", "gpuroute-operator"): True,
                            ("get", "someone-elses"): False, ("update", "someone-elses"): False}, lease_named
     assert not missing, f"the operator lacks permissions it needs: {missing}"
@@ -560,21 +571,25 @@ def test_operator_rbac_is_least_privilege(control_plane: Any, dyn: Any) -> None:
 # Every rule the operator is granted, and the code that needs it: (file, text that makes
 # the call). A granted verb missing here, or a row whose code is gone, fails the test.
 _OPERATOR_RULE_USES: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, str]] = {
-    ("gpuroute.io", "imagejobs", "list", ()): ("job_watch.py", 'self.api.request("GET", self.config.path + query)'),
-    ("gpuroute.io", "imagejobs", "watch", ()): ("job_watch.py", 'params = {"watch": "1"'),
-    ("gpuroute.io", "imagejobs/status", "patch", ()): ("kube_async.py", 'name) + "/status"'),
-    ("gpuroute.io", "workerpools", "list", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "workerpools")'),
-    ("gpuroute.io", "workerpools", "watch", ()): ("handlers.py", '@kopf.on.event(GROUP, VERSION, "workerpools")'),
-    ("gpuroute.io", "workerpools/status", "patch", ()): ("kube_async.py", 'name) + "/status"'),
-    ("", "namespaces", "get", ()): ("kube_async.py", '"GET", object_path("Namespace", None, name)'),
-    ("", "events", "create", ()): ("kube_async.py", '"POST", f"/api/v1/namespaces/{quote(namespace)}/events"'),
-    ("authentication.k8s.io", "tokenreviews", "create", ()): ("web.py", "authentication.k8s.io/v1/tokenreviews"),
-    ("authorization.k8s.io", "subjectaccessreviews", "create", ()): ("web.py", "authorization.k8s.io/v1/subjectaccessreviews"),
-    ("", "secrets", "get", ()): ("kube.py", "pykube.Secret.objects("),
-    ("coordination.k8s.io", "leases", "create", ()): ("leader.py", "create_namespaced_lease"),
-    ("coordination.k8s.io", "leases", "get", ("gpuroute-operator",)): ("leader.py", "read_namespaced_lease"),
-    ("coordination.k8s.io", "leases", "update", ("gpuroute-operator",)): ("leader.py", "replace_namespaced_lease"),
-    ("", "pods", "patch", ()): ("leader.py", "patch_namespaced_pod"),
+    ("gpuroute.io", "imagejobs", "list", ()): ("kube/job_watch.py", 'self.api.request("GET", self.config.path + query)'),
+    ("gpuroute.io", "imagejobs", "watch", ()): ("kube/job_watch.py", 'params = {"watch": "1"'),
+    ("gpuroute.io", "imagejobs/status", "patch", ()): ("kube/api.py", 'name) + "/status"'),
+    ("gpuroute.io", "workerpools", "list", ()): ("shell/handlers.py", '@kopf.on.event(GROUP, VERSION, "workerpools")'),
+    ("gpuroute.io", "workerpools", "watch", ()): ("shell/handlers.py", '@kopf.on.event(GROUP, VERSION, "workerpools")'),
+    ("gpuroute.io", "workerpools/status", "patch", ()): ("kube/api.py", 'name) + "/status"'),
+    ("", "namespaces", "get", ()): ("kube/api.py", '"GET", object_path("Namespace", None, name)'),
+    ("", "events", "create", ()): ("kube/api.py", '"POST", f"/api/v1/namespaces/{quote(namespace)}/events"'),
+    ("authentication.k8s.io", "tokenreviews", "create", ()): ("web/console.py", "authentication.k8s.io/v1/tokenreviews"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create", ()): ("web/console.py",
+                                                                    "authorization.k8s.io/v1/subjectaccessreviews"),
+    ("", "secrets", "get", ()): ("kube/client.py", "pykube.Secret.objects("),
+    ("coordination.k8s.io", "leases", "create", ()): ("kube/leader.py", "create_namespaced_lease"),
+    ("coordination.k8s.io", "leases", "get", ("gpuroute-operator",)): ("kube/leader.py", "read_namespaced_lease"),
+    ("coordination.k8s.io", "leases", "update", ("gpuroute-operator",)): ("kube/leader.py", "replace_namespaced_lease"),
+    ("", "endpoints", "get", ("gpuroute-operator", "gpuroute-operator-metrics")): ("kube/leader.py",
+                                                                                  "read_namespaced_endpoints"),
+    ("", "endpoints", "patch", ("gpuroute-operator", "gpuroute-operator-metrics")): ("kube/leader.py",
+                                                                                    "patch_namespaced_endpoints"),
 }
 
 

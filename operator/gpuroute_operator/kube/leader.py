@@ -62,10 +62,18 @@ the renew deadline by much (the watchdog exits regardless)."""
 WATCHDOG_TICK_S = 0.1
 """How often the leader checks its renew deadline, independently of request threads."""
 
-LEADER_LABEL = "gpuroute.io/leader"
-"""Pod label the leader sets on its own pod (and every replica clears at start): the
-socket Service selects it, so workers reach only the leader while followers stay Ready
-for the PodDisruptionBudget."""
+@dataclass(frozen=True)
+class LeaderService:
+    """A selector-less Service whose Endpoints the leader points at its own pod, so that workers
+    (and status-page callers) reach only the leader while followers stay Ready for the
+    PodDisruptionBudget. Writing one named Endpoints object needs `patch` on that name alone;
+    labelling its own pod, as before, needed `patch` on every pod of the namespace (and a pod
+    patch can change a container's image)."""
+
+    name: str
+    """The Service's (and its Endpoints') name."""
+    ports: tuple[tuple[str, int], ...]
+    """(port name, port number) the Service forwards to, as the container listens."""
 
 
 def default_identity() -> str:
@@ -84,7 +92,11 @@ class LeaderElectionConfig:
     identity: str
     """This replica's holderIdentity; unique per replica (the pod name in a cluster)."""
     pod_name: str = ""
-    """Own pod, labelled LEADER_LABEL while leading; empty outside a cluster (no label)."""
+    """Own pod, named in the Endpoints' targetRef."""
+    pod_ip: str = ""
+    """Own pod's IP ($POD_IP from the downward API); empty outside a cluster: no Endpoints are written."""
+    services: tuple[LeaderService, ...] = ()
+    """Services routed to the leader: their Endpoints name this pod while it leads."""
     lease_duration_s: int = LEASE_DURATION_S
     """leaseDurationSeconds written to the Lease."""
     renew_deadline_s: float = RENEW_DEADLINE_S
@@ -271,7 +283,7 @@ class LeaderElector:
         """Whether this replica took the Lease from another that had not released it."""
         self._leading = False
         self._last_renewed = 0.0
-        self._labelled = False
+        self._routed = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lost_reason = ""
@@ -362,12 +374,12 @@ class LeaderElector:
 
     def wait_until_leading(self, stop: threading.Event | None = None) -> bool:
         """Block until this replica holds the Lease (True), or until `stop` is set (False)."""
-        self.clear_own_label()
+        self.clear_own_routing()
         logged = ""
         while stop is None or not stop.is_set():
             try:
                 if self.try_acquire_or_renew():
-                    self._label_own_pod()
+                    self._route_to_self()
                     return True
             except LeaderElectionError as exc:
                 log.warning("leader election: %s; retrying", exc)
@@ -403,8 +415,8 @@ class LeaderElector:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.config.renew_period_s):
             try:
-                if self.try_acquire_or_renew() and not self._labelled:
-                    self._label_own_pod()
+                if self.try_acquire_or_renew() and not self._routed:
+                    self._route_to_self()
             except (LeaderElectionError, urllib3.exceptions.HTTPError, OSError) as exc:
                 # Not fatal by itself: the watchdog decides when too long has passed.
                 log.warning("leader election: renewing Lease %s failed (%s: %s)", self._where(),
@@ -440,7 +452,7 @@ class LeaderElector:
         if not self._leading:
             return
         self._leading = False
-        self.clear_own_label()
+        self.clear_own_routing()
         timeout = self.config.request_timeout_s
         try:
             lease = self._leases.read_namespaced_lease(self.config.name, self.config.namespace, _request_timeout=timeout)
@@ -464,33 +476,65 @@ class LeaderElector:
             return
         log.info("leader election: %s released Lease %s", self.config.identity, self._where())
 
-    # ---- pod label ---------------------------------------------------------------
+    # ---- routing the Services to the leader ---------------------------------------------
 
-    def _label_own_pod(self) -> None:
-        self._labelled = self._set_label("true")
+    def _route_to_self(self) -> None:
+        self._routed = all(self._patch_endpoints(service, self._subsets(service)) for service in self.config.services)
 
-    def clear_own_label(self) -> None:
-        """Remove LEADER_LABEL from this replica's pod (a restarted container may carry
-        its predecessor's); no-op outside a cluster."""
-        self._set_label(None)
-        self._labelled = False
+    def clear_own_routing(self) -> None:
+        """Empty the Endpoints that still name this pod (a restarted container keeps its pod's IP,
+        and a released Lease should not keep receiving workers); never another leader's."""
+        for service in self.config.services:
+            current = self._read_endpoints(service)
+            if current is None:
+                continue
+            ips = {a.get("ip") for s in current.get("subsets") or () for a in s.get("addresses") or ()}
+            if self.config.pod_ip in ips:
+                # resourceVersion makes the patch conditional: a new leader's write in between wins.
+                self._patch_endpoints(service, [], resource_version=current["metadata"]["resourceVersion"])
+        self._routed = False
 
-    def _set_label(self, value: str | None) -> bool:
+    def _subsets(self, service: LeaderService) -> list[dict[str, Any]]:
+        target = {"kind": "Pod", "name": self.config.pod_name, "namespace": self.config.namespace}
+        return [{"addresses": [{"ip": self.config.pod_ip, **({"targetRef": target} if self.config.pod_name else {})}],
+                 "ports": [{"name": name, "port": port, "protocol": "TCP"} for name, port in service.ports]}]
+
+    def _read_endpoints(self, service: LeaderService) -> dict[str, Any] | None:
         from kubernetes.client.rest import ApiException
 
-        if not self.config.pod_name:
-            return False
+        if not self.config.pod_ip:
+            return None
         try:
-            self._core.patch_namespaced_pod(self.config.pod_name, self.config.namespace,
-                                            {"metadata": {"labels": {LEADER_LABEL: value}}},
-                                            _request_timeout=self.config.request_timeout_s)
+            body = self._core.read_namespaced_endpoints(service.name, self.config.namespace,
+                                                        _request_timeout=self.config.request_timeout_s)
         except ApiException as exc:
-            log.warning("leader election: cannot %s label %s on pod %s: %s %s",
-                        "set" if value else "clear", LEADER_LABEL, self.config.pod_name, exc.status, exc.reason)
+            log.warning("leader election: cannot read Endpoints %s: %s %s", service.name, exc.status, exc.reason)
+            return None
+        except _TRANSIENT as exc:
+            log.warning("leader election: cannot read Endpoints %s (%s: %s)", service.name, type(exc).__name__, exc)
+            return None
+        result: dict[str, Any] = self._api.sanitize_for_serialization(body)
+        return result
+
+    def _patch_endpoints(self, service: LeaderService, subsets: list[dict[str, Any]], *,
+                         resource_version: str | None = None) -> bool:
+        from kubernetes.client.rest import ApiException
+
+        if not self.config.pod_ip:
+            return False
+        patch: dict[str, Any] = {"subsets": subsets}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        try:
+            self._core.patch_namespaced_endpoints(service.name, self.config.namespace, patch,
+                                                  _request_timeout=self.config.request_timeout_s)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: another leader wrote them since; theirs stands
+                log.warning("leader election: cannot write Endpoints %s: %s %s", service.name, exc.status, exc.reason)
             return False
         except _TRANSIENT as exc:
             # Retried on the next renewal.
-            log.warning("leader election: cannot label pod %s (%s: %s)", self.config.pod_name, type(exc).__name__, exc)
+            log.warning("leader election: cannot write Endpoints %s (%s: %s)", service.name, type(exc).__name__, exc)
             return False
         return True
 
