@@ -67,9 +67,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         election = LeaderElectionConfig(name=args.lease_name, namespace=args.lease_namespace or args.namespace,
                                         identity=args.identity or default_identity(), pod_name=args.pod_name,
                                         pod_ip=args.pod_ip, services=services)
-    from gpuroute_operator.web.console import WebConfig
-
-    web = WebConfig(port=args.web_port or None, metrics_port=args.metrics_port or None, bind=args.web_bind)
+    web = _web_config(args)
     run_operator(config, web=web, liveness_port=args.liveness_port or None, verbose=args.verbose,
                  election=election)
     return 0
@@ -79,6 +77,37 @@ def _endpoint_port(endpoint: str) -> int:
     """The port of a tcp:// ZeroMQ endpoint (7700 when it names none)."""
     _, _, port = endpoint.rpartition(":")
     return int(port) if port.isdigit() else 7700
+
+
+def _web_config(args: argparse.Namespace):
+    """The operator's WebConfig from its flags; SystemExit where the status API would be unsafe
+    or its certificate cannot be loaded."""
+    import ssl
+
+    from gpuroute_operator.web.console import (
+        DEFAULT_AUDIENCES,
+        TLSFiles,
+        WebConfig,
+        plain_http_refusal,
+        server_tls_context,
+    )
+
+    if bool(args.status_tls_cert) != bool(args.status_tls_key):
+        raise SystemExit("gpuroute operator: --status-tls-cert and --status-tls-key go together")
+    tls = TLSFiles(args.status_tls_cert, args.status_tls_key) if args.status_tls_cert else None
+    if tls is not None and args.web_port:
+        try:
+            server_tls_context(tls)  # fail now rather than when the leader starts serving
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"gpuroute operator: cannot load the status API certificate: {exc}") from exc
+    config = WebConfig(port=args.web_port or None, metrics_port=args.metrics_port or None, bind=args.web_bind,
+                       audiences=tuple(dict.fromkeys(args.status_audience)) or DEFAULT_AUDIENCES,
+                       apiserver_audience=not args.status_no_apiserver_audience, tls=tls,
+                       insecure_http=args.status_insecure_http)
+    refusal = plain_http_refusal(config)
+    if refusal is not None:
+        raise SystemExit(f"gpuroute operator: {refusal}")
+    return config
 
 
 def _parse_model(value: str):
@@ -168,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="status page and /api/status (TokenReview + SubjectAccessReview); 0 disables")
     op.add_argument("--metrics-port", type=int, default=9090, help="/metrics and /healthz, unauthenticated; 0 disables")
     op.add_argument("--web-bind", default="0.0.0.0", help="address the web and metrics ports bind to")
+    op.add_argument("--status-tls-cert", default=os.environ.get("GPUROUTE_STATUS_TLS_CERT") or None, metavar="FILE",
+                    help="serve the status port over HTTPS with this PEM certificate chain "
+                         "(default: $GPUROUTE_STATUS_TLS_CERT)")
+    op.add_argument("--status-tls-key", default=os.environ.get("GPUROUTE_STATUS_TLS_KEY") or None, metavar="FILE",
+                    help="private key of --status-tls-cert (default: $GPUROUTE_STATUS_TLS_KEY)")
+    op.add_argument("--status-insecure-http", action="store_true",
+                    help="allow plain HTTP on the status port on a non-loopback --web-bind (bearer tokens in clear); "
+                         "without a certificate the status port otherwise serves only on loopback")
+    op.add_argument("--status-audience", action="append", default=[], metavar="AUDIENCE",
+                    help="token audience the status API accepts (repeatable; default: gpuroute, as in "
+                         "`kubectl create token ACCOUNT --audience gpuroute`)")
+    op.add_argument("--status-no-apiserver-audience", action="store_true",
+                    help="refuse tokens for the API server's own audience (a plain `kubectl create token`)")
     op.add_argument("--liveness-port", type=int, default=8080, help="kopf liveness probe; 0 disables")
     op.add_argument("--azure-account", action="append", default=[], metavar="NAME[=ENDPOINT]",
                     help="Azure storage account to sign for (key from $GPUROUTE_AZURE_KEY_<NAME>, "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -172,12 +172,24 @@ def _parse(url: str) -> tuple[str, int, str]:
     return host, port, target
 
 
-def resolve_public_https_url(url: str, *, is_allowed: Callable[[str], bool] | None = None) -> CheckedURL:
+Resolver = Callable[[str, int], Sequence[str]]
+"""Host name and port to the addresses they resolve to, in the order a client would try them."""
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """The addresses getaddrinfo gives for `host` (raises socket.gaierror)."""
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)]
+
+
+def resolve_public_https_url(url: str, *, is_allowed: Callable[[str], bool] | None = None,
+                             resolver: Resolver = system_resolver) -> CheckedURL:
     """Parse `url` once, resolve its host once, and return what to connect to.
 
     Raises UnsafeURL unless the URL is https without user information or backslashes and
-    every address its host resolves to is public. `is_allowed` replaces the public-address
-    rule; only tests that serve from loopback pass it.
+    every address its host resolves to is public: a DNS answer with a public address
+    first and an internal one after it is refused too. `is_allowed` replaces the
+    public-address rule; only tests that serve from loopback pass it. `resolver` replaces
+    getaddrinfo, for tests that need a name with several addresses.
     """
     allowed = is_allowed or is_public_address
     host, port, target = _parse(url)
@@ -187,10 +199,9 @@ def resolve_public_https_url(url: str, *, is_allowed: Callable[[str], bool] | No
         raise UnsafeURL(f"host {host!r} names an internal service")
     literal = _is_literal(host)
     try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+        addresses = list(resolver(host, port))
     except socket.gaierror as exc:
         raise UnsafeURL(f"host {host!r} does not resolve: {exc.strerror}") from exc
-    addresses = [str(info[4][0]) for info in infos]
     for address in addresses:
         if not allowed(address):
             # A literal is the user's own text (and `127.1` spells 127.0.0.1, which is worth

@@ -11,9 +11,13 @@ Two passes, so that a URL the first pass does not recognise (percent-encoded ins
 another URL, JSON-escaped, without a scheme, cut short) still loses its secrets:
 
 1. every scheme://... URL loses its userinfo, and its whole query and fragment when
-   any parameter name (percent-decoded, any case) is a credential;
-2. anywhere in the text, the value after a credential parameter name (also in its
-   percent-encoded forms) is replaced.
+   any parameter name in it is a credential, after percent-encoding, JSON `\\uXXXX` and
+   Python `\\xXX` escapes are undone to a fixed point (a URL nested in a URL nested in a
+   URL is encoded three times: its names are still found);
+2. anywhere in the text, the value after a credential name is replaced, whatever the
+   separator is spelled like: `name=v`, `name: v` (a header), `"name": "v"` (JSON),
+   `'name': ['v']` (the repr of a parsed query), `name\\u003dv`, `name%25253Dv`, or
+   the value on the next line.
 
 Over-redaction is accepted: a redacted message is still useful ("download failed
 with HTTP 403 for http://host/bucket/key?<redacted>"), a leaked signature is not.
@@ -28,43 +32,76 @@ from urllib.parse import unquote
 
 REDACTED = "<redacted>"
 
-# Parameter names (lowercase, decoded) that carry a credential or a signature.
+# Parameter names (lowercase, decoded) that carry a credential or a signature, or that
+# only appear in a signed URL (an Azure user delegation SAS names its key's owner).
 _SECRET_PARAMS = frozenset({
     "x-amz-signature", "x-amz-credential", "x-amz-security-token",
     "signature", "awsaccesskeyid",                    # S3 SigV2 query auth
-    "sig",                                            # Azure SAS
+    "sig", "skoid", "sktid",                          # Azure SAS (user delegation)
     "x-goog-signature", "x-goog-credential", "googleaccessid",
-    "token", "access_token", "sas", "code", "password", "secret",
+    "token", "access_token", "refresh_token", "id_token", "sas", "sas_token",
+    "code", "password", "passwd", "secret", "client_secret",
 })
+# Pass 2 looks for names in free text: `code` there is mostly an HTTP status code, and
+# `credential` is how a SigV4 Authorization header spells the access key id.
+_TEXT_NAMES = (_SECRET_PARAMS - {"code"}) | {"credential"}
 
 # A URL: scheme://, then anything up to whitespace, a quote or an angle bracket.
 _URL = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}:(?://|\\/\\/))([^\s\"'<>`]*)")
 
-# A separator that may be literal or percent-encoded once or twice.
-_DASH = r"(?:-|%2d|%252d)"
-_EQ = r"(?:=|%3d|%253d)"
-_NAMES = "|".join([
-    rf"x{_DASH}amz{_DASH}(?:signature|credential|security{_DASH}token)",
-    rf"x{_DASH}goog{_DASH}(?:signature|credential)",
-    r"signature", r"credential", r"awsaccesskeyid", r"googleaccessid", r"sig",
-])
-# Pass 2: NAME= VALUE anywhere (not preceded by a letter, digit or _ so `xsig=` is not
-# a hit; over-matching `signature=` in prose is harmless). The value runs to the
-# next literal & or whitespace/quote; percent-encoded & (%26) is swallowed with it,
-# which only redacts more.
-_PARAM = re.compile(rf"(?i)(?<![a-z0-9_])({_NAMES}){_EQ}(?!<redacted>)([^&\s\"'<>`]*)")
+# Escapes undone before names are compared: %XX, \uXXXX (JSON), \xXX (Python repr), \/ (JSON).
+_ESCAPE = re.compile(r"(?i)\\u([0-9a-f]{4})|\\x([0-9a-f]{2})|\\(/)")
+_MAX_DECODE_ROUNDS = 32
+"""Text still changing after this many rounds of decoding is treated as hiding a secret."""
+
+
+def _decode_to_fixed_point(text: str) -> str | None:
+    """`text` with percent-encoding and JSON/Python escapes undone until nothing changes;
+    None when that takes more than _MAX_DECODE_ROUNDS rounds."""
+    for _ in range(_MAX_DECODE_ROUNDS):
+        decoded = _ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)) if m.group(3) is None else "/",
+                              unquote(text))
+        if decoded == text:
+            return text
+        text = decoded
+    return None
+
+
+# Separators that may be literal, percent-encoded any number of times or escaped.
+_DASH = r"(?:-|%(?:25)*2d|\\u002d)"
+_UNDERSCORE = r"(?:_|%(?:25)*5f|\\u005f)"
+_EQ = r"(?:=|%(?:25)*3d|\\u003d|\\x3d|:)"
+_QUOTE = r"(?:\\*[\"'])?"
+# Between a name and its value: a closing quote (JSON, repr), `=` or `:` in any spelling,
+# any whitespace including line breaks, a list's `[` (a parsed query's repr), an opening quote.
+_SEP = rf"{_QUOTE}[ \t]*{_EQ}\s*(?:\[\s*)?{_QUOTE}"
+
+
+def _name_pattern(name: str) -> str:
+    return re.escape(name).replace(r"\-", _DASH).replace("_", _UNDERSCORE)
+
+
+_NAMES = "|".join(_name_pattern(n) for n in sorted(_TEXT_NAMES, key=lambda n: (-len(n), n)))
+# Pass 2: NAME SEP VALUE anywhere. The value runs to the next literal &, whitespace, quote,
+# backslash (the start of an escaped quote or of \u0026) or `[`, a JSON-escaped slash `\/`
+# being part of it; percent-encoded & (%26) is swallowed with it, which only redacts more.
+# A value must not start with `<`, so an already redacted one is left alone.
+_NAME_SEP = re.compile(rf"(?i)(?:{_NAMES}){_SEP}")
+_VALUE = re.compile(r"(?:\\/|[^&\s\"'<>`\\\[])+")
+# A name glued to a word before it (`xsig=`, `mysecret=`) is not a name, unless what
+# precedes it is an escape (`%26sig=`, `\u0026sig=`).
+_WORD_BEFORE = re.compile(r"(?i)[a-z0-9_]$")
+_ESCAPE_BEFORE = re.compile(r"(?i)(?:%(?:25)*[0-9a-f]{2}|\\u[0-9a-f]{4}|\\x[0-9a-f]{2})$")
 # Bearer tokens (a ServiceAccount token in an Authorization header someone logged).
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[a-z0-9._~+/=\-]+")
 
 
-def _decoded(name: str) -> str:
-    # Up to three rounds: a URL nested in another URL's query is encoded twice or more.
-    for _ in range(3):
-        decoded = unquote(name)
-        if decoded == name:
-            break
-        name = decoded
-    return name.strip().lower()
+def _query_has_secret(query: str) -> bool:
+    decoded = _decode_to_fixed_point(query)
+    if decoded is None:
+        return True
+    names = (part.split("=", 1)[0] for part in re.split(r"[&;#?\s]", decoded))
+    return any(name.strip().lower() in _SECRET_PARAMS for name in names)
 
 
 def _redact_url(match: re.Match[str]) -> str:
@@ -80,21 +117,38 @@ def _redact_url(match: re.Match[str]) -> str:
         # user:password@host: keep the host, drop the credentials.
         authority = f"{REDACTED}@{authority.rpartition('@')[2]}"
     query_at = min((i for i in (tail.find("?"), tail.find("#")) if i >= 0), default=-1)
-    if query_at >= 0:
-        query = tail[query_at + 1:]
-        names = (part.split("=", 1)[0] for part in re.split(r"[&;#?]", query))
-        if any(_decoded(name) in _SECRET_PARAMS for name in names):
-            tail = tail[:query_at] + "?" + REDACTED
+    if query_at >= 0 and _query_has_secret(tail[query_at + 1:]):
+        tail = tail[:query_at] + "?" + REDACTED
     return scheme + authority + tail
 
 
+def _redact_params(text: str) -> str:
+    out: list[str] = []
+    done = pos = 0
+    # The value is matched apart from the name, after the name is known to be one: a
+    # name glued to a word is then passed over at the cost of its own length, not of
+    # the value's (which would make `xsig:xsig:...` quadratic).
+    while (match := _NAME_SEP.search(text, pos)) is not None:
+        before = text[max(0, match.start() - 64):match.start()]
+        glued = _WORD_BEFORE.search(before) and not _ESCAPE_BEFORE.search(before)
+        value = None if glued else _VALUE.match(text, match.end())
+        if value is None:
+            pos = match.start() + 1
+            continue
+        out.append(text[done:value.start()])
+        out.append(REDACTED)
+        done = pos = value.end()
+    out.append(text[done:])
+    return "".join(out)
+
+
 def redact(text: str) -> str:
-    """`text` with every credential-bearing URL query, URL userinfo and signature
-    parameter value replaced by <redacted>. Pure; safe on any string."""
+    """`text` with every credential-bearing URL query, URL userinfo and credential
+    value replaced by <redacted>. Pure; safe on any string."""
     if not text:
         return text
     text = _URL.sub(_redact_url, text)
-    text = _PARAM.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+    text = _redact_params(text)
     return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
 
 

@@ -80,15 +80,18 @@ def _viewer_token(stack: LocalStack, namespace: str, account: str) -> str:
     return stack.mint_token(namespace, account)
 
 
-def _curl(url: str, token: str | None = None) -> tuple[int, str]:
+def _curl(url: str, token: str | None = None, *, cacert: str | None = None, check: bool = True) -> tuple[int, str]:
+    """HTTP status and body; with check=False a failed connection or TLS handshake is code 0."""
     curl = shutil.which("curl")
     assert curl, "curl is required"
     args = [curl, "-sS", "-o", "-", "-w", "\n%{http_code}", url]
     if token is not None:
         args[1:1] = ["-H", f"Authorization: Bearer {token}"]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout
+    if cacert is not None:
+        args[1:1] = ["--cacert", cacert]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=check).stdout
     body, _, code = out.rpartition("\n")
-    return int(code), body
+    return int(code or 0), body
 
 
 def _jobs(body: str) -> set[str]:
@@ -179,3 +182,82 @@ def test_no_signature_anywhere_after_transfer_errors(stack: LocalStack) -> None:
     assert not leaks, leaks
     # The errors are still useful: they say what failed.
     assert "404" in failed["missing-input"]["message"] or "download" in failed["missing-input"]["message"], failed
+
+
+# -- audiences, revocation and TLS (security review, finding 5) -----------------------------
+
+GPUROUTE_AUDIENCE = "gpuroute"
+
+
+def _token_for(stack: LocalStack, namespace: str, account: str, audiences: list[str]) -> str:
+    """A TokenRequest token of `account` (a viewer of `namespace`) for `audiences`, as
+    `kubectl create token ACCOUNT --audience ...` makes it."""
+    from kubernetes import client
+
+    _viewer_token(stack, namespace, account)  # the ServiceAccount and its Role
+    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=audiences,
+                                                                                 expiration_seconds=3600))
+    return str(stack.core.create_namespaced_service_account_token(account, namespace, request).status.token)
+
+
+def _poll(url: str, token: str, until: Any, *, bound_s: float = 20.0, **curl: Any) -> tuple[int, str]:
+    """Ask until `until((code, body))` holds or `bound_s` passes; the last answer either way."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        answer = _curl(url, token, **curl)
+        if until(answer) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.5)
+
+
+def test_a_token_for_the_gpuroute_audience_is_accepted(stack: LocalStack) -> None:
+    token = _token_for(stack, TEAM_A, "audience-viewer", [GPUROUTE_AUDIENCE])
+    url = f"http://127.0.0.1:{stack.operator_web_port}/api/status"
+    code, body = _poll(url, token, lambda a: a[0] == 200 and f"{TEAM_A}/ok" in _jobs(a[1]))
+    assert code == 200, body
+    assert json.loads(body)["user"] == f"system:serviceaccount:{TEAM_A}:audience-viewer"
+
+
+def test_a_token_for_a_foreign_audience_is_refused(stack: LocalStack) -> None:
+    token = _token_for(stack, TEAM_A, "foreign-viewer", ["vault"])
+    code, body = _curl(f"http://127.0.0.1:{stack.operator_web_port}/api/status", token)
+    assert code == 401, body
+    assert "namespace" not in body
+
+
+def test_a_deleted_service_accounts_token_is_refused_within_seconds(stack: LocalStack) -> None:
+    url = f"http://127.0.0.1:{stack.operator_web_port}/api/status"
+    for account, audiences in (("revoked-default", []), ("revoked-gpuroute", [GPUROUTE_AUDIENCE])):
+        token = _token_for(stack, TEAM_A, account, audiences)
+        code, body = _poll(url, token, lambda a: a[0] == 200)
+        assert code == 200, (account, body)
+        stack.core.delete_namespaced_service_account(account, TEAM_A)
+        # The review cache keeps a positive answer a few seconds; the bound is generous,
+        # but shorter than the 30 s an answer used to be reused.
+        code, body = _poll(url, token, lambda a: a[0] == 401)
+        assert code == 401, (account, code, body)
+
+
+def test_the_status_api_over_https(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Last in this module: restarts the operator serving the status port over TLS, with
+    the certificate and key from files as the Deployment mounts them from a Secret."""
+    from gpuroute.localenv.tls import self_signed
+
+    cert, key = self_signed(tmp_path_factory.mktemp("status-tls"), ("127.0.0.1", "localhost"))
+    assert stack.operator is not None
+    stack.operator.stop()
+    stack.start_operator(extra_args=["--status-tls-cert", str(cert), "--status-tls-key", str(key)])
+    url = f"https://127.0.0.1:{stack.operator_web_port}/api/status"
+    token = _token_for(stack, TEAM_A, "tls-viewer", [GPUROUTE_AUDIENCE])
+    code, body = _poll(url, token, lambda a: a[0] == 200 and f"{TEAM_A}/ok" in _jobs(a[1]), bound_s=60.0,
+                       cacert=str(cert), check=False)
+    assert code == 200, body
+    assert all(j.startswith(f"{TEAM_A}/") for j in _jobs(body))
+    assert _curl(url, "not-a-token", cacert=str(cert))[0] == 401
+    # Plain HTTP on that port gets no status; an unknown certificate is refused by the client.
+    assert _curl(f"http://127.0.0.1:{stack.operator_web_port}/api/status", token, check=False)[0] != 200
+    assert _curl(url, token, check=False)[0] == 0
+    code, page = _curl(f"https://127.0.0.1:{stack.operator_web_port}/", cacert=str(cert))
+    assert code == 200 and "<html" in page.lower()
+    # /metrics stays plain HTTP for Prometheus.
+    assert _curl(f"http://127.0.0.1:{stack.operator_metrics_port}/healthz")[0] == 200

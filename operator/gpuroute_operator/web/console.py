@@ -1,12 +1,17 @@
 """The operator's HTTP endpoints.
 
 Two listeners:
-- the status page (/) and /api/status on `WebConfig.port`, bound to `WebConfig.bind`.
-  /api/status authenticates the caller's bearer token with a TokenReview and shows it
-  only the ImageJobs of namespaces where a SubjectAccessReview says it may `get
+- the status page (/) and /api/status on `WebConfig.port`, bound to `WebConfig.bind`,
+  over HTTPS with the certificate and key of `WebConfig.tls` (plain HTTP only on a
+  loopback address, or when `WebConfig.insecure_http` says so). /api/status
+  authenticates the caller's bearer token with a TokenReview for `WebConfig.audiences`
+  (and the API server's own audience unless turned off), and shows it only the
+  ImageJobs of namespaces where a SubjectAccessReview says it may `get
   imagejobs.gpuroute.io`, and the (cluster-scoped) pools only with `get
   workerpools.gpuroute.io`: what kube-rbac-proxy and controller-runtime's secure
-  metrics do. The page itself holds no data and is served to anyone.
+  metrics do. Review answers are reused for `WebConfig.cache_ttl_s` (5 s), so a
+  deleted ServiceAccount or RoleBinding counts within seconds. The page itself holds
+  no data and is served to anyone.
 - /metrics and /healthz on `WebConfig.metrics_port`, without authentication, for
   Prometheus and probes (a NetworkPolicy admits only the monitoring namespace).
 
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,6 +50,18 @@ MAX_CACHED = 4096
 """Review results kept (least recently used dropped first): random tokens cannot grow memory."""
 MAX_CONCURRENT_REVIEWS = 8
 """Reviews in flight to the API server at once; more callers wait."""
+DEFAULT_AUDIENCES = ("gpuroute",)
+"""What `kubectl create token ACCOUNT --audience gpuroute` puts in a token for the status API."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """The status listener's certificate, read from files (a mounted kubernetes.io/tls Secret)."""
+
+    cert: str
+    """PEM certificate chain (tls.crt)."""
+    key: str
+    """PEM private key of that certificate (tls.key)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +74,49 @@ class WebConfig:
     """/metrics and /healthz, open for Prometheus and probes; None disables."""
     bind: str = "0.0.0.0"
     """Address both listeners bind to (127.0.0.1 keeps them local)."""
-    cache_ttl_s: float = 30.0
-    """How long a TokenReview or SubjectAccessReview result is reused."""
+    cache_ttl_s: float = 5.0
+    """How long a TokenReview or SubjectAccessReview answer, positive or negative, is reused:
+    a deleted ServiceAccount, an expired token or a removed RoleBinding counts after this."""
+    audiences: tuple[str, ...] = DEFAULT_AUDIENCES
+    """Token audiences the status API accepts (TokenReview spec.audiences)."""
+    apiserver_audience: bool = True
+    """Also accept tokens for the API server's own audience (a plain `kubectl create token`)."""
+    tls: TLSFiles | None = None
+    """Serve the status port over HTTPS with these; None: plain HTTP (see plain_http_refusal)."""
+    insecure_http: bool = False
+    """Allow plain HTTP on the status port on a non-loopback address (tokens cross the network in clear)."""
+
+
+def _is_loopback(bind: str) -> bool:
+    if bind == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_refusal(config: WebConfig) -> str | None:
+    """Why `config` must not start (bearer tokens over plain HTTP on a reachable address), or None."""
+    if not config.port or config.tls is not None or config.insecure_http or _is_loopback(config.bind):
+        return None
+    return (f"the status API would take bearer tokens over plain HTTP on {config.bind}:{config.port}; give it a "
+            f"certificate (--status-tls-cert/--status-tls-key), bind it to 127.0.0.1 (--web-bind, behind a TLS "
+            f"proxy), disable it (--web-port 0) or accept clear-text tokens (--status-insecure-http)")
+
+
+def audience_accepted(status: dict[str, Any], requested: tuple[str, ...], *, apiserver_audience: bool) -> bool:
+    """Whether a TokenReview `status`, asked for `requested` audiences, admits the token.
+
+    The API server answers the audiences the token is valid for among those asked; an
+    authenticator that ignores audiences answers none, which the TokenReview API defines
+    as valid for the API server's own audience only."""
+    if not status.get("authenticated"):
+        return False
+    granted = {str(a) for a in status.get("audiences") or ()}
+    if not granted:
+        return apiserver_audience
+    return bool(granted & set(requested))
 
 
 @dataclass(frozen=True)
@@ -76,12 +136,17 @@ class Caller:
 class Reviewer:
     """TokenReview and SubjectAccessReview with a short cache, as kube-rbac-proxy does.
 
-    A token is cached under its SHA-256, never in clear; failed reviews (API server
-    unreachable) are not cached and answer 503."""
+    A token is first reviewed for `audiences`; unless `apiserver_audience` is False, one
+    that fails is reviewed again for the API server's own audience. A token is cached
+    under its SHA-256, never in clear; failed reviews (API server unreachable) are not
+    cached and answer 503."""
 
-    def __init__(self, api: AsyncKube, *, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, api: AsyncKube, *, ttl_s: float = 5.0, audiences: tuple[str, ...] = DEFAULT_AUDIENCES,
+                 apiserver_audience: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self._api = api
         self._ttl_s = ttl_s
+        self._audiences = audiences
+        self._apiserver_audience = apiserver_audience
         self._clock = clock
         self._tokens: OrderedDict[str, tuple[float, Caller | None]] = OrderedDict()
         self._access: OrderedDict[tuple[Any, ...], tuple[float, bool]] = OrderedDict()
@@ -108,16 +173,31 @@ class Reviewer:
             _, answer = await self._api.request("POST", path, body)
         return dict(answer or {})
 
+    async def _review_token(self, token: str, audiences: tuple[str, ...] | None) -> dict[str, Any]:
+        """The TokenReview status for `audiences` (None: the API server's own)."""
+        spec: dict[str, Any] = {"token": token}
+        if audiences is not None:
+            spec["audiences"] = list(audiences)
+        answer = await self._create("/apis/authentication.k8s.io/v1/tokenreviews", {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec})
+        return dict(answer.get("status") or {})
+
     async def authenticate(self, token: str) -> Caller | None:
         key = hashlib.sha256(token.encode()).hexdigest()
         hit, caller = self._cached(self._tokens, key)
         if hit:
             return caller  # type: ignore[no-any-return]
-        answer = await self._create("/apis/authentication.k8s.io/v1/tokenreviews", {
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}})
-        status = answer.get("status") or {}
+        status: dict[str, Any] | None = None
+        if self._audiences:
+            status = await self._review_token(token, self._audiences)
+            if not audience_accepted(status, self._audiences, apiserver_audience=self._apiserver_audience):
+                status = None
+        if status is None and self._apiserver_audience:
+            status = await self._review_token(token, None)
+            if not status.get("authenticated"):
+                status = None
         caller = None
-        if status.get("authenticated"):
+        if status is not None:
             user = status.get("user") or {}
             extra = tuple(sorted((str(k), tuple(str(x) for x in v)) for k, v in (user.get("extra") or {}).items()))
             caller = Caller(str(user.get("username") or ""), str(user.get("uid") or ""),
@@ -189,8 +269,13 @@ class WebServer:
 
 async def start_web(snapshot: Callable[[], dict[str, Any]], api: AsyncKube, config: WebConfig) -> WebServer:
     """Serve /metrics and the status page; `snapshot` is what the operator shows (shell.engine.Engine.snapshot),
-    filtered here per caller."""
-    reviewer = Reviewer(api, ttl_s=config.cache_ttl_s)
+    filtered here per caller. Raises ValueError where plain_http_refusal says no, ssl.SSLError
+    or OSError when the certificate files cannot be loaded."""
+    refusal = plain_http_refusal(config)
+    if refusal is not None:
+        raise ValueError(refusal)
+    reviewer = Reviewer(api, ttl_s=config.cache_ttl_s, audiences=config.audiences,
+                        apiserver_audience=config.apiserver_audience)
 
     async def metrics(_: web.Request) -> web.Response:
         # Label values come from code, but a reason or pool name could one day carry a URL.
@@ -230,12 +315,24 @@ async def start_web(snapshot: Callable[[], dict[str, Any]], api: AsyncKube, conf
     if config.port:
         app = web.Application()
         app.add_routes([web.get("/", status_page), web.get("/api/status", api_status), web.get("/healthz", healthz)])
-        runners.append(await _serve(app, config.bind, config.port))
+        tls = server_tls_context(config.tls) if config.tls is not None else None
+        if tls is None and config.insecure_http and not _is_loopback(config.bind):
+            log.warning("status API on %s:%s over plain HTTP (--status-insecure-http): bearer tokens cross the "
+                        "network in clear", config.bind, config.port)
+        runners.append(await _serve(app, config.bind, config.port, tls))
     return WebServer(runners, reviewer if config.port else None)
 
 
-async def _serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+def server_tls_context(files: TLSFiles) -> ssl.SSLContext:
+    """A TLS 1.2+ server context presenting `files`' certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(files.cert, files.key)
+    return context
+
+
+async def _serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=tls).start()
     return runner

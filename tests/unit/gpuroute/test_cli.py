@@ -19,7 +19,7 @@ DIGEST = "ab" * 32
 def _no_env_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
     # build_parser reads the operator namespace default from the environment.
     for name in ("GPUROUTE_NAMESPACE", "GPUROUTE_SERVER_SECRET_KEY", "GPUROUTE_WORKER_SECRET_KEY",
-                 "GPUROUTE_SERVER_PUBLIC_KEY"):
+                 "GPUROUTE_SERVER_PUBLIC_KEY", "GPUROUTE_STATUS_TLS_CERT", "GPUROUTE_STATUS_TLS_KEY"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -203,3 +203,63 @@ def test_main_reports_bad_key_file_with_exit_2(tmp_path: Path, capsys: pytest.Ca
     bad.write_text("not a key\n")
     assert cli.main(["operator", "--server-key-file", str(bad)]) == 2
     assert f"gpuroute: {bad}: not a Z85 CURVE key" in capsys.readouterr().err
+
+
+# -- the status API's flags (security review, finding 5) ---------------------------------
+
+def _web(*argv: str):
+    return cli._web_config(cli.build_parser().parse_args(["operator", *argv]))
+
+
+def test_status_api_defaults_refuse_plain_http_on_every_address(capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli.build_parser().parse_args(["operator"])
+    assert (args.status_tls_cert, args.status_tls_key, args.status_insecure_http) == (None, None, False)
+    assert (args.status_audience, args.status_no_apiserver_audience) == ([], False)
+    with pytest.raises(SystemExit, match="plain HTTP on 0.0.0.0:9091.*--status-tls-cert"):
+        _web()
+
+
+def test_status_api_plain_http_on_loopback_disabled_or_explicitly_insecure() -> None:
+    local = _web("--web-bind", "127.0.0.1")
+    assert (local.bind, local.tls, local.insecure_http) == ("127.0.0.1", None, False)
+    assert local.audiences == ("gpuroute",) and local.apiserver_audience is True and local.cache_ttl_s <= 5.0
+    assert _web("--web-port", "0").port is None
+    insecure = _web("--status-insecure-http")
+    assert (insecure.bind, insecure.tls, insecure.insecure_http) == ("0.0.0.0", None, True)
+
+
+def test_status_api_tls_from_files_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuroute.localenv.tls import self_signed
+
+    cert, key = self_signed(tmp_path)
+    config = _web("--status-tls-cert", str(cert), "--status-tls-key", str(key))
+    assert config.tls is not None and (config.tls.cert, config.tls.key) == (str(cert), str(key))
+    assert config.bind == "0.0.0.0" and config.insecure_http is False
+    # The Deployment passes the mounted Secret's files through the environment.
+    monkeypatch.setenv("GPUROUTE_STATUS_TLS_CERT", str(cert))
+    monkeypatch.setenv("GPUROUTE_STATUS_TLS_KEY", str(key))
+    from_env = _web()
+    assert from_env.tls == config.tls
+
+
+@pytest.mark.parametrize("argv", [
+    ["--status-tls-cert", "/c.pem"],
+    ["--status-tls-key", "/k.pem"],
+])
+def test_status_api_tls_flags_go_together(argv: list[str]) -> None:
+    with pytest.raises(SystemExit, match="go together"):
+        _web(*argv)
+
+
+def test_status_api_unreadable_certificate_is_refused_at_start(tmp_path: Path) -> None:
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    with pytest.raises(SystemExit, match="cannot load the status API certificate"):
+        _web("--status-tls-cert", str(tmp_path / "bad.pem"), "--status-tls-key", str(tmp_path / "bad.pem"))
+    with pytest.raises(SystemExit, match="cannot load the status API certificate"):
+        _web("--status-tls-cert", str(tmp_path / "missing.pem"), "--status-tls-key", str(tmp_path / "missing.pem"))
+
+
+def test_status_api_audiences() -> None:
+    config = _web("--web-bind", "127.0.0.1", "--status-audience", "images", "--status-audience", "gpuroute",
+                  "--status-audience", "images", "--status-no-apiserver-audience")
+    assert config.audiences == ("images", "gpuroute") and config.apiserver_audience is False

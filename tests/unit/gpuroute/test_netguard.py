@@ -6,6 +6,8 @@ addresses are exercised as literals, which getaddrinfo returns without DNS.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from gpuroute.netguard import (
@@ -224,3 +226,44 @@ def test_internal_names_are_refused_before_any_lookup(host: str, monkeypatch: py
     monkeypatch.setattr("socket.getaddrinfo", no_dns)
     with pytest.raises(UnsafeURL, match="names an internal service"):
         resolve_public_https_url(f"https://{host}/x.png")
+
+
+# -- every resolved address counts, not only the first -----------------------------------
+
+def _resolves_to(*addresses: str) -> Callable[[str, int], list[str]]:
+    """A resolver answering with `addresses` in this order, as a DNS server an attacker
+    runs would (a public A record first, the metadata address after it)."""
+    def resolve(host: str, port: int) -> list[str]:
+        assert (host, port) == ("images.example.com", 443)
+        return list(addresses)
+
+    return resolve
+
+
+@pytest.mark.parametrize("addresses", [
+    ("8.8.8.8", "10.0.0.5"),
+    ("8.8.8.8", "127.0.0.1"),
+    ("93.184.216.34", "169.254.169.254"),
+    ("8.8.8.8", "1.1.1.1", "fd00:ec2::254"),
+    ("2001:4860:4860::8888", "::1"),
+    ("2001:4860:4860::8888", "::ffff:169.254.169.254"),
+    ("10.0.0.5", "8.8.8.8"),
+])
+def test_a_name_is_refused_when_any_of_its_addresses_is_internal(addresses: tuple[str, ...]) -> None:
+    with pytest.raises(UnsafeURL) as caught:
+        resolve_public_https_url("https://images.example.com/a.png", resolver=_resolves_to(*addresses))
+    message = str(caught.value)
+    assert message == "host 'images.example.com' resolves to a non-public address"
+    assert not any(a in message for a in addresses), "a name's addresses are not the user's to learn"
+
+
+def test_a_name_whose_addresses_are_all_public_connects_to_the_first() -> None:
+    checked = resolve_public_https_url("https://images.example.com/a.png",
+                                       resolver=_resolves_to("8.8.8.8", "1.1.1.1", "2001:4860:4860::8888"))
+    assert (checked.host, checked.address, checked.port, checked.target) == ("images.example.com", "8.8.8.8", 443,
+                                                                             "/a.png")
+
+
+def test_a_name_without_addresses_is_refused() -> None:
+    with pytest.raises(UnsafeURL, match="does not resolve"):
+        resolve_public_https_url("https://images.example.com/a.png", resolver=_resolves_to())

@@ -56,6 +56,21 @@ HOSTILE = {
     "bearer": f"Authorization: Bearer {TOKEN}",
     "truncated value": f"...&X-Amz-Signature={SIG[:40]}",
     "two urls": f"{PRESIGNED} then {SAS}",
+    # Spellings of the security review (finding 14): a dict repr of a parsed query, Go's
+    # JSON escapes, a header dump, three rounds of percent-encoding, a value on the next line.
+    "dict repr of the query": repr({"X-Amz-Credential": [CRED], "X-Amz-Signature": [SIG], "sig": ["q0Xb9kEXAMPLESAS"]}),
+    "dict repr, plain values": repr({"X-Amz-Security-Token": TOKEN, "X-Amz-Signature": SIG}),
+    "json of a query dict": json.dumps({"X-Amz-Signature": SIG, "X-Amz-Credential": CRED}),
+    "json inside json": json.dumps(json.dumps({"X-Amz-Signature": SIG, "token": TOKEN})),
+    "json unicode escapes": PRESIGNED.replace("&", "\\u0026").replace("=", "\\u003d"),
+    "json unicode escapes, no scheme": f"k?a\\u003d1\\u0026X-Amz-Signature\\u003d{SIG}\\u0026X-Amz-Credential\\u003d{CRED}",
+    "header style": f"X-Amz-Signature: {SIG}\nX-Amz-Credential:{CRED}\nX-Amz-Security-Token:  {TOKEN}",
+    "triple-encoded": f"https://proxy/?next={quote(quote(quote(PRESIGNED, safe=''), safe=''), safe='')}",
+    "triple-encoded, no scheme": quote(quote(quote(f"k?a=1&X-Amz-Signature={SIG}", safe=""), safe=""), safe=""),
+    "triple-encoded names": f"x%25252Damz%25252Dsignature%25253D{SIG}",
+    "value after a newline": f"X-Amz-Signature=\n{SIG}\nX-Amz-Credential:\r\n  {CRED}",
+    "url nested three times": "https://a/?u=" + quote("https://b/?u=" + quote("https://c/?u=" + quote(PRESIGNED, safe=""),
+                                                                            safe=""), safe=""),
 }
 
 
@@ -65,6 +80,41 @@ def test_hostile_inputs_lose_every_secret(case: str) -> None:
     out = redact(text)
     assert not leaked(out), f"{case}: {out}"
     assert redact(out) == out, "idempotent"
+
+
+VALUE = "Zq9SECRETVALUE0123456789abcdef"
+CREDENTIAL_NAMES = ["token", "access_token", "sas", "password", "secret", "sig", "Signature", "X-Amz-Signature",
+                    "X-Amz-Credential", "X-Amz-Security-Token", "AWSAccessKeyId", "X-Goog-Signature",
+                    "X-Goog-Credential", "GoogleAccessId", "skoid", "sktid", "TOKEN", "Password"]
+SPELLINGS = {
+    "free text": "failed: {name}={value} retrying",
+    "url query": "GET https://h.example/b/k?a=1&{name}={value}&b=2 failed",
+    "url query, no scheme": "b/k?a=1&{name}={value}",
+    "header": "{name}: {value}",
+    "json": '{{"{name}": "{value}", "n": 1}}',
+    "dict repr": "{{'{name}': ['{value}']}}",
+    "newline": "{name}=\n{value}",
+    "json escapes": "https://h/k?a\\u003d1\\u0026{name}\\u003d{value}",
+    "encoded once": "k%3Fa%3D1%26{name}%3D{value}",
+    "encoded thrice": "k%25253Fa%25253D1%252526{name}%25253D{value}",
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+@pytest.mark.parametrize("name", CREDENTIAL_NAMES)
+def test_every_credential_name_in_every_spelling(name: str, spelling: str) -> None:
+    text = SPELLINGS[spelling].format(name=name, value=VALUE)
+    out = redact(text)
+    assert VALUE not in out, out
+    assert redact(out) == out, "idempotent"
+
+
+def test_harmless_words_survive() -> None:
+    # Names only count as a whole word followed by a separator and a value.
+    for text in ("token not authenticated", "TokenReview failed: 503",
+                 "HTTP status code: 403 for https://h/k?versionId=3", "xsig=abc", "mysecret=abc",
+                 "signatures verified", "w1: download failed with HTTP 404"):
+        assert redact(text) == text
 
 
 def test_truncated_signature_value_is_redacted() -> None:
@@ -138,3 +188,18 @@ def test_property_no_signature_value_survives(prefix: str, suffix: str, name: st
     text = f"{prefix} {wrap}https://host.example/b/k?{query}{wrap} {suffix}"
     out = redact(text)
     assert value not in out
+
+
+def test_a_query_that_never_stops_decoding_is_redacted() -> None:
+    # Past the decoding bound nothing is known about the names: fail closed.
+    deep = "https://h/k?next=%" + "25" * 40 + "41"
+    assert redact(deep) == "https://h/k?" + REDACTED
+    shallow = "https://h/k?next=%" + "25" * 5 + "41"
+    assert redact(shallow) == shallow
+
+
+@pytest.mark.parametrize("text", ["xsig:" * 30000, "token" * 30000, "sig=" * 30000, "%25" * 30000,
+                                  "x-amz-signature: " * 10000, "\\u0026sig=" * 20000])
+def test_long_hostile_text_is_redacted_in_linear_time(text: str) -> None:
+    # No timing assertion: a quadratic scan of these would not finish within the test run.
+    redact(text)
