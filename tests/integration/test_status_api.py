@@ -241,7 +241,7 @@ def test_a_deleted_service_accounts_token_is_refused_within_seconds(stack: Local
 def test_the_status_api_over_https(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Last in this module: restarts the operator serving the status port over TLS, with
     the certificate and key from files as the Deployment mounts them from a Secret."""
-    from gpuroute.localenv.tls import self_signed
+    from gpuroute_dev.localenv.tls import self_signed
 
     cert, key = self_signed(tmp_path_factory.mktemp("status-tls"), ("127.0.0.1", "localhost"))
     assert stack.operator is not None

@@ -229,7 +229,7 @@ def test_status_api_plain_http_on_loopback_disabled_or_explicitly_insecure() -> 
 
 
 def test_status_api_tls_from_files_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpuroute.localenv.tls import self_signed
+    from gpuroute_dev.localenv.tls import self_signed
 
     cert, key = self_signed(tmp_path)
     config = _web("--status-tls-cert", str(cert), "--status-tls-key", str(key))

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gpuroute.localenv.tls import self_signed
+from gpuroute_dev.localenv.tls import self_signed
 from gpuroute_operator.web.console import (
     DEFAULT_AUDIENCES,
     Reviewer,
