@@ -387,7 +387,7 @@ class Dispatcher:
             log.warning("dropped a RESULT for %s from %s/%s: %s", result.job, conn.pool, conn.worker, mismatch.message)
             self.on_error(conn, mismatch, now)
             return
-        self.placement.learn(job, conn.pool, result)
+        self.placement.learn(job, conn, result)
         job.pool, job.worker, job.gpu = conn.pool, conn.worker, result.device or conn.device
         message = _record_output(job, result)
         metrics.labelled(metrics.E2E_SECONDS, conn.pool).observe(max(0.0, now - job.queued_at))
