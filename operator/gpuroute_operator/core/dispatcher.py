@@ -443,7 +443,8 @@ class Dispatcher:
                 job = self.jobs[uid]
                 job.reuse_attempt = False  # the worker that had it did not come back
                 self._route(job, now)
-        self._reroute_unrouted(now)
+        # Unrouted jobs are not looked at here: only a pool or a worker appearing can make one
+        # routable (set_pool, joined), and one ImageJob per tick each would tax the heartbeat loop.
         self.pump(now)
 
     def expire(self, now: float) -> None:
@@ -452,6 +453,7 @@ class Dispatcher:
                          f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})", now)
 
     def _reroute_unrouted(self, now: float) -> None:
+        """Route again every job no pool could take: after a change that may have made one eligible."""
         for job in list(self.ledger.unrouted.values()):
             self._route(job, now)
             if job.place is not Place.UNROUTED:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from gpuroute.protocol import Accepted, AttemptId, Cancel, Disconnect, ErrorCode, Heartbeat, JobRequest, Ready
 from gpuroute_operator.core.dispatcher import DispatcherConfig
 from gpuroute_operator.core.jobs import Place
+from gpuroute_operator.core.router import Decision, JobNeeds, PoolView
 from tests.unit.gpuroute_operator.core.dispatcher_world import GOOD_SHA, World, timing_violations
 
 
@@ -335,6 +338,36 @@ def test_no_eligible_pool_waits_then_routes_when_one_appears(world: World) -> No
     assert world.status("j1")["reason"] == "NoEligiblePool"
     b1 = world.connect("pool-b", "b1")
     assert _only_request(world, b1).job == AttemptId("j1", 1)
+
+
+def test_unrouted_jobs_cost_no_routing_work_per_tick(world: World) -> None:
+    # Review finding 10: every unroutable job was routed again on every tick, on the loop that
+    # carries heartbeats. Only a change of pools or workers can make one routable.
+    decisions: list[str] = []
+    choose = world.dispatcher.placement.choose
+
+    def counting(needs: JobNeeds, views: Sequence[PoolView]) -> Decision:
+        decisions.append(needs.namespace)
+        return choose(needs, views)
+
+    world.dispatcher.placement.choose = counting
+    world.connect("pool-a", "a1")
+    for i in range(50):
+        world.submit(f"u{i}", placement={"pools": ["pool-b"]})
+    assert len(world.dispatcher.unrouted) == 50
+    decisions.clear()
+    for _ in range(20):
+        world.advance(0.1)
+        world.dispatcher.tick(world.now)
+    assert decisions == []
+    world.connect("pool-b", "b1")
+    assert not world.dispatcher.unrouted
+    assert [job.pool for job in world.dispatcher.jobs.values()] == ["pool-b"] * 50
+    # A job past its deadline while unrouted still times out on the tick.
+    world.submit("late", placement={"pools": ["nowhere"]}, timeoutSeconds=1)
+    world.advance(1.5)
+    world.dispatcher.tick(world.now)
+    assert world.status("late")["reason"] == "Timeout"
 
 
 def test_silent_worker_is_lost_and_kicked(world: World) -> None:
