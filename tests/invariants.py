@@ -10,6 +10,10 @@ from typing import Any
 from gpuroute_operator.core.timestamps import parse_rfc3339
 
 TERMINAL_PHASES = ("Completed", "Failed", "Cancelled")
+STAGES = ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs", "uploadMs")
+"""The parts of totalMs a status carries once a worker answered."""
+ROUNDING_MS = 0.005
+"""How far the parts may sum from totalMs: each of the eight values is rounded to 0.001 ms."""
 
 
 def timing_violations(status: Mapping[str, Any]) -> list[str]:
@@ -21,12 +25,12 @@ def timing_violations(status: Mapping[str, Any]) -> list[str]:
     if any(b < a - 0.0015 for a, b in zip(present, present[1:], strict=False)):
         problems.append(f"timestamps out of order: {timing}")
     total = timing.get("totalMs")
-    parts = [timing.get(k, 0.0) for k in ("queueMs", "networkMs", "downloadMs", "decodeMs", "gpuMs", "encodeMs",
-                                           "uploadMs")]
+    parts = [timing.get(k, 0.0) for k in STAGES]
     if total is None or not all(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0 for p in [*parts, total]):
         problems.append(f"durations missing, negative or not finite: {timing}")
-    elif sum(parts) > total + 0.05:
-        problems.append(f"stages add up to {sum(parts):.3f} ms, more than totalMs {total}")
+    elif any(k in timing for k in STAGES) and abs(sum(parts) - total) > ROUNDING_MS:
+        # Every millisecond of the job is in exactly one stage: none missing, none counted twice.
+        problems.append(f"stages add up to {sum(parts):.3f} ms, not totalMs {total}")
     if status.get("phase") == "Completed" and not (isinstance(status.get("attempts"), int) and status["attempts"] >= 1):
         problems.append(f"completed with attempts {status.get('attempts')!r}")
     return problems

@@ -308,6 +308,18 @@ def test_catalogue_defaults_fit_the_step_schema(imagejob: dict[str, Any]) -> Non
 # ----------------------------------------------------------------------------- ImageJob API
 
 
+def test_placement_lists_are_bounded_as_the_parser_bounds_them(imagejob: dict[str, Any]) -> None:
+    # An unbounded list let one ImageJob name ~20,000 pools, each looked at on every routing pass.
+    from gpuroute_operator.core.spec import MAX_PLACEMENT_NAMES, PLACEMENT_NAME_LENGTHS
+
+    schema = _schema(imagejob)
+    for field, max_length in PLACEMENT_NAME_LENGTHS.items():
+        names = _at(schema, f"spec.placement.{field}")
+        assert names["maxItems"] == MAX_PLACEMENT_NAMES == 32
+        assert names["items"]["maxLength"] == max_length
+        assert names["items"]["minLength"] == 1
+
+
 def test_imagejob_spec_fields(imagejob: dict[str, Any]) -> None:
     schema = _schema(imagejob)
     spec = _at(schema, "spec")

@@ -396,7 +396,7 @@ class Dispatcher:
             log.warning("dropped a RESULT for %s from %s/%s: %s", result.job, conn.pool, conn.worker, mismatch.message)
             self.on_error(conn, mismatch, now)
             return
-        self.placement.learn(job, conn.pool, result)
+        self.placement.learn(job, conn, result)
         job.pool, job.worker, job.gpu = conn.pool, conn.worker, result.device or conn.device
         message = answers.record_output(job, result)
         metrics.labelled(metrics.E2E_SECONDS, conn.pool).observe(max(0.0, now - job.queued_at))
@@ -453,7 +453,8 @@ class Dispatcher:
                 job = self.jobs[uid]
                 job.reuse_attempt = False  # the worker that had it did not come back
                 self._route(job, now)
-        self._reroute_unrouted(now)
+        # Unrouted jobs are not looked at here: only a pool or a worker appearing can make one
+        # routable (set_pool, joined), and one ImageJob per tick each would tax the heartbeat loop.
         self.pump(now)
 
     def expire(self, now: float) -> None:
@@ -485,6 +486,7 @@ class Dispatcher:
                     break
 
     def _reroute_unrouted(self, now: float) -> None:
+        """Route again every job no pool could take: after a change that may have made one eligible."""
         for job in list(self.ledger.unrouted.values()):
             self._route(job, now)
             if job.place is not Place.UNROUTED:

@@ -3,7 +3,9 @@ says it holds an attempt may keep it, and what finished jobs teach about each po
 (pure; the dispatcher places the job where this decides).
 
 Every pool is scored on the job at hand: its pipeline, and its size where known (inline
-input) or else the typical size of that pipeline (service_model.PipelinePriors).
+input) or else the typical size of that pipeline (service_model.PipelinePriors). What a
+RESULT teaches is checked first (`Placer.learn`): the input size against what the operator
+knows, the time against the other pools' workers (service_model.plausible_ms).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from gpuroute.protocol import AttemptId, OutputInfo, Result
 from gpuroute_operator.core.jobs import Job, Place
 from gpuroute_operator.core.pools import PoolState, WorkerConn
 from gpuroute_operator.core.router import Decision, JobNeeds, PoolView, choose, rejection
-from gpuroute_operator.core.service_model import PipelinePriors
+from gpuroute_operator.core.service_model import MAX_LEARNED_MPIX, PipelinePriors, band_floor, plausible_ms
 
 Chooser = Callable[[JobNeeds, Sequence[PoolView]], Decision]
 """router.choose, or a stand-in that changes what the views show (the counterfactuals in bench/routing_sim/gpuroute.py)."""
@@ -47,12 +49,26 @@ class Placer:
         mpix = self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None)
         return pool.job_service_ms(cost_class, mpix, self.priors.shape(cost_class))
 
-    def decide(self, job: Job, now: float) -> Decision:
+    def views(self, job: Job) -> list[PoolView]:
+        """Every pool as the router sees it for `job`. A pool's expected worker time is the mean
+        over its worker keys, each credited with no less than RATE_BAND under the median of
+        the other pools' keys (a pool that never ran the pipeline: its typical time, as low)."""
         pixels = job.spec.input_pixels
         cost_class = job.spec.cost_class
         mpix = self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None)
         shape = self.priors.shape(cost_class)
-        views = [p.view(p.job_service_ms(cost_class, mpix, shape)) for p in self.pools.values()]
+        keys = {name: pool.key_predictions(cost_class, mpix, shape) for name, pool in self.pools.items()}
+        views = []
+        for name, pool in self.pools.items():
+            floor = band_floor(ms for other, predictions in keys.items() if other != name for ms in predictions)
+            service = pool.job_service_ms(cost_class, mpix, shape, floor, keys[name])
+            if service is None and pool.service_ms is not None:
+                service = max(floor, pool.service_ms)
+            views.append(pool.view(service))
+        return views
+
+    def decide(self, job: Job, now: float) -> Decision:
+        views = self.views(job)
         needs = self.needs(job, now)
         decision = self.choose(needs, views)
         prefer = job.pool
@@ -88,19 +104,36 @@ class Placer:
         view = dataclasses.replace(pool.view(), workers=1, slots=1)
         return sum(1 for job in unrouted if rejection(self.needs(job, now), view) is None)
 
-    def learn(self, job: Job, pool_name: str, result: Result) -> None:
-        """A computed (not cached) result: the pool's speed on this pipeline, and its typical size."""
-        pool = self.pools.get(pool_name)
+    def learn(self, job: Job, conn: WorkerConn, result: Result) -> None:
+        """A computed (not cached) result from `conn`: its pool's speed on this pipeline (the
+        share of `conn`'s key), and the pipeline's typical size."""
+        pool = self.pools.get(conn.pool)
         if pool is None or result.cached:
             return
+        key = conn.principal.user_id
         if result.output is not None:
-            self._learn(pool, job, result.timing.worker_ms, result.output, result.input_width * result.input_height)
+            self._learn(pool, key, job, result.timing.worker_ms, result.output,
+                        result.input_width * result.input_height)
         for item in result.items:  # an item group: each item is a sample of the pool's speed
             if item.output is not None:
-                self._learn(pool, job, item.timing.worker_ms, item.output, item.input_width * item.input_height)
+                self._learn(pool, key, job, item.timing.worker_ms, item.output, item.input_width * item.input_height)
 
-    def _learn(self, pool: PoolState, job: Job, worker_ms: float, output: OutputInfo, input_pixels: int) -> None:
-        pool.record_result(worker_ms, output.width * output.height, cost_class=job.spec.cost_class,
-                           input_pixels=input_pixels)
-        if input_pixels:
-            self.priors.add(job.spec.cost_class, input_pixels / 1e6, worker_ms)
+    def _learn(self, pool: PoolState, key: str, job: Job, worker_ms: float, output: OutputInfo,
+               reported_pixels: int) -> None:
+        cost_class = job.spec.cost_class
+        if job.spec.input_pixels:
+            pixels = job.spec.input_pixels  # read from the inline input's header: the claim is not needed
+        elif reported_pixels / 1e6 > MAX_LEARNED_MPIX:
+            return  # a size no worker reads: the whole result is suspect
+        else:
+            pixels = reported_pixels  # 0: unknown
+        shape = self.priors.shape(cost_class)
+        mpix = pixels / 1e6 if pixels else self.priors.expected_mpix(cost_class, None)
+        others = (ms for other in self.pools.values() if other is not pool
+                  for ms in other.key_predictions(cost_class, mpix, shape))
+        checked = plausible_ms(worker_ms, others)
+        if checked is None:
+            return
+        pool.record_result(checked, output.width * output.height, cost_class=cost_class, input_pixels=pixels, key=key)
+        if pixels:
+            self.priors.add(cost_class, pixels / 1e6, checked)

@@ -15,7 +15,7 @@ from gpuroute_operator.core.identity import Principal
 from gpuroute_operator.core.queues import FairQueue
 from gpuroute_operator.core.router import PoolView
 from gpuroute_operator.core.scaling_spec import ScalingSpec, parse_scaling
-from gpuroute_operator.core.service_model import ServiceFit, fit_for
+from gpuroute_operator.core.service_model import MIN_SERVICE_MS, KeyedFit, ServiceFit, fit_for
 
 if TYPE_CHECKING:
     from gpuroute_operator.core.jobs import Job
@@ -183,8 +183,9 @@ class PoolState:
     """Moving average of worker ms over every job here: how long the jobs ahead in its queue take."""
     mpix_per_s: float | None = None
     """Moving average of output megapixels per second (shown on the status)."""
-    fits: dict[str, ServiceFit] = field(default_factory=dict)
-    """Worker ms against input megapixels, by cost class: what one more job of that class will take."""
+    fits: dict[str, KeyedFit] = field(default_factory=dict)
+    """Worker ms against input megapixels, by cost class and worker key: what one more job of that
+    class will take. Only results the placer found plausible (placement.Placer.learn) reach it."""
 
     @property
     def busy(self) -> int:
@@ -208,18 +209,27 @@ class PoolState:
         )
 
     def record_result(self, worker_ms: float, output_pixels: int, *, cost_class: str = "",
-                      input_pixels: int = 0) -> None:
+                      input_pixels: int = 0, key: str = "") -> None:
+        """One result of worker `key` (its principal): `input_pixels` 0 when the size is unknown."""
         self.service_ms = ewma(self.service_ms, worker_ms)
         if worker_ms > 0:
             self.mpix_per_s = ewma(self.mpix_per_s, output_pixels / 1e6 / (worker_ms / 1000.0))
         if cost_class and input_pixels > 0:
-            fit_for(self.fits, cost_class).add(input_pixels / 1e6, worker_ms)
+            fit_for(self.fits, cost_class, KeyedFit).add(key, input_pixels / 1e6, worker_ms)
 
-    def job_service_ms(self, cost_class: str, mpix: float | None, shape: ServiceFit | None = None) -> float | None:
+    def job_service_ms(self, cost_class: str, mpix: float | None, shape: ServiceFit | None = None,
+                       floor: float = MIN_SERVICE_MS, keys: list[float] | None = None) -> float | None:
         """Expected worker ms here for a job of `cost_class` and `mpix` input megapixels
-        (None: this pool has not run that class yet); `shape` is the fit over every pool."""
+        (None: this pool has not run that class yet); `shape` is the fit over every pool,
+        `floor` the least any one worker key is credited with (service_model.band_floor),
+        `keys` this pool's key_predictions for the job if already known."""
         fit = self.fits.get(cost_class)
-        return fit.predict(mpix, shape) if fit is not None else None
+        return fit.predict(mpix, shape, floor, keys) if fit is not None else None
+
+    def key_predictions(self, cost_class: str, mpix: float | None, shape: ServiceFit | None = None) -> list[float]:
+        """Each of this pool's worker keys' expected ms for the job (empty: none ran its class)."""
+        fit = self.fits.get(cost_class)
+        return fit.key_predictions(mpix, shape) if fit is not None else []
 
     def free_worker(self, now: float, preferred: str | None = None) -> WorkerConn | None:
         free = [w for w in self.workers.values() if w.free(now) > 0]

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gpuroute_operator.core.service_model import MIN_SERVICE_MS
+
 PRIOR_SERVICE_MS = 250.0
 """Service time assumed for a pool before any job there has been measured."""
 BALANCED_SLACK = 1.5
@@ -124,7 +126,8 @@ def rejection(job: JobNeeds, pool: PoolView) -> str | None:
 
 def estimate(pool: PoolView) -> Estimate:
     typical = pool.service_ms if pool.service_ms is not None else PRIOR_SERVICE_MS
-    service = pool.job_service_ms if pool.job_service_ms is not None else typical
+    # Never 0, whatever the workers reported: a pool that looked free would win every strategy.
+    service = max(MIN_SERVICE_MS, pool.job_service_ms if pool.job_service_ms is not None else typical)
     # The jobs ahead are whatever the pool's queue holds: their time is the pool's typical job's.
     ahead = max(0, pool.queued + pool.busy - pool.slots + 1)
     wait = ahead * typical / max(1, pool.slots)

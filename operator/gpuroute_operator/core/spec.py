@@ -24,6 +24,11 @@ PRIORITIES = ("realtime", "batch")
 STRATEGIES = ("fastest", "cheapest", "balanced")
 DEFAULT_TIMEOUT_S = 600
 DEFAULT_MAX_ATTEMPTS = 3
+MAX_PLACEMENT_NAMES = 32
+"""Names one placement list (pools, clouds, regions) may hold, as crds/imagejob.yaml's maxItems.
+Every routing pass looks at each name: without a bound one ImageJob could carry ~20,000."""
+PLACEMENT_NAME_LENGTHS = {"pools": 253, "clouds": 63, "regions": 63}
+"""Longest name in each placement list (a WorkerPool name is a DNS subdomain), as the CRD's maxLength."""
 
 _S3 = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.+)$")
 _AZURE = re.compile(r"^azure://(?P<account>[a-z0-9]{3,24})/(?P<container>[a-z0-9](?:[a-z0-9\-]{1,61}[a-z0-9]))/(?P<blob>.+)$")
@@ -124,6 +129,19 @@ def _strings(value: Any, field: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _placement_names(placement: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """spec.placement.<name>, within the CRD's bounds (a spec may arrive without its checks)."""
+    field = f"spec.placement.{name}"
+    names = _strings(placement.get(name), field)
+    if len(names) > MAX_PLACEMENT_NAMES:
+        raise SpecError(field, f"must hold at most {MAX_PLACEMENT_NAMES} names, got {len(names)}")
+    longest = PLACEMENT_NAME_LENGTHS[name]
+    for index, value in enumerate(names):
+        if len(value) > longest:
+            raise SpecError(field, f"[{index}] must be at most {longest} characters, got {len(value)}")
+    return names
+
+
 def _int_in(value: Any, field: str, default: int, lo: int, hi: int) -> int:
     if value is None:
         return default
@@ -211,9 +229,9 @@ def parse_job_spec(spec: Mapping[str, Any] | None) -> JobSpec:
         timeout_s=_int_in(spec.get("timeoutSeconds"), "spec.timeoutSeconds", DEFAULT_TIMEOUT_S, 1, 86400),
         max_attempts=_int_in(spec.get("maxAttempts"), "spec.maxAttempts", DEFAULT_MAX_ATTEMPTS, 1, 10),
         placement=Placement(
-            pools=_strings(placement.get("pools"), "spec.placement.pools"),
-            clouds=_strings(placement.get("clouds"), "spec.placement.clouds"),
-            regions=_strings(placement.get("regions"), "spec.placement.regions"),
+            pools=_placement_names(placement, "pools"),
+            clouds=_placement_names(placement, "clouds"),
+            regions=_placement_names(placement, "regions"),
             strategy=_choice(placement.get("strategy"), "spec.placement.strategy", "balanced", STRATEGIES),
         ),
         cost_class=cost_class(steps),

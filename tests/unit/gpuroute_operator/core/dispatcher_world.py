@@ -104,9 +104,11 @@ class World:
         who = principal or (session.principal if session else Principal("pool-a", "nobody", "N" * 40))
         self.dispatcher.on_message(routing_id, who, body, self.now)
 
-    def result(self, attempt: AttemptId, *, sha: str = GOOD_SHA, cached: bool = False, gpu_ms: float = 30.0) -> Result:
-        return Result(attempt, StageTiming(5.0, 2.0, gpu_ms, 3.0, 4.0, 1.0), OutputInfo(100, 8, 8, sha, "png"),
-                      16, 16, "cpu", cached)
+    def result(self, attempt: AttemptId, *, sha: str = GOOD_SHA, cached: bool = False, gpu_ms: float = 30.0,
+               timing: StageTiming | None = None, input_size: tuple[int, int] = (16, 16)) -> Result:
+        """A RESULT for `attempt`; `timing` and `input_size` are what the worker claims."""
+        return Result(attempt, timing or StageTiming(5.0, 2.0, gpu_ms, 3.0, 4.0, 1.0), OutputInfo(100, 8, 8, sha, "png"),
+                      *input_size, "cpu", cached)
 
     def error(self, attempt: AttemptId, code: ErrorCode = ErrorCode.UNAVAILABLE, *, rejected: bool = False) -> Error:
         return Error(attempt, code, f"{code.value} happened", rejected)

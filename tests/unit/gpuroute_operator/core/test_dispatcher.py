@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
-from gpuroute.protocol import Accepted, AttemptId, Cancel, Disconnect, ErrorCode, Heartbeat, JobRequest, Ready
+from gpuroute.protocol import (
+    Accepted,
+    AttemptId,
+    Cancel,
+    Disconnect,
+    ErrorCode,
+    Heartbeat,
+    JobRequest,
+    Ready,
+    StageTiming,
+)
 from gpuroute_operator.core.dispatcher import DispatcherConfig
 from gpuroute_operator.core.jobs import Place
+from gpuroute_operator.core.router import Decision, JobNeeds, PoolView
 from tests.unit.gpuroute_operator.core.dispatcher_world import GOOD_SHA, World, timing_violations
 
 
@@ -41,6 +54,23 @@ def test_a_job_goes_to_a_free_worker_and_completes_once(world: World) -> None:
     assert world.status("j1")["output"]["sha256"] == GOOD_SHA
     assert len(world.terminal_events("j1")) == 1
     assert world.dispatcher.sessions[w1].attempts == set()
+
+
+def test_queue_ms_counts_the_wait_in_the_operator_and_for_the_device(world: World) -> None:
+    w1 = world.connect("pool-a", "w1")
+    world.submit("j1")
+    request = _only_request(world)
+    world.advance(1.0)
+    timing = StageTiming(download_ms=5.0, decode_ms=2.0, gpu_ms=30.0, encode_ms=3.0, upload_ms=4.0,
+                         executor_wait_ms=400.0)
+    world.send(w1, world.result(request.job, timing=timing))
+    status = world.status("j1")
+    assert timing_violations(status) == []
+    # Sent at once, answered 1 s later after 444 ms on the worker: 556 ms on the network;
+    # the 400 ms the job waited for the worker's GPU is queueing, not network or compute.
+    assert status["timing"]["queueMs"] == pytest.approx(400.0, abs=0.01)
+    assert status["timing"]["networkMs"] == pytest.approx(556.0, abs=0.01)
+    assert status["timing"]["totalMs"] == pytest.approx(1000.0, abs=0.01)
 
 
 def test_no_normal_event_for_queued_or_dispatched(world: World) -> None:
@@ -335,6 +365,36 @@ def test_no_eligible_pool_waits_then_routes_when_one_appears(world: World) -> No
     assert world.status("j1")["reason"] == "NoEligiblePool"
     b1 = world.connect("pool-b", "b1")
     assert _only_request(world, b1).job == AttemptId("j1", 1)
+
+
+def test_unrouted_jobs_cost_no_routing_work_per_tick(world: World) -> None:
+    # Review finding 10: every unroutable job was routed again on every tick, on the loop that
+    # carries heartbeats. Only a change of pools or workers can make one routable.
+    decisions: list[str] = []
+    choose = world.dispatcher.placement.choose
+
+    def counting(needs: JobNeeds, views: Sequence[PoolView]) -> Decision:
+        decisions.append(needs.namespace)
+        return choose(needs, views)
+
+    world.dispatcher.placement.choose = counting
+    world.connect("pool-a", "a1")
+    for i in range(50):
+        world.submit(f"u{i}", placement={"pools": ["pool-b"]})
+    assert len(world.dispatcher.unrouted) == 50
+    decisions.clear()
+    for _ in range(20):
+        world.advance(0.1)
+        world.dispatcher.tick(world.now)
+    assert decisions == []
+    world.connect("pool-b", "b1")
+    assert not world.dispatcher.unrouted
+    assert [job.pool for job in world.dispatcher.jobs.values()] == ["pool-b"] * 50
+    # A job past its deadline while unrouted still times out on the tick.
+    world.submit("late", placement={"pools": ["nowhere"]}, timeoutSeconds=1)
+    world.advance(1.5)
+    world.dispatcher.tick(world.now)
+    assert world.status("late")["reason"] == "Timeout"
 
 
 def test_silent_worker_is_lost_and_kicked(world: World) -> None:

@@ -229,3 +229,9 @@ def test_cost_counts_the_gpu_share_of_one_slot() -> None:
     four_slots = estimate(pool("b", workers=4, slots=16, price_per_gpu_hour=3.6, service_ms=100.0))
     assert one_slot.cost_usd == pytest.approx(0.0001)
     assert four_slots.cost_usd == pytest.approx(one_slot.cost_usd / 4)
+
+
+def test_a_pool_reported_free_is_still_priced() -> None:
+    for service, job_service in ((0.0, 0.0), (0.0, None), (None, 0.0)):
+        est = estimate(pool("p", service_ms=service, job_service_ms=job_service, price_per_gpu_hour=9.0))
+        assert est.cost_usd > 0.0 and est.expected_ms > 0.0

@@ -6,7 +6,18 @@ import random
 
 import pytest
 
-from gpuroute_operator.core.service_model import MIN_SAMPLES_FOR_SLOPE, PipelinePriors, ServiceFit
+from gpuroute_operator.core.service_model import (
+    MAX_LEARNED_MPIX,
+    MIN_SAMPLES_FOR_SLOPE,
+    MIN_SERVICE_MS,
+    OUTLIER_FACTOR,
+    RATE_BAND,
+    KeyedFit,
+    PipelinePriors,
+    ServiceFit,
+    band_floor,
+    plausible_ms,
+)
 
 
 def _fit(points: list[tuple[float, float]]) -> ServiceFit:
@@ -102,3 +113,43 @@ def test_cost_classes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(priors.shapes) == 3 and set(priors.mean_mpix) == set(priors.shapes)
     assert "invert" in priors.shapes  # the most used class stays
     assert "blur(radius=9)" in priors.shapes
+
+
+def test_each_worker_key_is_one_equal_share_of_its_pool() -> None:
+    fit = KeyedFit()
+    for _ in range(100):  # the busy key that claims 0 ms
+        fit.add("liar", 4.0, 0.0)
+    for _ in range(5):
+        fit.add("honest", 4.0, 200.0)
+    assert fit.predict(4.0, floor=50.0) == pytest.approx((200.0 + 50.0) / 2)
+    assert fit.predict(4.0) == pytest.approx((200.0 + MIN_SERVICE_MS) / 2)
+    # Honest workers that differ a little: the fit of every result decides.
+    even = KeyedFit()
+    for ms in (100.0, 110.0, 90.0, 105.0) * 5:
+        even.add(f"k{int(ms)}", 4.0, ms)
+    assert even.predict(4.0, floor=25.0) == pytest.approx(even.pooled.predict(4.0))
+    assert fit.samples == 105  # the status still counts every result
+
+
+def test_the_band_is_set_by_the_other_pools_median() -> None:
+    assert band_floor([]) == MIN_SERVICE_MS
+    assert band_floor([0.0]) == MIN_SERVICE_MS
+    assert band_floor([100.0, 120.0, 4000.0]) == pytest.approx(120.0 / RATE_BAND)
+    assert plausible_ms(0.0, []) == 0.0  # nothing to judge against: the pool's own floor applies when read
+    assert plausible_ms(0.0, [100.0]) is None
+    assert plausible_ms(100.0 / OUTLIER_FACTOR * 1.01, [100.0]) == pytest.approx(100.0 / RATE_BAND)
+    assert plausible_ms(30.0, [100.0]) == 30.0
+    assert plausible_ms(5000.0, [100.0]) == 5000.0  # slower than the rest is believed
+
+
+def test_predictions_stay_in_the_band_for_any_samples() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        fit = KeyedFit()
+        for _ in range(rng.randint(1, 30)):
+            fit.add(rng.choice("abc"), rng.choice((0.0, 1e-6, rng.uniform(0.0, 300.0))),
+                    rng.choice((0.0, rng.uniform(0.0, 1e4))))
+        floor = band_floor(rng.uniform(0.0, 500.0) for _ in range(rng.randint(0, 5)))
+        for mpix in (None, 0.0, 0.01, 1.0, 64.0, MAX_LEARNED_MPIX):
+            predicted = fit.predict(mpix, floor=floor)
+            assert predicted is not None and predicted >= floor >= MIN_SERVICE_MS > 0.0

@@ -13,6 +13,7 @@ from gpuroute_operator.core.spec import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT_S,
     MAX_INLINE_BYTES,
+    MAX_PLACEMENT_NAMES,
     JobSpec,
     Placement,
     SpecError,
@@ -162,6 +163,12 @@ def test_spec_itself_required(value: Any) -> None:
     ({"placement": {"regions": "eu"}}, "spec.placement.regions", "must be a list of non-empty strings"),
     ({"placement": {"pools": ["a", ""]}}, "spec.placement.pools", "must be a list of non-empty strings"),
     ({"placement": {"clouds": ["aws", 1]}}, "spec.placement.clouds", "must be a list of non-empty strings"),
+    ({"placement": {"pools": [f"p{i}" for i in range(33)]}}, "spec.placement.pools",
+     "must hold at most 32 names, got 33"),
+    ({"placement": {"clouds": ["aws"] * 20_000}}, "spec.placement.clouds", "must hold at most 32 names, got 20000"),
+    ({"placement": {"regions": ["eu-west-1", "r" * 64]}}, "spec.placement.regions",
+     "[1] must be at most 63 characters, got 64"),
+    ({"placement": {"pools": ["p" * 254]}}, "spec.placement.pools", "[0] must be at most 253 characters, got 254"),
     ({"placement": {"strategy": "random"}}, "spec.placement.strategy",
      "must be one of fastest, cheapest, balanced; got 'random'"),
     ({"steps": None}, "spec.steps", "must be a list of steps"),
@@ -208,3 +215,10 @@ def test_spec_error_is_a_value_error_with_custom_reason() -> None:
     err = SpecError("spec.x", "bad", "Custom")
     assert isinstance(err, ValueError)
     assert (err.field, err.message, err.reason, str(err)) == ("spec.x", "bad", "Custom", "spec.x: bad")
+
+
+def test_placement_lists_at_their_limits_are_accepted() -> None:
+    placement = {"pools": [f"{i:0253d}" for i in range(MAX_PLACEMENT_NAMES)],
+                 "clouds": ["c" * 63] * MAX_PLACEMENT_NAMES, "regions": ["r" * 63] * MAX_PLACEMENT_NAMES}
+    parsed = parse_job_spec(spec(placement=placement)).placement
+    assert (len(parsed.pools), len(parsed.clouds), len(parsed.regions)) == (MAX_PLACEMENT_NAMES,) * 3
