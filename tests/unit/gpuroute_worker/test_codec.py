@@ -147,6 +147,14 @@ def test_alpha_is_written_to_png_and_webp(fmt: str) -> None:
     assert out.mode == "RGBA"
 
 
+def test_encoder_ignores_a_profile_the_pillow_image_carries() -> None:
+    # Pillow's PNG and AVIF writers fall back to image.info: only the encoder's own choice counts.
+    image = _rng_image("L", seed=14)
+    image.info["icc_profile"] = display_p3()
+    for fmt in ("png", "webp", "jpeg"):
+        assert "icc_profile" not in _reopen(encode_image(image, fmt=fmt, quality=90).data).info, fmt
+
+
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 def test_encode_round_trip(fmt: str) -> None:
     pixels = torch.randint(0, 256, (3, 12, 20), dtype=torch.uint8)
