@@ -335,6 +335,9 @@ class Budget:
     """Largest output of any step, width x height."""
     max_bytes: int
     """Largest working set of any step (input, output and scratch in float32)."""
+    max_step_cpu_s: float | None = None
+    """Longest any step may take on one CPU core, by step_cpu_seconds; None: not checked
+    (a GPU worker, where the costliest step is a hundred times faster)."""
 
 
 def step_bytes(op: str, channels: int, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
@@ -343,9 +346,32 @@ def step_bytes(op: str, channels: int, in_hw: tuple[int, int], out_hw: tuple[int
     return int(pixels * max(channels, 3) * BYTES_PER_SAMPLE * _MEMORY_FACTOR.get(op, DEFAULT_MEMORY_FACTOR))
 
 
+RANK_SECONDS_PER_MPX = 0.03
+"""Seconds of one core a rank (median) filter of size >= 5 takes per input megapixel and
+per window sample (size^2): Pillow sorts every window. Measured 0.03 on a current server
+core (median-9 at 7696^2: 135 s), 0.06 to 0.07 on a slow shared one. Median-3 has a fast
+path (about 0.03 s per megapixel in all)."""
+CPU_SECONDS_PER_MPX = 0.05
+"""Seconds of one core any other step takes per megapixel of input plus output, rounded up
+from the slowest measured (Lanczos upscale, unsharp mask: 0.03): no other step comes near
+the per-step limit inside the pixel budget."""
+CPU_STEP_SECONDS = 120.0
+"""Longest one step may run on a CPU worker's single executor thread (Budget.max_step_cpu_s)."""
+
+
+def step_cpu_seconds(step: Mapping[str, Any], channels: int, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
+    """Estimated seconds of one CPU core for one normalized step on one image."""
+    scale = max(channels, 3) / 3.0
+    in_mpx = in_hw[0] * in_hw[1] / 1e6
+    if step["op"] == "denoise" and step.get("method") == "median" and step.get("size", 3) > 3:
+        return in_mpx * step["size"] ** 2 * RANK_SECONDS_PER_MPX * scale
+    return (in_mpx + out_hw[0] * out_hw[1] / 1e6) * CPU_SECONDS_PER_MPX * scale
+
+
 def check_budget(steps: Sequence[Mapping[str, Any]], shapes: Sequence[tuple[int, int]], channels: int,
                  budget: Budget) -> int:
-    """Refuse a pipeline whose any step would exceed `budget`; returns the peak bytes.
+    """Refuse a pipeline whose any step would exceed `budget` (pixels, memory and, on a CPU
+    worker, time of one core); returns the peak bytes.
 
     `shapes` holds the input's (h, w) followed by every step's output (h, w), as the
     worker's output-shape check computes them before anything is allocated. Channels are
@@ -365,5 +391,11 @@ def check_budget(steps: Sequence[Mapping[str, Any]], shapes: Sequence[tuple[int,
             raise StepError(f"spec.steps[{index}]",
                             f"{step['op']} on {in_w}x{in_h} -> {out_w}x{out_h} needs about {need / 2**30:.1f} GiB, "
                             f"over this pool's working-memory budget of {budget.max_bytes / 2**30:.1f} GiB per image")
+        if budget.max_step_cpu_s is not None:
+            seconds = step_cpu_seconds(step, channels, (in_h, in_w), (out_h, out_w))
+            if seconds > budget.max_step_cpu_s:
+                raise StepError(f"spec.steps[{index}]",
+                                f"{step['op']} on {in_w}x{in_h} would take about {seconds:.0f} s of one CPU core, over "
+                                f"this CPU pool's limit of {budget.max_step_cpu_s:.0f} s per step (a GPU pool runs it)")
         peak = max(peak, need)
     return peak

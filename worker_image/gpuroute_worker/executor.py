@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from gpuroute.ops_catalog import Budget, check_budget
+from gpuroute.ops_catalog import CPU_STEP_SECONDS, Budget, check_budget
 from gpuroute_worker import metrics
 from gpuroute_worker.codec import Raster, as_tensor, shape_of
 from gpuroute_worker.ops import OutOfMemory, run_pipeline
@@ -189,11 +189,13 @@ class BatchExecutor:
     def check_budget(self, steps: Sequence[Mapping[str, Any]], pixels: Raster, *, max_pixels: int,
                      max_bytes: int | None) -> int:
         """Refuse (OpError/StepError, never retried) a pipeline whose any step would break
-        the pixel or memory budget; nothing is allocated. Returns the peak bytes."""
+        the pixel or memory budget, or on the CPU run too long for the one executor thread;
+        nothing is allocated. Returns the peak bytes."""
         channels, height, width = shape_of(pixels)
         shapes = step_shapes(height, width, steps, models=self.models)
         return check_budget(steps, shapes, channels,
-                            Budget(max_pixels=max_pixels, max_bytes=self.working_budget(max_bytes)))
+                            Budget(max_pixels=max_pixels, max_bytes=self.working_budget(max_bytes),
+                                   max_step_cpu_s=CPU_STEP_SECONDS if self.device.type == "cpu" else None))
 
     def close(self, timeout: float = 5.0) -> None:
         self._inbox.put(_STOP)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -50,6 +51,14 @@ class JobFailed(Exception):
 class DeadlineExceeded(JobFailed):
     def __init__(self) -> None:
         super().__init__(ErrorCode.TIMEOUT, "job ran past its timeout on the worker")
+
+
+class Abandoned(JobFailed):
+    """Raised on the executor's thread for a job nobody waits for any more (cancelled, or
+    cut off by its timeout), so the step stops at its next check and frees the thread."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.CANCELLED, "job abandoned while computing")
 
 
 @dataclass(frozen=True)
@@ -265,12 +274,22 @@ class JobRunner:
             self.executor.check_budget(steps, pixels, max_pixels=self.config.max_output_pixels,
                                        max_bytes=self.config.max_working_bytes)
 
+            abandoned = threading.Event()
+
             def check_deadline() -> None:
+                if abandoned.is_set():
+                    raise Abandoned()
                 if time.monotonic() > deadline:
                     raise DeadlineExceeded()
 
             t = time.perf_counter()
-            computed = await asyncio.wrap_future(self.executor.submit(steps, pixels, check_deadline))
+            try:
+                computed = await asyncio.wrap_future(self.executor.submit(steps, pixels, check_deadline))
+            except asyncio.CancelledError:
+                # CANCEL, or a timeout (asyncio.timeout cancels): the executor's thread stops
+                # at its next check instead of finishing work nobody will read.
+                abandoned.set()
+                raise
             timing["gpuMs"] = round(computed.compute_ms, 3)
             timing["executorWaitMs"] = round(max(0.0, _ms(t) - computed.compute_ms), 3)
 

@@ -9,6 +9,7 @@ values stay in float, so results differ from Pillow's by that rounding only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -87,8 +88,9 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return y.transpose(-1, -2).to(x.dtype).clamp_(0.0, 1.0)
 
 
-def median(x: Tensor, size: int) -> Tensor:
-    """Pillow's MedianFilter(size): edges repeated outward, middle of size*size values."""
+def median(x: Tensor, size: int, check_deadline: Callable[[], None] | None = None) -> Tensor:
+    """Pillow's MedianFilter(size): edges repeated outward, middle of size*size values.
+    `check_deadline` runs before every strip, so a long filter stops at the deadline."""
     n, c, h, w = x.shape
     half = size // 2
     rows = _edge_index(h, half, half, x.device)
@@ -97,6 +99,8 @@ def median(x: Tensor, size: int) -> Tensor:
     strip = max(1, _MEDIAN_STRIP_ELEMENTS // max(1, n * c * w * size * size))
     out = []
     for y0 in range(0, h, strip):
+        if check_deadline is not None:
+            check_deadline()
         y1 = min(y0 + strip, h)
         windows = padded[:, :, y0 : y1 + 2 * half, :].unfold(2, size, 1).unfold(3, size, 1)
         # An odd count has a single middle element, so the lower median is Pillow's rank.
