@@ -271,8 +271,8 @@ class JobRunner:
             decoded, pixels = await asyncio.to_thread(decode)
             timing["decodeMs"] = _ms(t)
             # Every step's output against the pixel and memory budget, before anything is allocated.
-            self.executor.check_budget(steps, pixels, max_pixels=self.config.max_output_pixels,
-                                       max_bytes=self.config.max_working_bytes)
+            need_bytes = self.executor.check_budget(steps, pixels, max_pixels=self.config.max_output_pixels,
+                                                    max_bytes=self.config.max_working_bytes)
 
             abandoned = threading.Event()
 
@@ -284,7 +284,8 @@ class JobRunner:
 
             t = time.perf_counter()
             try:
-                computed = await asyncio.wrap_future(self.executor.submit(steps, pixels, check_deadline))
+                computed = await asyncio.wrap_future(self.executor.submit(steps, pixels, check_deadline,
+                                                                          need_bytes=need_bytes))
             except asyncio.CancelledError:
                 # CANCEL, or a timeout (asyncio.timeout cancels): the executor's thread stops
                 # at its next check instead of finishing work nobody will read.

@@ -375,6 +375,13 @@ def _uses_interpolate(step: Step, mode: str) -> bool:
 # ---------------------------------------------------------------------------- driver
 
 
+def runs_on_8bit(steps: Sequence[Step], sixteen: bool) -> list[bool]:
+    """Per step, whether run_cpu_raster runs it on 8-bit pixels (Pillow, numpy or torch's
+    uint8 kernels) rather than the float32 torch code: 16-bit grey and model steps go the
+    float way, and a model step's float result is quantized to 8 bits for the next step."""
+    return [not sixteen and _pillow_step(step) is not None for step in steps]
+
+
 def _mode_of(frame: _Frame) -> str:
     if frame._image is not None:
         return frame._image.mode

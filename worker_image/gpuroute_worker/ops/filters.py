@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpuroute.ops_catalog import MEDIAN_STRIP_ELEMENTS
 from gpuroute_worker.ops.channels import to_rgb
 from gpuroute_worker.ops.levels import luma
 
@@ -30,8 +31,8 @@ SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
 """Classic sepia matrix: output channel rows, input channel columns."""
 
 # Median windows are gathered strip by strip so the size*size copies of a large image
-# never exist at once.
-_MEDIAN_STRIP_ELEMENTS = 1 << 25
+# never exist at once; the catalogue's memory estimate counts one strip.
+_MEDIAN_STRIP_ELEMENTS = MEDIAN_STRIP_ELEMENTS
 
 
 def box_blur_radius(sigma: float, passes: int = BLUR_PASSES) -> float:
