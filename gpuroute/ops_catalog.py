@@ -313,15 +313,68 @@ def parse_rgba(value: str) -> tuple[int, int, int, int]:
 BYTES_PER_SAMPLE = 4
 """Working precision of a step: float32 per channel and pixel."""
 _MEMORY_FACTOR: dict[str, float] = {
-    "blur": 3.0,       # float64 running sums over an edge-padded copy
-    "sharpen": 3.5,    # the blur, plus the difference and the mask
-    "denoise": 3.0,    # median windows are gathered strip by strip; Gaussian as blur
-    "rotate": 3.0,     # source coordinates and weights per output pixel
-    "upscale": 2.0,    # weights per axis, one intermediate pass; models run tile by tile
-    "resize": 2.0,
+    "blur": 9.0,          # float64 copy, edge-padded copy, running sums, window, per pass
+    "sharpen": 9.0,       # the blur, plus the difference and the mask
+    "denoise": 9.0,       # Gaussian as blur; the median is counted on its own (_median_bytes)
+    "rotate": 7.5,        # source coordinates, weights and gathered samples per output pixel
+    "upscale": 4.0,       # the horizontal pass, its matrix product and the bands joined
+    "resize": 4.0,
+    "equalize": 4.0,      # 8-bit levels as int64 for the lookup
+    "autocontrast": 4.0,
+    "contrast": 3.0,
+    "edges": 2.5,
+    "emboss": 2.5,
+    "saturation": 2.0,
 }
-"""Working memory of a step as a multiple of its input plus output, where it exceeds 1."""
-DEFAULT_MEMORY_FACTOR = 1.5
+"""Peak memory of a step's torch code as a multiple of its input plus output, in float32
+with at least three channels: the worst measured with torch's CPU allocator (the
+profiler's memory events) over grey, RGB and RGBA at 0.4 and 1.6 Mpx, plus about 15%.
+tests/unit/gpuroute_worker/test_memory_estimate.py measures every op against it."""
+DEFAULT_MEMORY_FACTOR = 2.0
+"""Every other step: measured at most 1.5 (a copy, a mask or a channel at a time)."""
+RESAMPLE_DENSE_LIMIT = 1 << 22
+"""Entries of one resize weight band (ops.resample cuts an axis into bands above it)."""
+STEP_OVERHEAD_BYTES = 1 << 16
+"""What a step allocates whatever the image's size: histograms, tables, index vectors."""
+MEDIAN_STRIP_ELEMENTS = 1 << 25
+"""Window samples the torch median gathers at once (ops.filters strips its rows by it)."""
+
+
+def _blur_margin(op: str, params: Mapping[str, Any]) -> int:
+    """Pixels the blur family pads each side with (its box radius, about sigma, plus two)."""
+    if op in ("blur", "sharpen") or (op == "denoise" and params.get("method") == "gaussian"):
+        return math.ceil(float(params.get("radius") or 0.0)) + 2
+    return 0
+
+
+def _median_bytes(channels: int, in_hw: tuple[int, int], size: int) -> int:
+    """The torch median: its input, the edge-padded copy (two while it is built), the strips
+    of size^2 window samples with their values and int64 indices, and the output joined."""
+    (h, w), half = in_hw, size // 2
+    pixels = h * w
+    padded = (h + 2 * half) * (w + 2 * half)
+    strip_rows = max(1, MEDIAN_STRIP_ELEMENTS // max(1, channels * w * size * size))
+    strip = min(h, strip_rows) * w * channels
+    windows = strip * size * size * BYTES_PER_SAMPLE
+    return channels * (pixels + 2 * padded + 2 * pixels) * BYTES_PER_SAMPLE + windows + strip * 12 + STEP_OVERHEAD_BYTES
+
+
+def step_bytes(op: str, channels: int, in_hw: tuple[int, int], out_hw: tuple[int, int],
+               params: Mapping[str, Any] | None = None) -> int:
+    """Estimated peak memory of one step on one image, in bytes: an upper bound for the
+    torch code (the GPU path and the CPU path's float steps), whose Pillow steps need less.
+    `params` is the normalized step (radius, size, method), when known."""
+    params = params or {}
+    channels = max(channels, 3)
+    if op == "denoise" and params.get("method", "median") == "median" and "size" in params:
+        return _median_bytes(channels, in_hw, int(params["size"]))
+    margin = _blur_margin(op, params)
+    pixels = (in_hw[0] + 2 * margin) * (in_hw[1] + 2 * margin) + out_hw[0] * out_hw[1]
+    need = int(pixels * channels * BYTES_PER_SAMPLE * _MEMORY_FACTOR.get(op, DEFAULT_MEMORY_FACTOR))
+    if op in ("upscale", "resize"):
+        # One weight band per axis on the device (on the host they are numpy, cached).
+        need += BYTES_PER_SAMPLE * sum(min(o * i, RESAMPLE_DENSE_LIMIT) for o, i in zip(out_hw, in_hw, strict=True))
+    return need + STEP_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -332,21 +385,57 @@ class Budget:
     """Largest output of any step, width x height."""
     max_bytes: int
     """Largest working set of any step (input, output and scratch in float32)."""
+    max_step_cpu_s: float | None = None
+    """Longest any step may take on one CPU core, by step_cpu_seconds; None: not checked
+    (a GPU worker, where the costliest step is a hundred times faster)."""
 
 
-def step_bytes(op: str, channels: int, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-    """Estimated peak memory of one step on one image, in bytes."""
+RANK_SECONDS_PER_MPX = 0.03
+"""Seconds of one core a rank (median) filter of size >= 5 takes per input megapixel and
+per window sample (size^2): Pillow sorts every window. Measured 0.03 on a current server
+core (median-9 at 7696^2: 135 s), 0.06 to 0.07 on a slow shared one. Median-3 has a fast
+path (about 0.03 s per megapixel in all)."""
+CPU_SECONDS_PER_MPX = 0.05
+"""Seconds of one core any other step takes per megapixel of input plus output, rounded up
+from the slowest measured (Lanczos upscale, unsharp mask: 0.03): no other step comes near
+the per-step limit inside the pixel budget."""
+CPU_STEP_SECONDS = 120.0
+"""Longest one step may run on a CPU worker's single executor thread (Budget.max_step_cpu_s)."""
+
+
+def step_cpu_seconds(step: Mapping[str, Any], channels: int, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
+    """Estimated seconds of one CPU core for one normalized step on one image."""
+    scale = max(channels, 3) / 3.0
+    in_mpx = in_hw[0] * in_hw[1] / 1e6
+    if step["op"] == "denoise" and step.get("method") == "median" and step.get("size", 3) > 3:
+        return in_mpx * step["size"] ** 2 * RANK_SECONDS_PER_MPX * scale
+    return (in_mpx + out_hw[0] * out_hw[1] / 1e6) * CPU_SECONDS_PER_MPX * scale
+
+
+HOST_BYTES_PER_PIXEL = 4
+"""Bytes per pixel of an 8-bit Pillow image of any mode but L (RGB is stored as RGBX)."""
+HOST_MEMORY_FACTOR = 4.0
+"""Working memory of an 8-bit CPU-path step (Pillow, or numpy for median-3 and pad) as a
+multiple of its input plus output: a copy or two, or median-3's sorted columns."""
+
+
+def host_step_bytes(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """Estimated peak memory of a step the CPU path runs on 8-bit pixels (Pillow's C or
+    numpy), a quarter of the float32 code's and without its float64 scratch."""
     pixels = in_hw[0] * in_hw[1] + out_hw[0] * out_hw[1]
-    return int(pixels * max(channels, 3) * BYTES_PER_SAMPLE * _MEMORY_FACTOR.get(op, DEFAULT_MEMORY_FACTOR))
+    return int(pixels * HOST_BYTES_PER_PIXEL * HOST_MEMORY_FACTOR) + STEP_OVERHEAD_BYTES
 
 
 def check_budget(steps: Sequence[Mapping[str, Any]], shapes: Sequence[tuple[int, int]], channels: int,
-                 budget: Budget) -> int:
-    """Refuse a pipeline whose any step would exceed `budget`; returns the peak bytes.
+                 budget: Budget, *, on_host: Sequence[bool] | None = None) -> int:
+    """Refuse a pipeline whose any step would exceed `budget` (pixels, memory and, on a CPU
+    worker, time of one core); returns the peak bytes.
 
     `shapes` holds the input's (h, w) followed by every step's output (h, w), as the
     worker's output-shape check computes them before anything is allocated. Channels are
-    counted as at least three because colour ops may expand grey.
+    counted as at least three because colour ops may expand grey. `on_host` marks the steps
+    a CPU worker runs on 8-bit pixels (host_step_bytes); the others run the float32 torch
+    code (step_bytes), as every step does on a GPU.
     """
     if len(shapes) != len(steps) + 1:
         raise ValueError("shapes must hold the input shape and one shape per step")
@@ -357,10 +446,17 @@ def check_budget(steps: Sequence[Mapping[str, Any]], shapes: Sequence[tuple[int,
             raise StepError(f"spec.steps[{index}]",
                             f"{step['op']} would produce {out_w}x{out_h} = {out_h * out_w / 1e6:.1f} Mpx, over this "
                             f"pool's limit of {budget.max_pixels / 1e6:.1f} Mpx for any step")
-        need = step_bytes(step["op"], channels, (in_h, in_w), (out_h, out_w))
+        need = (host_step_bytes((in_h, in_w), (out_h, out_w)) if on_host is not None and on_host[index]
+                else step_bytes(step["op"], channels, (in_h, in_w), (out_h, out_w), step))
         if need > budget.max_bytes:
             raise StepError(f"spec.steps[{index}]",
                             f"{step['op']} on {in_w}x{in_h} -> {out_w}x{out_h} needs about {need / 2**30:.1f} GiB, "
                             f"over this pool's working-memory budget of {budget.max_bytes / 2**30:.1f} GiB per image")
+        if budget.max_step_cpu_s is not None:
+            seconds = step_cpu_seconds(step, channels, (in_h, in_w), (out_h, out_w))
+            if seconds > budget.max_step_cpu_s:
+                raise StepError(f"spec.steps[{index}]",
+                                f"{step['op']} on {in_w}x{in_h} would take about {seconds:.0f} s of one CPU core, over "
+                                f"this CPU pool's limit of {budget.max_step_cpu_s:.0f} s per step (a GPU pool runs it)")
         peak = max(peak, need)
     return peak

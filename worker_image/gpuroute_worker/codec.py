@@ -308,6 +308,10 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, keep_metadata:
             channels = shape_of(image)[0]
             if icc is not None and (not keep_metadata or _icc_channels(icc) != (1 if channels <= 2 else 3)):
                 icc = None  # sRGB now, or a profile that no longer describes these pixels
+            # `icc` alone says what the pixels are in: the image's own copy (the input's
+            # profile, or littleCMS's sRGB after a conversion) would ride along with every
+            # Pillow step and into writers that read image.info.
+            image.info.pop("icc_profile", None)
             # Read every byte here, on the decode thread: a lazily loaded image would
             # decode (and fail) inside the executor instead.
             image.load()
@@ -362,6 +366,11 @@ def _writable(raster: Raster, fmt: str, options: OutputOptions) -> Image.Image:
     return to_pil(torch.from_numpy(array).permute(2, 0, 1))
 
 
+def _colour_channels(mode: str) -> int:
+    """Colour channels (alpha aside) a profile must describe for an image in `mode`."""
+    return 1 if mode in ("L", "LA", "I;16") else 3
+
+
 def encode_image(pixels: Raster, *, fmt: str, quality: int, options: OutputOptions | None = None,
                  icc: bytes | None = None, exif: bytes | None = None) -> Encoded:
     """A Pillow image or (C, H, W) uint8 (or 16-bit grey) tensor to PNG, JPEG, WebP or AVIF bytes."""
@@ -376,8 +385,10 @@ def encode_image(pixels: Raster, *, fmt: str, quality: int, options: OutputOptio
     else:
         # Level 1 is ~3x faster than Pillow's default 6 for a few percent more bytes.
         save["compress_level"] = 1
-    if icc is not None and _icc_channels(icc) == (1 if image.mode in ("L", "LA", "I;16") else 3):
-        save["icc_profile"] = icc
+    # Always say which profile, None included: Pillow's PNG and AVIF writers otherwise fall
+    # back to image.info, where the decoder's image (and every Pillow step's copy of its
+    # info) still holds the input's profile, or littleCMS's sRGB after a conversion.
+    save["icc_profile"] = icc if icc is not None and _icc_channels(icc) == _colour_channels(image.mode) else None
     if exif:
         save["exif"] = exif
     image.save(buffer, format=_PIL_FORMAT[fmt], **save)

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from gpuroute.ops_catalog import Budget, check_budget
+from gpuroute.ops_catalog import CPU_STEP_SECONDS, Budget, check_budget
 from gpuroute_worker import metrics
 from gpuroute_worker.codec import Raster, as_tensor, shape_of
 from gpuroute_worker.ops import OutOfMemory, run_pipeline
-from gpuroute_worker.ops.cpu import run_cpu_raster
+from gpuroute_worker.ops.cpu import run_cpu_raster, runs_on_8bit
 from gpuroute_worker.ops.pipeline import step_shapes
 from gpuroute_worker.sr.registry import ModelRegistry
 
@@ -128,6 +128,9 @@ class _Request:
     future: Future[ComputeResult] = field(default_factory=Future)
     key: tuple[str, int, int, int, str] = ("", 0, 0, 0, "")
     """Requests batch together only when their keys (steps, shape, depth) are equal."""
+    need_bytes: int = 0
+    """Estimated peak memory of this image's pipeline (check_budget); a batch's members'
+    estimates together must fit the working budget."""
 
 
 def _observe_step(op: str, seconds: float) -> None:
@@ -150,13 +153,15 @@ class BatchExecutor:
     """Forms batches of compatible requests and runs them on one device."""
 
     def __init__(self, device: torch.device, models: ModelRegistry | None, *, max_batch: int, max_wait_ms: float,
-                 batching: bool | None = None) -> None:
+                 batching: bool | None = None, max_working_bytes: int | None = None) -> None:
         self.device = device
         self.batching = device.type != "cpu" if batching is None else batching
         """Form batches (GPU); off, each request runs at once through ops.cpu (CPU default)."""
         self.models = models
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
+        self.batch_budget = self.working_budget(max_working_bytes)
+        """Bytes a whole batch may plan to use: the sum of its members' need_bytes."""
         self._inbox: queue.Queue[object] = queue.Queue()
         # Requests taken from the inbox that did not fit the batch being formed.
         self._held: deque[_Request] = deque()
@@ -166,14 +171,16 @@ class BatchExecutor:
         self._thread.start()
 
     def submit(self, steps: Sequence[Mapping[str, Any]], pixels: Raster,
-               check_deadline: Callable[[], None] | None = None) -> Future[ComputeResult]:
+               check_deadline: Callable[[], None] | None = None, *, need_bytes: int = 0) -> Future[ComputeResult]:
         """Queue one image, a (C, H, W) uint8 (or 16-bit grey) tensor or a Pillow image; the
         future resolves to its result or error. Batching executors want tensors (a Pillow
-        image is converted on the device thread); the CPU path runs Pillow images as they are."""
+        image is converted on the device thread); the CPU path runs Pillow images as they are.
+        `need_bytes` is the image's check_budget estimate: a batch takes a request only while
+        the estimates of all its members fit `batch_budget`."""
         sixteen = (pixels.mode.startswith("I;16") if isinstance(pixels, Image.Image)
                    else pixels.dtype == torch.uint16)
         key = (json.dumps(steps, sort_keys=True), *shape_of(pixels), "uint16" if sixteen else "uint8")
-        request = _Request(steps, pixels, check_deadline, key=key)
+        request = _Request(steps, pixels, check_deadline, key=key, need_bytes=need_bytes)
         self._inbox.put(request)
         return request.future
 
@@ -189,11 +196,16 @@ class BatchExecutor:
     def check_budget(self, steps: Sequence[Mapping[str, Any]], pixels: Raster, *, max_pixels: int,
                      max_bytes: int | None) -> int:
         """Refuse (OpError/StepError, never retried) a pipeline whose any step would break
-        the pixel or memory budget; nothing is allocated. Returns the peak bytes."""
+        the pixel or memory budget, or on the CPU run too long for the one executor thread;
+        nothing is allocated. Returns the peak bytes."""
         channels, height, width = shape_of(pixels)
         shapes = step_shapes(height, width, steps, models=self.models)
+        sixteen = (pixels.mode.startswith("I;16") if isinstance(pixels, Image.Image)
+                   else pixels.dtype == torch.uint16)
         return check_budget(steps, shapes, channels,
-                            Budget(max_pixels=max_pixels, max_bytes=self.working_budget(max_bytes)))
+                            Budget(max_pixels=max_pixels, max_bytes=self.working_budget(max_bytes),
+                                   max_step_cpu_s=CPU_STEP_SECONDS if self.device.type == "cpu" else None),
+                            on_host=None if self.batching else runs_on_8bit(steps, sixteen))
 
     def close(self, timeout: float = 5.0) -> None:
         self._inbox.put(_STOP)
@@ -211,10 +223,21 @@ class BatchExecutor:
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         skipped: list[_Request] = []
+        # The first request runs whatever its estimate (check_budget admitted it alone);
+        # every batch-mate is charged, so a batch never plans more than the budget.
+        planned = first.need_bytes
+
+        def take(candidate: _Request) -> None:
+            nonlocal planned
+            if candidate.key == first.key and planned + candidate.need_bytes <= self.batch_budget:
+                planned += candidate.need_bytes
+                batch.append(candidate)
+            else:
+                skipped.append(candidate)
+
         # Held requests first: they have waited longest.
         while self._held and len(batch) < self.max_batch:
-            candidate = self._held.popleft()
-            (batch if candidate.key == first.key else skipped).append(candidate)
+            take(self._held.popleft())
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -227,7 +250,7 @@ class BatchExecutor:
                 self._inbox.put(_STOP)
                 break
             assert isinstance(item, _Request)
-            (batch if item.key == first.key else skipped).append(item)
+            take(item)
         self._held.extendleft(reversed(skipped))
         return batch
 

@@ -32,7 +32,8 @@ async def serve(config: WorkerConfig) -> None:
     # Verify checksums and read architectures once, before joining: a bad weights file
     # stops the worker at start-up, not at its first job, and no job hashes files on the loop.
     await asyncio.to_thread(models.prepare)
-    executor = BatchExecutor(device, models, max_batch=config.max_batch, max_wait_ms=config.max_batch_wait_ms)
+    executor = BatchExecutor(device, models, max_batch=config.max_batch, max_wait_ms=config.max_batch_wait_ms,
+                             max_working_bytes=config.max_working_bytes)
     context = zmq.asyncio.Context()
     link = OperatorLink(config, context)
     runner = JobRunner(config, executor, link.send)

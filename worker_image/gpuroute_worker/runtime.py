@@ -4,16 +4,19 @@ Every JOB gets exactly one answer, RESULT or ERROR. A JOB carrying `items` (an i
 group of a batch) runs each item through the same life, at most `capacity` items of
 all groups at once, and is answered by one RESULT holding one answer per item, in the
 order sent (Triton's contract: one result or error per request, in order); an item
-that fails fails alone, with its own code. Answers are kept by job id for a
-while, so a job the operator sends again (after its own restart, or a network cut) is
-answered from memory instead of being computed twice, and a job that is still running
-is joined rather than started again.
+that fails fails alone, with its own code. Answers are kept by job id and what the job
+asks (request_digest) for a while, so a job the operator sends again (after its own
+restart, or a network cut) is answered from memory instead of being computed twice, and
+a job that is still running is joined rather than started again. A JOB that reuses an id
+for another request is never answered with the other request's result: it is computed
+(replacing the cached answer), or refused while the other request is still running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -28,6 +31,7 @@ from gpuroute_worker.codec import Decoded, DecodeError, Raster, decode_image, en
 from gpuroute_worker.config import WorkerConfig, transfer_config
 from gpuroute_worker.executor import BatchExecutor
 from gpuroute_worker.ops import OpError, OutOfMemory
+from gpuroute_worker.request_digest import request_digest
 from gpuroute_worker.transfer import TransferClient, TransferError, in_thread
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,14 @@ class DeadlineExceeded(JobFailed):
         super().__init__(ErrorCode.TIMEOUT, "job ran past its timeout on the worker")
 
 
+class Abandoned(JobFailed):
+    """Raised on the executor's thread for a job nobody waits for any more (cancelled, or
+    cut off by its timeout), so the step stops at its next check and frees the thread."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.CANCELLED, "job abandoned while computing")
+
+
 @dataclass(frozen=True)
 class Answer:
     """The message a finished job was answered with."""
@@ -59,6 +71,8 @@ class Answer:
     """The header sent."""
     finished_at: float
     """time.monotonic() when the answer was produced."""
+    request: str
+    """request_digest of the JOB answered: only a JOB asking the same gets this answer."""
 
 
 def _ms(start: float) -> float:
@@ -73,6 +87,8 @@ class JobRunner:
         self.executor = executor
         self.send = send
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._requests: dict[str, str] = {}
+        """request_digest of each running job."""
         self._answers: OrderedDict[str, Answer] = OrderedDict()
         # Items of every group share the worker's capacity: 8 groups of 16 must not mean 128
         # downloads and decodes at once (memory), nor start items' timeouts while they queue.
@@ -86,24 +102,36 @@ class JobRunner:
 
     def handle_job(self, message: Message) -> None:
         job = str(message.header["job"])
-        if job in self._answers:
-            answer = self._answers[job]
+        request = request_digest(message.header, message.payload)
+        answer = self._answers.get(job)
+        if answer is not None and answer.request == request:
             metrics.ANSWERED_AGAIN.labels("cache").inc()
             self.send(answer.kind, {**answer.header, "cached": True} if answer.kind is Kind.RESULT else answer.header)
             return
         if job in self._tasks:
+            if self._requests.get(job) != request:
+                # Its answer will carry this id, so the operator could not tell the two apart.
+                log.warning("job %s sent again asking for something else while it runs; refused", job)
+                self.send(Kind.ERROR, {"job": job, "code": ErrorCode.UNAVAILABLE.value, "rejected": True,
+                                       "message": "a different request with this job id is running on this worker"})
+                return
             # Already running: the answer will follow when it finishes.
             metrics.ANSWERED_AGAIN.labels("joined").inc()
             self.send(Kind.ACCEPTED, {"job": job})
             return
+        if answer is not None:
+            # The id answered something else: that answer is no answer to this request.
+            log.warning("job %s sent again asking for something else; computing it", job)
+            del self._answers[job]
         if len(self._tasks) >= self.config.capacity:
             # `rejected`: never started, so the operator does not count it as an attempt.
             self.send(Kind.ERROR, {"job": job, "code": ErrorCode.UNAVAILABLE.value, "rejected": True,
                                    "message": f"worker is at capacity ({self.config.capacity})"})
             return
         self.send(Kind.ACCEPTED, {"job": job})
-        task = asyncio.get_running_loop().create_task(self._run(job, message), name=f"job {job}")
+        task = asyncio.get_running_loop().create_task(self._run(job, request, message), name=f"job {job}")
         self._tasks[job] = task
+        self._requests[job] = request
         metrics.IN_FLIGHT.set(len(self._tasks))
 
     def cached_jobs(self) -> list[str]:
@@ -126,16 +154,16 @@ class JobRunner:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=timeout_s)
 
-    def _remember(self, job: str, kind: Kind, header: Mapping[str, Any]) -> None:
+    def _remember(self, job: str, request: str, kind: Kind, header: Mapping[str, Any]) -> None:
         if kind is Kind.ERROR and header.get("code") == ErrorCode.EXPIRED.value:
             # The operator re-sends this very attempt with fresh URLs: it must run again,
             # not be answered with the refusal from the cache.
             return
-        self._answers[job] = Answer(kind, header, time.monotonic())
+        self._answers[job] = Answer(kind, header, time.monotonic(), request)
         while len(self._answers) > self.config.result_cache_size:
             self._answers.popitem(last=False)
 
-    async def _run(self, job: str, message: Message) -> None:
+    async def _run(self, job: str, request: str, message: Message) -> None:
         kind: Kind
         header: Mapping[str, Any]
         try:
@@ -160,8 +188,9 @@ class JobRunner:
             metrics.JOBS.labels(exc.code.value).inc()
         finally:
             self._tasks.pop(job, None)
+            self._requests.pop(job, None)
             metrics.IN_FLIGHT.set(len(self._tasks))
-        self._remember(job, kind, header)
+        self._remember(job, request, kind, header)
         self.send(kind, header)
 
     async def _process_group(self, job: str, spec: Mapping[str, Any], deadline: float) -> dict[str, Any]:
@@ -242,15 +271,26 @@ class JobRunner:
             decoded, pixels = await asyncio.to_thread(decode)
             timing["decodeMs"] = _ms(t)
             # Every step's output against the pixel and memory budget, before anything is allocated.
-            self.executor.check_budget(steps, pixels, max_pixels=self.config.max_output_pixels,
-                                       max_bytes=self.config.max_working_bytes)
+            need_bytes = self.executor.check_budget(steps, pixels, max_pixels=self.config.max_output_pixels,
+                                                    max_bytes=self.config.max_working_bytes)
+
+            abandoned = threading.Event()
 
             def check_deadline() -> None:
+                if abandoned.is_set():
+                    raise Abandoned()
                 if time.monotonic() > deadline:
                     raise DeadlineExceeded()
 
             t = time.perf_counter()
-            computed = await asyncio.wrap_future(self.executor.submit(steps, pixels, check_deadline))
+            try:
+                computed = await asyncio.wrap_future(self.executor.submit(steps, pixels, check_deadline,
+                                                                          need_bytes=need_bytes))
+            except asyncio.CancelledError:
+                # CANCEL, or a timeout (asyncio.timeout cancels): the executor's thread stops
+                # at its next check instead of finishing work nobody will read.
+                abandoned.set()
+                raise
             timing["gpuMs"] = round(computed.compute_ms, 3)
             timing["executorWaitMs"] = round(max(0.0, _ms(t) - computed.compute_ms), 3)
 

@@ -8,15 +8,19 @@ import pytest
 
 from gpuroute.ops_catalog import (
     CATALOG,
+    CPU_STEP_SECONDS,
     FAMILIES,
     MAX_DIMENSION,
     MAX_STEPS,
+    Budget,
     StepError,
+    check_budget,
     cost_class,
     models_used,
     normalize_step,
     normalize_steps,
     parse_color,
+    step_cpu_seconds,
 )
 
 
@@ -282,3 +286,26 @@ def test_cost_class_keeps_what_changes_cost_per_pixel() -> None:
     # Order matters: the ops run on different sizes.
     assert cost_class(normalize_steps([{"op": "upscale", "scale": 2}, {"op": "sharpen"}])) != \
         cost_class(normalize_steps([{"op": "sharpen"}, {"op": "upscale", "scale": 2}]))
+
+
+def test_cpu_step_budget_refuses_a_median_that_would_hold_the_only_thread_for_minutes() -> None:
+    steps = normalize_steps([{"op": "resize", "scale": 1.0}, {"op": "denoise", "size": 9}])
+    shapes = [(7696, 7696)] * 3
+    cpu = Budget(max_pixels=10**9, max_bytes=1 << 40, max_step_cpu_s=CPU_STEP_SECONDS)
+    with pytest.raises(StepError, match=r"spec\.steps\[1\]: denoise on 7696x7696 would take about \d+ s") as caught:
+        check_budget(steps, shapes, 3, cpu)
+    assert caught.value.field == "spec.steps[1]"
+    # The GPU has no such limit; and smaller windows or images fit.
+    check_budget(steps, shapes, 3, Budget(max_pixels=10**9, max_bytes=1 << 40))
+    check_budget(normalize_steps([{"op": "denoise", "size": 3}]), shapes[:2], 3, cpu)
+    check_budget(steps, [(3024, 4032)] * 3, 3, cpu)
+
+
+def test_cpu_seconds_grow_with_the_window_and_no_other_step_nears_the_limit() -> None:
+    big = (16384, 16384)
+    costs = [step_cpu_seconds(normalize_step(0, {"op": "denoise", "size": size}), 3, (4000, 4000), (4000, 4000))
+             for size in (5, 7, 9)]
+    assert costs == sorted(costs) and costs[2] / costs[0] == pytest.approx(81 / 25)
+    for op in ("blur", "sharpen", "rotate", "edges", "equalize", "saturation", "sepia"):
+        params = {"rotate": {"angle": 10}, "saturation": {"factor": 2}}.get(op, {})
+        assert step_cpu_seconds(normalize_step(0, {"op": op, **params}), 4, big, big) < CPU_STEP_SECONDS, op

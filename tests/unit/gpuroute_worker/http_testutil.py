@@ -25,6 +25,9 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     trickle_s: float = 0.0
     """Pause between body bytes (a slow-loris server); 0 sends the body at once."""
+    chunked_repeat: int = 0
+    """When set, the body is sent this many times over as a chunked body with no
+    Content-Length (a streamed answer whose size only the bytes tell)."""
 
 
 @dataclass
@@ -43,6 +46,8 @@ class ScriptedServer:
         self.requests: list[Recorded] = []
         self.connections = 0
         self.open_handlers = 0
+        self.body_bytes_sent = 0
+        """Body bytes handed to the socket, over all replies."""
         self._lock = threading.Lock()
         outer = self
 
@@ -65,6 +70,9 @@ class ScriptedServer:
                     self.send_response(reply.status)
                     for name, value in reply.headers.items():
                         self.send_header(name, value)
+                    if reply.chunked_repeat:
+                        self._send_chunked(reply)
+                        return
                     self.send_header("Content-Length", str(len(reply.body)))
                     self.end_headers()
                     if reply.trickle_s:
@@ -79,6 +87,15 @@ class ScriptedServer:
                 finally:
                     with outer._lock:
                         outer.open_handlers -= 1
+
+            def _send_chunked(self, reply: Reply) -> None:
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for _ in range(reply.chunked_repeat):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(reply.body), reply.body))
+                    with outer._lock:
+                        outer.body_bytes_sent += len(reply.body)
+                self.wfile.write(b"0\r\n\r\n")
 
             do_GET = do_PUT = _answer
 

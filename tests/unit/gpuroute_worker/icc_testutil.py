@@ -43,7 +43,7 @@ def _text(text: str) -> bytes:
 
 def matrix_profile(name: str, colorants: dict[str, tuple[float, float, float]]) -> bytes:
     """An RGB display profile (v2.1) from D50 colorants and the sRGB tone curve."""
-    tags: list[tuple[bytes, bytes]] = [
+    return _profile(b"RGB ", [
         (b"desc", _desc(name)),
         (b"cprt", _text("No copyright, test profile")),
         (b"wtpt", _xyz(D50)),
@@ -53,7 +53,17 @@ def matrix_profile(name: str, colorants: dict[str, tuple[float, float, float]]) 
         (b"rTRC", _para()),
         (b"gTRC", _para()),
         (b"bTRC", _para()),
-    ]
+    ])
+
+
+def grey_profile() -> bytes:
+    """A grey display profile (v2.1): the sRGB tone curve on one channel."""
+    return _profile(b"GRAY", [(b"desc", _desc("Grey sRGB curve (gpuroute test)")),
+                              (b"cprt", _text("No copyright, test profile")),
+                              (b"wtpt", _xyz(D50)), (b"kTRC", _para())])
+
+
+def _profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for signature, body in tags:
@@ -61,7 +71,7 @@ def matrix_profile(name: str, colorants: dict[str, tuple[float, float, float]]) 
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
     size = offset + len(data)
-    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntr" + space + b"XYZ "
               + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + b"APPL" + b"\0" * 4 + b"\0" * 4 + b"\0" * 4
               + b"\0" * 8 + struct.pack(">I", 0) + b"".join(_s15(v) for v in D50) + b"lcms" + b"\0" * 16
               + b"\0" * 28)

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from icc_testutil import display_p3
+from icc_testutil import display_p3, grey_profile
 from PIL import Image, ImageCms, features
 
 from gpuroute_worker.codec import (
@@ -145,6 +145,46 @@ def test_alpha_is_written_to_png_and_webp(fmt: str) -> None:
     image = _rng_image("RGBA")
     out = _reopen(encode_image(_pixels(image), fmt=fmt, quality=100).data)
     assert out.mode == "RGBA"
+
+
+@pytest.mark.parametrize("fmt", ["webp", *(["avif"] if features.check("avif") else [])])
+@pytest.mark.parametrize("form", ["tensor", "pillow"])
+def test_grey_with_alpha_keeps_its_alpha_in_formats_without_grey(fmt: str, form: str) -> None:
+    # WebP and AVIF store no grey: LA becomes RGBA, the grey in every colour band, alpha kept.
+    image = _rng_image("LA", seed=11)
+    image.putpixel((0, 0), (90, 0))
+    raster = _pixels(image) if form == "tensor" else image
+    encoded = encode_image(raster, fmt=fmt, quality=100)
+    out = _reopen(encoded.data)
+    assert out.mode == "RGBA"
+    alpha = np.asarray(out)[:, :, 3].astype(int)
+    expected = np.asarray(image)[:, :, 1].astype(int)
+    assert np.abs(alpha - expected).max() <= (0 if fmt == "webp" else 8)  # WebP's alpha is lossless
+    assert alpha[0, 0] <= 8
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_a_profile_is_embedded_only_where_it_describes_the_channels(fmt: str) -> None:
+    grey, colour = _rng_image("L", seed=12), _rng_image("RGB", seed=13)
+    p3, grey_icc = display_p3(), grey_profile()
+    for image, icc, embedded in ((colour, p3, True), (colour, grey_icc, False)):
+        out = _reopen(encode_image(_pixels(image), fmt=fmt, quality=90, icc=icc).data)
+        assert (out.info.get("icc_profile") == icc) is embedded, (image.mode, icc[16:20], fmt)
+        assert embedded or "icc_profile" not in out.info
+    # Grey: PNG and JPEG store it as grey, so only the grey profile fits; WebP expands it to RGB.
+    fits_grey = fmt != "webp"
+    for icc, embedded in ((grey_icc, fits_grey), (p3, not fits_grey)):
+        out = _reopen(encode_image(_pixels(grey), fmt=fmt, quality=90, icc=icc).data)
+        assert (out.info.get("icc_profile") == icc) is embedded, ("L", icc[16:20], fmt)
+        assert embedded or "icc_profile" not in out.info
+
+
+def test_encoder_ignores_a_profile_the_pillow_image_carries() -> None:
+    # Pillow's PNG and AVIF writers fall back to image.info: only the encoder's own choice counts.
+    image = _rng_image("L", seed=14)
+    image.info["icc_profile"] = display_p3()
+    for fmt in ("png", "webp", "jpeg"):
+        assert "icc_profile" not in _reopen(encode_image(image, fmt=fmt, quality=90).data).info, fmt
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])

@@ -81,3 +81,35 @@ def test_a_failing_batch_answers_every_member(executor: BatchExecutor) -> None:
     wait(futures, timeout=30)
     assert all(isinstance(f.exception(), ValueError) for f in futures)
     assert torch.equal(executor.submit(INVERT, _image()).result(timeout=30).pixels, 255 - _image())
+
+
+def test_a_batch_never_plans_more_memory_than_the_budget() -> None:
+    # Every batch-mate is charged its estimate: compatible requests wait for the next batch
+    # rather than join one whose summed estimate would pass the budget.
+    ex = BatchExecutor(torch.device("cpu"), None, max_batch=8, max_wait_ms=300.0, batching=True, max_working_bytes=1000)
+    try:
+        needs = [600, 300, 300, 500, 100, 1500, 200, 400, 400, 400]
+        images = [_image(seed=i) for i in range(len(needs))]
+        futures = [ex.submit(INVERT, image, need_bytes=need) for image, need in zip(images, needs, strict=True)]
+        wait(futures, timeout=60)
+        batches: dict[float, list[int]] = {}
+        for need, image, future in zip(needs, images, futures, strict=True):
+            result = future.result()
+            assert torch.equal(result.pixels, 255 - image)
+            batches.setdefault(result.compute_ms, []).append(need)  # members share their batch's time
+        for members in batches.values():
+            # One request alone runs whatever its estimate (admitted on its own); a batch fits.
+            assert len(members) == 1 or sum(members) <= 1000, batches
+        assert [1500] in batches.values()
+    finally:
+        ex.close()
+
+
+def test_requests_without_estimates_still_batch() -> None:
+    ex = BatchExecutor(torch.device("cpu"), None, max_batch=4, max_wait_ms=300.0, batching=True, max_working_bytes=1000)
+    try:
+        futures = [ex.submit(INVERT, _image(seed=i)) for i in range(4)]
+        wait(futures, timeout=30)
+        assert [f.result().batch_size for f in futures] == [4] * 4
+    finally:
+        ex.close()

@@ -4,26 +4,17 @@ answer per item, in order; an item fails alone, with its own code."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
-import threading
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from prometheus_client import REGISTRY
+from runtime_testutil import Sent, Storage, run_jobs, storage
 
 from gpuroute import protocol
-from gpuroute.protocol import ErrorCode, Kind, Message
-from gpuroute_worker.config import WorkerConfig
-from gpuroute_worker.executor import BatchExecutor
-from gpuroute_worker.runtime import JobRunner
+from gpuroute.protocol import ErrorCode, Kind
 
 
 def _png(seed: int) -> bytes:
@@ -32,73 +23,8 @@ def _png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-class Storage:
-    """GET serves `objects` by path (404 otherwise; a path in `slow` answers after `slow_s`),
-    PUT stores the body under its path."""
-
-    def __init__(self, objects: dict[str, bytes], slow: set[str] | None = None, slow_s: float = 0.0) -> None:
-        self.objects = dict(objects)
-        self.slow = slow or set()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                path = self.path.split("?")[0]
-                if path in outer.slow:
-                    time.sleep(slow_s)
-                body = outer.objects.get(path)
-                self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-            def do_PUT(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                outer.objects[self.path.split("?")[0]] = body
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_: object) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@contextmanager
-def storage(objects: dict[str, bytes], **kwargs: Any) -> Iterator[Storage]:
-    store = Storage(objects, **kwargs)
-    try:
-        yield store
-    finally:
-        store.server.shutdown()
-        store.server.server_close()
-
-
-def _run(header: dict[str, Any], *, repeat: int = 1) -> list[tuple[Kind, Mapping[str, Any]]]:
-    sent: list[tuple[Kind, Mapping[str, Any]]] = []
-    config = WorkerConfig(operator_endpoint="tcp://127.0.0.1:1", pool="p", worker_id="w", secret_key=b"",
-                          server_public_key=b"", device="cpu", health_port=None, capacity=2)
-    executor = BatchExecutor(torch.device("cpu"), None, max_batch=1, max_wait_ms=0.0)
-    try:
-        runner = JobRunner(config, executor, lambda kind, h: sent.append((kind, h)))
-        # The header as the operator's encoder and the worker's decoder see it.
-        message = protocol.decode(protocol.encode(Kind.JOB, header))
-
-        async def main() -> None:
-            for _ in range(repeat):
-                runner.handle_job(Message(Kind.JOB, message.header))
-                await runner.drain(30.0)
-
-        asyncio.run(main())
-    finally:
-        executor.close()
-    return sent
+def _run(header: dict[str, Any], *, repeat: int = 1) -> Sent:
+    return run_jobs(*[header] * repeat)
 
 
 def _group(store: Storage, names: list[str], **extra: Any) -> dict[str, Any]:

@@ -90,6 +90,25 @@ def test_size_limit_is_permanent() -> None:
     assert caught.value.permanent is True
 
 
+def test_chunked_body_over_the_limit_is_cut_off_at_the_limit() -> None:
+    # No Content-Length to refuse up front: only the count of streamed bytes can stop it.
+    client = TransferClient(FAST)
+    chunk, repeat = b"c" * 65536, 1024  # 64 MiB offered, 1 MiB allowed
+    with serving([Reply(body=chunk, chunked_repeat=repeat)]) as server:
+        with pytest.raises(TransferError, match=f"exceeds {1 << 20} bytes") as caught:
+            client.download(f"http://127.0.0.1:{server.port}/k", max_bytes=1 << 20, untrusted=False)
+        assert caught.value.permanent is True
+        # The reader hung up near the limit: the server never got the rest out.
+        assert wait_until(lambda: server.open_handlers == 0, 10.0)
+        assert server.body_bytes_sent < len(chunk) * repeat // 2
+
+
+def test_chunked_body_within_the_limit_is_read_whole() -> None:
+    client = TransferClient(FAST)
+    with serving([Reply(body=b"k" * 1000, chunked_repeat=3)]) as server:
+        assert client.download(f"http://127.0.0.1:{server.port}/k", max_bytes=3000, untrusted=False) == b"k" * 3000
+
+
 def test_trickling_server_is_cut_off_at_the_total_deadline() -> None:
     # One byte every 0.2 s never trips a 5 s read timeout; only a total deadline stops it.
     client = TransferClient(FAST)

@@ -260,10 +260,36 @@ def _colour_step(fn: Callable[[Image.Image, Step], Image.Image]) -> Callable[[Im
     return run
 
 
-def _denoise(image: Image.Image, step: Step) -> Image.Image:
+_RANK_BAND_WORK = 1 << 22
+"""Window samples (pixels x size^2) one band of a banded rank filter sorts: about a tenth
+of a second of one core, the longest a deadline or CANCEL waits inside such a step."""
+
+
+def _median_banded(image: Image.Image, size: int, check_deadline: Deadline) -> Image.Image:
+    """ImageFilter.MedianFilter(size), exactly, in row bands with `check_deadline` between
+    them. Pillow's rank filter cannot be interrupted and costs about size^2 per pixel (a
+    median-9 of a 60 Mpx image runs minutes on one core). Each band is filtered with `half`
+    real rows of context on either side, so only the image's own top and bottom rows see
+    Pillow's edge replication, as in one call."""
+    half = size // 2
+    rows = max(1, _RANK_BAND_WORK // max(1, image.width * size * size))
+    if rows >= image.height:
+        return image.filter(ImageFilter.MedianFilter(size))
+    out = Image.new(image.mode, image.size)
+    for top in range(0, image.height, rows):
+        if check_deadline is not None:
+            check_deadline()
+        bottom = min(top + rows, image.height)
+        above, below = min(half, top), min(half, image.height - bottom)
+        band = image.crop((0, top - above, image.width, bottom + below)).filter(ImageFilter.MedianFilter(size))
+        out.paste(band.crop((0, above, image.width, above + bottom - top)), (0, top))
+    return out
+
+
+def _denoise(image: Image.Image, step: Step, check_deadline: Deadline = None) -> Image.Image:
     if step["method"] != "median":
         return image.filter(ImageFilter.GaussianBlur(step["radius"]))
-    return _median3(image) if step["size"] == 3 else image.filter(ImageFilter.MedianFilter(step["size"]))
+    return _median3(image) if step["size"] == 3 else _median_banded(image, step["size"], check_deadline)
 
 
 def _invert_step(image: Image.Image, step: Step) -> Image.Image:
@@ -296,6 +322,8 @@ _PILLOW_STEPS: dict[str, Callable[[Image.Image, Step], Image.Image]] = {
     "pad": _pad,
 }
 """Steps Pillow runs on the CPU, each (image, normalized step) -> image; built once, not per call."""
+_INTERRUPTIBLE_STEPS: dict[str, Callable[[Image.Image, Step, Deadline], Image.Image]] = {"denoise": _denoise}
+"""Pillow steps long enough to check the deadline inside themselves, given it as a third argument."""
 
 
 def _pillow_step(step: Step) -> Callable[[Image.Image, Step], Image.Image] | None:
@@ -347,6 +375,13 @@ def _uses_interpolate(step: Step, mode: str) -> bool:
 # ---------------------------------------------------------------------------- driver
 
 
+def runs_on_8bit(steps: Sequence[Step], sixteen: bool) -> list[bool]:
+    """Per step, whether run_cpu_raster runs it on 8-bit pixels (Pillow, numpy or torch's
+    uint8 kernels) rather than the float32 torch code: 16-bit grey and model steps go the
+    float way, and a model step's float result is quantized to 8 bits for the next step."""
+    return [not sixteen and _pillow_step(step) is not None for step in steps]
+
+
 def _mode_of(frame: _Frame) -> str:
     if frame._image is not None:
         return frame._image.mode
@@ -369,7 +404,8 @@ def run_cpu_raster(source: Raster, steps: Sequence[Step], *, models: ModelRegist
     left it (a Pillow image or a tensor), which codec.encode_image takes as it is.
 
     Shapes and parameters are validated first (pipeline.output_shape), as on the GPU;
-    `check_deadline` runs before every step.
+    `check_deadline` runs before every step, and inside the steps that can run long (rank
+    filters, model tiles) between bands.
     """
     _, height, width = shape_of(source)
     pipeline.output_shape(height, width, steps, models=models)
@@ -385,6 +421,8 @@ def run_cpu_raster(source: Raster, steps: Sequence[Step], *, models: ModelRegist
             frame.set_pixels(quick)
         elif _uses_interpolate(step, mode):
             frame.set_pixels(_interpolate_u8(frame.pixels(), step))
+        elif pillow is not None and step["op"] in _INTERRUPTIBLE_STEPS:
+            frame.set_image(_INTERRUPTIBLE_STEPS[step["op"]](frame.image(), step, check_deadline))
         elif pillow is not None:
             frame.set_image(pillow(frame.image(), step))
         else:

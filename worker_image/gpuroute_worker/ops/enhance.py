@@ -6,6 +6,8 @@ image's result does not depend on which other images share its batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -113,8 +115,9 @@ def sharpen(x: Tensor, radius: float, percent: int, threshold: int) -> Tensor:
     return torch.where(apply, x + diff * (percent / 100.0), x).clamp_(0.0, 1.0)
 
 
-def denoise(x: Tensor, method: str, size: int, radius: float) -> Tensor:
-    """Median filter (keeps edges) or Gaussian blur."""
+def denoise(x: Tensor, method: str, size: int, radius: float,
+            check_deadline: Callable[[], None] | None = None) -> Tensor:
+    """Median filter (keeps edges; checks `check_deadline` between strips) or Gaussian blur."""
     if method == "median":
-        return median(x, size)
+        return median(x, size, check_deadline)
     return gaussian_blur(x, radius)

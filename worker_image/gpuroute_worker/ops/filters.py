@@ -9,12 +9,14 @@ values stay in float, so results differ from Pillow's by that rounding only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpuroute.ops_catalog import MEDIAN_STRIP_ELEMENTS
 from gpuroute_worker.ops.channels import to_rgb
 from gpuroute_worker.ops.levels import luma
 
@@ -29,8 +31,8 @@ SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
 """Classic sepia matrix: output channel rows, input channel columns."""
 
 # Median windows are gathered strip by strip so the size*size copies of a large image
-# never exist at once.
-_MEDIAN_STRIP_ELEMENTS = 1 << 25
+# never exist at once; the catalogue's memory estimate counts one strip.
+_MEDIAN_STRIP_ELEMENTS = MEDIAN_STRIP_ELEMENTS
 
 
 def box_blur_radius(sigma: float, passes: int = BLUR_PASSES) -> float:
@@ -87,8 +89,9 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return y.transpose(-1, -2).to(x.dtype).clamp_(0.0, 1.0)
 
 
-def median(x: Tensor, size: int) -> Tensor:
-    """Pillow's MedianFilter(size): edges repeated outward, middle of size*size values."""
+def median(x: Tensor, size: int, check_deadline: Callable[[], None] | None = None) -> Tensor:
+    """Pillow's MedianFilter(size): edges repeated outward, middle of size*size values.
+    `check_deadline` runs before every strip, so a long filter stops at the deadline."""
     n, c, h, w = x.shape
     half = size // 2
     rows = _edge_index(h, half, half, x.device)
@@ -97,6 +100,8 @@ def median(x: Tensor, size: int) -> Tensor:
     strip = max(1, _MEDIAN_STRIP_ELEMENTS // max(1, n * c * w * size * size))
     out = []
     for y0 in range(0, h, strip):
+        if check_deadline is not None:
+            check_deadline()
         y1 = min(y0 + strip, h)
         windows = padded[:, :, y0 : y1 + 2 * half, :].unfold(2, size, 1).unfold(3, size, 1)
         # An odd count has a single middle element, so the lower median is Pillow's rank.

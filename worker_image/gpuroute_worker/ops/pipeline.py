@@ -240,7 +240,7 @@ def _colour_only(fn: OpFn) -> OpFn:
 _OPS: dict[str, OpFn] = {
     "upscale": _resize,
     "resize": _resize,
-    "denoise": lambda x, s, c: enhance.denoise(x, s["method"], s["size"], s["radius"]),
+    "denoise": lambda x, s, c: enhance.denoise(x, s["method"], s["size"], s["radius"], c.check_deadline),
     "sharpen": lambda x, s, c: enhance.sharpen(x, s["radius"], s["percent"], s["threshold"]),
     "autocontrast": _colour_only(lambda x, s, c: enhance.autocontrast(x, s["cutoff"])),
     "equalize": _colour_only(lambda x, s, c: enhance.equalize(x)),

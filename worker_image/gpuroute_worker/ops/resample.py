@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gpuroute.ops_catalog import RESAMPLE_DENSE_LIMIT
 from gpuroute_worker.ops.channels import has_alpha, premultiply, unpremultiply
 
 FilterFn = Callable[[np.ndarray], np.ndarray]
@@ -26,7 +27,7 @@ FilterFn = Callable[[np.ndarray], np.ndarray]
 # Above this many matrix entries (16 MiB of float32) an axis is split into bands of
 # output pixels, each dense only over the input span it reads, so a 16k x 16k resize
 # never materializes a 1 GiB weight matrix and cached plans stay small.
-_DENSE_LIMIT = 1 << 22
+_DENSE_LIMIT = RESAMPLE_DENSE_LIMIT
 
 
 def _bilinear(x: np.ndarray) -> np.ndarray:
