@@ -638,8 +638,9 @@ def test_dockerfile_operator() -> None:
     lines = _dockerfile("Dockerfile.operator")
     assert _instr(lines, "FROM") == ["python:3.11-slim"]
     copied = " ".join(_instr(lines, "COPY"))
-    for path in ("pyproject.toml", "README.md", "gpuroute/", "operator/", "worker_image/"):
+    for path in ("pyproject.toml", "README.md", "gpuroute/", "operator/"):
         assert path in copied, f"Dockerfile.operator does not copy {path}"
+    assert "worker_image/" not in copied, "the operator image installs the worker (tests/unit/test_images.py)"
     assert any('pip install ".[operator]"' in run for run in _instr(lines, "RUN"))
     user = _instr(lines, "USER")
     assert user and user[-1].split(":")[0] not in ("root", "0")
