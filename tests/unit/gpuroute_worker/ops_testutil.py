@@ -1,7 +1,7 @@
 """Shared helpers for the op and SR tests: reference images, conversions, PSNR.
 
-Not a test module (no test_ prefix); the test files import it from their own folder,
-which pytest's default import mode puts on sys.path.
+Not a test module (no test_ prefix); the test files import it as
+tests.unit.gpuroute_worker.ops_testutil (every tests folder is a package).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from icc_testutil import display_p3, grey_profile
 from PIL import Image, ImageCms, features
 
 from gpuroute_worker.codec import (
@@ -21,6 +20,7 @@ from gpuroute_worker.codec import (
     output_options,
     to_tensor,
 )
+from tests.unit.gpuroute_worker.icc_testutil import display_p3, grey_profile
 
 LIMITS = {"max_bytes": 1 << 24, "max_pixels": 1 << 24}
 GPS_IFD = 0x8825

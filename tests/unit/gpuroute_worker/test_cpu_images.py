@@ -12,9 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from http_testutil import Reply, serving
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-from test_ops_channels import CASES, MODES, _image
 
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute.protocol import Kind, Message
@@ -23,6 +21,8 @@ from gpuroute_worker.config import WorkerConfig
 from gpuroute_worker.executor import BatchExecutor
 from gpuroute_worker.ops.cpu import run_cpu, run_cpu_raster
 from gpuroute_worker.runtime import JobRunner
+from tests.unit.gpuroute_worker.http_testutil import Reply, serving
+from tests.unit.gpuroute_worker.test_ops_channels import CASES, MODES, _image
 
 
 def _array(raster: Image.Image | torch.Tensor) -> np.ndarray:

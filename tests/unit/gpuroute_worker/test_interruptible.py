@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 from prometheus_client import REGISTRY
-from runtime_testutil import storage, wire, with_runner
 
 from gpuroute.ops_catalog import StepError, normalize_steps
 from gpuroute.protocol import ErrorCode, Kind
@@ -23,6 +22,7 @@ from gpuroute_worker.executor import BatchExecutor
 from gpuroute_worker.ops import pipeline
 from gpuroute_worker.ops.cpu import run_cpu_raster
 from gpuroute_worker.runtime import JobRunner
+from tests.unit.gpuroute_worker.runtime_testutil import storage, wire, with_runner
 
 
 class Expired(Exception):

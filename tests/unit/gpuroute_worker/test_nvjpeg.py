@@ -13,11 +13,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from icc_testutil import display_p3
 from PIL import Image, ImageOps
 
 from gpuroute_worker import nvjpeg
 from gpuroute_worker.codec import decode_image
+from tests.unit.gpuroute_worker.icc_testutil import display_p3
 
 ORIENTATION = 0x0112
 CPU = torch.device("cpu")

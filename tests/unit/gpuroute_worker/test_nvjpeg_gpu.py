@@ -8,13 +8,13 @@ import io
 import numpy as np
 import pytest
 import torch
-from ops_testutil import IMAGES, assert_psnr, photo
 from PIL import Image
 
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute_worker import nvjpeg
 from gpuroute_worker.codec import decode_image
 from gpuroute_worker.executor import BatchExecutor, CopyStats, to_device_floats
+from tests.unit.gpuroute_worker.ops_testutil import IMAGES, assert_psnr, photo
 
 pytestmark = pytest.mark.gpu
 

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ops_testutil import photo
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from gpuroute.ops_catalog import normalize_steps
@@ -28,6 +27,7 @@ from gpuroute_worker.codec import to_tensor
 from gpuroute_worker.ops import run_pipeline
 from gpuroute_worker.ops.cpu import run_cpu
 from gpuroute_worker.ops.filters import SEPIA
+from tests.unit.gpuroute_worker.ops_testutil import photo
 
 MODES = ("L", "LA", "RGB", "RGBA")
 H, W = 48, 64

@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, to_tensor, to_uint8
 from PIL import ImageEnhance, ImageFilter, ImageOps
 
 from gpuroute_worker.ops import enhance, filters
+from tests.unit.gpuroute_worker.ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, to_tensor, to_uint8
 
 
 @pytest.mark.parametrize("name", IMAGES)

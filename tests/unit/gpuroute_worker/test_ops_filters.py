@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, psnr, to_tensor, to_uint8
 from PIL import ImageFilter, ImageOps
 
 from gpuroute_worker.ops import filters
+from tests.unit.gpuroute_worker.ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, psnr, to_tensor, to_uint8
 
 BLUR_BOUND_DB = 45.0
 

@@ -12,11 +12,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, to_tensor, to_uint8
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute_worker.ops import enhance, filters, resample, run_pipeline, transforms
+from tests.unit.gpuroute_worker.ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, to_tensor, to_uint8
 
 pytestmark = pytest.mark.gpu
 

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ops_testutil import assert_equal, photo, pil, to_tensor, to_uint8
 from PIL import Image, ImageOps
 
 from gpuroute.ops_catalog import MAX_DIMENSION, normalize_steps
 from gpuroute_worker.ops import OpError, OutOfMemory, enhance, output_shape, run_pipeline
 from gpuroute_worker.sr.registry import ModelRegistry, ModelSource
 from gpuroute_worker.sr.srvgg import SRVGGNetCompact
+from tests.unit.gpuroute_worker.ops_testutil import assert_equal, photo, pil, to_tensor, to_uint8
 
 
 class _FixedRegistry(ModelRegistry):

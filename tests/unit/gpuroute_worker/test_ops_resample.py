@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, to_tensor, to_uint8
 from PIL import Image
 
 from gpuroute_worker.ops import resample
+from tests.unit.gpuroute_worker.ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, to_tensor, to_uint8
 
 PIL_FILTERS = {
     "nearest": Image.Resampling.NEAREST,

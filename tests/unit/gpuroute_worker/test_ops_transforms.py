@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, to_tensor, to_uint8
 from PIL import Image
 
 from gpuroute_worker.ops import transforms
+from tests.unit.gpuroute_worker.ops_testutil import IMAGES, assert_equal, assert_psnr, photo, pil, to_tensor, to_uint8
 
 FILL = "#102030"
 FILL_RGB = (16, 32, 48)

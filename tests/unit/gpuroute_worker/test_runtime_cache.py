@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from runtime_testutil import run_jobs, storage, wire, with_runner
 
 from gpuroute.protocol import ErrorCode, Kind, Message
 from gpuroute_worker.request_digest import request_digest
 from gpuroute_worker.runtime import JobRunner
+from tests.unit.gpuroute_worker.runtime_testutil import run_jobs, storage, wire, with_runner
 
 JOB = "0b5a6d0e-1c1f-4c4e-9d0a-3f1f2a6b7c8d/1"
 

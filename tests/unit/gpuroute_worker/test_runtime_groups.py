@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from prometheus_client import REGISTRY
-from runtime_testutil import Sent, Storage, run_jobs, storage
 
 from gpuroute import protocol
 from gpuroute.protocol import ErrorCode, Kind
+from tests.unit.gpuroute_worker.runtime_testutil import Sent, Storage, run_jobs, storage
 
 
 def _png(seed: int) -> bytes:

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from icc_testutil import display_p3
 from PIL import Image
-from runtime_testutil import run_jobs, storage
 
 from gpuroute.protocol import Kind
+from tests.unit.gpuroute_worker.icc_testutil import display_p3
+from tests.unit.gpuroute_worker.runtime_testutil import run_jobs, storage
 
 
 def _p3_png() -> bytes:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ops_testutil import photo, save_published, to_tensor
 
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute_worker.ops import pipeline, run_pipeline
@@ -14,6 +13,7 @@ from gpuroute_worker.sr.registry import ModelRegistry, ModelSource
 from gpuroute_worker.sr.rrdbnet import RRDBNet
 from gpuroute_worker.sr.srvgg import SRVGGNetCompact
 from gpuroute_worker.sr.tiling import tiled_forward
+from tests.unit.gpuroute_worker.ops_testutil import photo, save_published, to_tensor
 
 pytestmark = pytest.mark.gpu
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ops_testutil import photo, save_published, to_tensor
 
 from gpuroute.ops_catalog import normalize_steps
 from gpuroute_worker.ops import pipeline, run_pipeline
@@ -27,6 +26,7 @@ from gpuroute_worker.sr.registry import (
 )
 from gpuroute_worker.sr.rrdbnet import RRDBNet
 from gpuroute_worker.sr.srvgg import SRVGGNetCompact
+from tests.unit.gpuroute_worker.ops_testutil import photo, save_published, to_tensor
 
 
 def _rrdb_keys(num_block: int) -> list[str]:

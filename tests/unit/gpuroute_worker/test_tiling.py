@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_testutil import photo, to_tensor
 from torch import Tensor, nn
 
 from gpuroute.ops_catalog import normalize_steps
@@ -20,6 +19,7 @@ from gpuroute_worker.sr.registry import ModelRegistry, ModelSource
 from gpuroute_worker.sr.rrdbnet import RRDBNet
 from gpuroute_worker.sr.srvgg import SRVGGNetCompact
 from gpuroute_worker.sr.tiling import tiled_forward
+from tests.unit.gpuroute_worker.ops_testutil import photo, to_tensor
 
 
 class _OomAbove(nn.Module):

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from http_testutil import Reply, serving, wait_until
 
 from gpuroute.netguard import CheckedURL
 from gpuroute_dev.localenv.tls import self_signed
 from gpuroute_worker.transfer import TransferAborted, TransferClient, TransferConfig, TransferError, in_thread
+from tests.unit.gpuroute_worker.http_testutil import Reply, serving, wait_until
 
 FAST = TransferConfig(pool_size=2, connect_timeout_s=2, read_timeout_s=5, total_timeout_s=10, retries=3,
                       backoff_s=0.01, backoff_max_s=0.05)
