@@ -299,7 +299,7 @@ def test_cancel_annotation_ends_cancelled_and_stops_the_worker(stack: LocalStack
 
 
 def test_status_page_shows_waterfall_and_updates(stack: LocalStack) -> None:
-    from cdp import Browser, chromium_path
+    from tests.integration.cdp import Browser, chromium_path
 
     binary = chromium_path()
     assert binary, "chromium is not installed: `make test` installs it (Debian package chromium)"

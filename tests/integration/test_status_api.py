@@ -144,7 +144,7 @@ def test_admin_sees_everything_and_metrics_are_open(stack: LocalStack) -> None:
 
 
 def test_the_page_in_chromium_shows_what_the_token_allows(stack: LocalStack) -> None:
-    from cdp import Browser, chromium_path
+    from tests.integration.cdp import Browser, chromium_path
 
     binary = chromium_path()
     assert binary, "chromium is not installed"
