@@ -187,3 +187,36 @@ def test_cancel_stops_outstanding_items(stack: LocalStack, s3_server: Any) -> No
     assert _computed(stack) - settled <= 4  # at most what was already on a worker's device
     assert status["items"]["succeeded"] < 200
     assert len(_manifest(s3_server, status["results"])) == status["items"]["succeeded"] + status["items"]["failed"]
+
+
+def test_a_listing_past_max_items_ends_failed_naming_the_field(stack: LocalStack, s3_server: Any) -> None:
+    _upload(s3_server, "in/toomany", good=40)
+    spec = _batch("toomany")
+    spec["input"]["maxItems"] = 20
+    stack.create_job(NS, "toomany", spec)
+    status = stack.wait_for_jobs(NS, ["toomany"], timeout=120)["toomany"]["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "TooManyItems"), status
+    assert "spec.input.maxItems=20" in status["message"]
+    events = stack.core.list_namespaced_event(NS, field_selector="involvedObject.name=toomany").items
+    assert [e.reason for e in events] == ["TooManyItems"]
+
+
+def test_a_batch_whose_journal_is_corrupt_fails_alone(stack: LocalStack, s3_server: Any) -> None:
+    # The journal lies in the tenant's own output prefix: whatever is written there must end
+    # that batch, never the operator or the batches beside it.
+    _upload(s3_server, "in/corrupt", good=20)
+    _upload(s3_server, "in/beside", good=20)
+    assert stack.operator is not None
+    stack.operator.kill()
+    stack.create_job(NS, "corrupt", _batch("corrupt"))
+    uid = stack.get_job(NS, "corrupt")["metadata"]["uid"]
+    s3_server.client().put_object(Bucket=BUCKET, Key=f"out/corrupt/_gpuroute/journal-{uid}/part-00000001.jsonl",
+                                  Body=b'{"input":"s3://x/y"}\n' + b"[" * (2 * 1024 * 1024))
+    stack.create_job(NS, "beside", _batch("beside"))
+    stack.start_operator()
+    statuses = stack.wait_for_jobs(NS, ["corrupt", "beside"], timeout=180)
+    corrupt, beside = statuses["corrupt"]["status"], statuses["beside"]["status"]
+    assert (corrupt["phase"], corrupt["reason"]) == ("Failed", "JournalCorrupt"), corrupt
+    assert "part-00000001.jsonl" in corrupt["message"]
+    assert (beside["phase"], beside["items"]["succeeded"]) == ("Completed", 20), beside
+    assert stack.operator.popen.poll() is None  # the operator lives on

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpuroute.protocol import ItemAnswer
+from gpuroute_operator.batch.digests import DigestSet
 from gpuroute_operator.batch.state import (
     BatchState,
     ItemOutcome,
@@ -30,7 +31,7 @@ from gpuroute_operator.core.grants import READ_ANNOTATION, WRITE_ANNOTATION, Sto
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase
 from gpuroute_operator.core.refs import ObjectRef
-from gpuroute_operator.core.spec import BatchSpec, SpecError, StorageURI, item_output
+from gpuroute_operator.core.spec import MAX_ITEMS_CAP, BatchSpec, SpecError, StorageURI, item_output
 
 Entry = StorageURI | SpecError
 """One listed line: an input, or a list-object line that is none (it fails alone)."""
@@ -53,6 +54,9 @@ class PlanConfig:
     """A running batch's status is written at most this often."""
     journal_period_s: float = 1.0
     """Finished items are appended to the journal this often."""
+    journal_lines: int = 2000
+    """...or as soon as this many are waiting: items that end without a group (not granted,
+    a bad list line) end by the thousand, and the lines held must not grow with the batch."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,9 @@ class BatchPlan:
         """Items to run again in a later group (a retryable failure), in listing order."""
         self.spent: dict[str, int] = {}
         """Input URI -> attempts its groups spent on it so far (this run)."""
-        self.seen: set[str] = set()
-        """Input URIs listed so far in this run: a repeated line is not another item."""
+        self.seen: DigestSet | None = DigestSet() if spec.list_uri is not None else None
+        """A list object's input URIs listed so far in this run (by digest): a repeated line is
+        not another item. None for a prefix: a listing names each object once."""
         self.lines: list[str] = []
         """Journal lines not yet written."""
         self.last_status = float("-inf")
@@ -113,6 +118,13 @@ class BatchPlan:
         self.state.listed += len(page)
         return self.items_out < self.config.window // 2 and self.whole_cell_pending()
 
+    def too_many(self) -> Stop | None:
+        """Failed as TooManyItems once the listing passes spec.input.maxItems, or None."""
+        if self.state.listed <= self.spec.max_items:
+            return None
+        return (Phase.FAILED, "TooManyItems", f"the input lists more than spec.input.maxItems={self.spec.max_items} "
+                f"items; split it into several batches or raise spec.input.maxItems (at most {MAX_ITEMS_CAP})")
+
     def listing_done(self) -> None:
         self.state.listing_complete = True
 
@@ -127,6 +139,12 @@ class BatchPlan:
 
     def has_room(self) -> bool:
         return self.items_out < self.config.window
+
+    def more_now(self) -> bool:
+        """The window has room and the listing goes on: list and hand out more now rather than
+        wait for a group to end (items that end without a group, finished before a restart or
+        not granted, never wake the loop)."""
+        return self.has_room() and not self.state.listing_complete
 
     def next_group(self, now: float) -> Job | None:
         """The next item group to hand to the dispatcher, tracked as out already (the dispatcher
@@ -168,11 +186,10 @@ class BatchPlan:
                                                        reason=entry.reason, error=str(entry), completed_at=now)))
             return None
         source = entry.uri
-        if source in self.seen:
+        if self.seen is not None and not self.seen.add(source):
             state.listed -= 1  # a list object named it twice: one item
             return None
-        self.seen.add(source)
-        if source in state.done:
+        if len(state.done) and source in state.done:
             return None  # finished before a restart
         output = item_output(self.spec, entry)
         problem = ""
@@ -262,7 +279,8 @@ class BatchPlan:
     def take_lines(self, now: float, *, force: bool = False) -> list[str]:
         """The journal lines to write now (none when no flush is due); give them back with
         `unwritten` if the write fails."""
-        if not self.lines or (not force and now - self.last_flush < self.config.journal_period_s):
+        due = force or len(self.lines) >= self.config.journal_lines or now - self.last_flush >= self.config.journal_period_s
+        if not self.lines or not due:
             return []
         lines, self.lines = self.lines, []
         self.last_flush = now

@@ -27,7 +27,7 @@ from typing import Any
 from gpuroute.protocol import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 from gpuroute_operator.batch.plan import BatchPlan, Entry, PlanConfig, Stop
 from gpuroute_operator.batch.state import journal_part
-from gpuroute_operator.batch.store import BatchStore, StorageIOError, first
+from gpuroute_operator.batch.store import BatchStore, JournalCorrupt, StorageIOError, first
 from gpuroute_operator.core import admission
 from gpuroute_operator.core.dispatcher import Dispatcher
 from gpuroute_operator.core.effects import TerminalEvent
@@ -60,6 +60,8 @@ class BatchConfig:
     journal_period_s: float = 1.0
     """Finished items are appended to the journal this often: what a crash can lose (and
     then recompute, or answer from the worker's result cache)."""
+    journal_lines: int = 2000
+    """...or as soon as this many are waiting (PlanConfig.journal_lines)."""
     restart_grace_s: float = 2 * HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
     """After the operator starts, a resumed batch waits this long for workers to register
     again, so the groups they still run or hold answers for are adopted rather than computed
@@ -71,7 +73,8 @@ class BatchConfig:
 
     def plan(self) -> PlanConfig:
         return PlanConfig(window=self.window, group_items=self.group_items, lookahead=self.lookahead,
-                          status_period_s=self.status_period_s, journal_period_s=self.journal_period_s)
+                          status_period_s=self.status_period_s, journal_period_s=self.journal_period_s,
+                          journal_lines=self.journal_lines)
 
 
 GrantsLookup = Callable[[str], Awaitable[StorageGrants]]
@@ -186,46 +189,63 @@ class BatchRunner:
     # ---- one batch --------------------------------------------------------------------------------
 
     async def _run(self, run: BatchRun) -> None:
-        plan = run.plan
+        """One batch from start to end. Whatever goes wrong ends this batch alone, with a status:
+        never the process, never a batch left without an end."""
         try:
-            self._publish(run, time.time())
-            found = await asyncio.to_thread(lambda: plan.state.resume(self.store.read_journal(plan.journal)))
-            run.parts = await asyncio.to_thread(self.store.journal_parts, plan.journal)
-            if found:
-                log.info("batch %s/%s resumes: %d items already finished", run.ref.namespace, run.ref.name, found)
-            if run.resumed:
-                # Workers still running this batch's items re-register first, so those attempts are adopted.
-                await asyncio.sleep(max(0.0, self.started_at + self.config.restart_grace_s - time.monotonic()))
-            listing = self._listing(run)
-            while run.stop is None:
-                now = time.time()
-                if (overdue := plan.overdue(now)) is not None:
-                    run.stop = overdue
-                    break
-                await self._fill(run, listing, now)
-                if plan.state.complete:
-                    run.stop = plan.state.ending()
-                    break
-                await self._flush(run, now)
-                if plan.status_due(now):
-                    self._publish(run, now)
-                run.wake.clear()
-                try:
-                    async with asyncio.timeout(0.5):
-                        await run.wake.wait()
-                except TimeoutError:
-                    pass
-            await self._end(run)
+            await self._carry_out(run)
         except asyncio.CancelledError:
             raise
         except StorageIOError as exc:
             log.warning("batch %s/%s: %s", run.ref.namespace, run.ref.name, exc)
             run.stop = (Phase.FAILED, "StorageUnavailable", str(exc))
-            await self._end(run)
+        except JournalCorrupt as exc:
+            log.warning("batch %s/%s: %s", run.ref.namespace, run.ref.name, exc)
+            run.stop = (Phase.FAILED, "JournalCorrupt", f"{exc}; delete the journal or re-create the ImageJob")
         except Exception as exc:  # a bug must end in a status, never in a silent stuck batch
             log.exception("batch %s/%s failed", run.ref.namespace, run.ref.name)
             run.stop = (Phase.FAILED, "InternalError", f"{type(exc).__name__}: {exc}")
+        try:
             await self._end(run)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the journal or manifest write itself failed oddly: report without them
+            log.exception("batch %s/%s: ending it failed", run.ref.namespace, run.ref.name)
+            self._end_without_storage(run, exc)
+
+    async def _carry_out(self, run: BatchRun) -> None:
+        plan = run.plan
+        self._publish(run, time.time())
+        found = await asyncio.to_thread(lambda: plan.state.resume(self.store.read_journal(plan.journal)))
+        run.parts = await asyncio.to_thread(self.store.journal_parts, plan.journal)
+        if found:
+            log.info("batch %s/%s resumes: %d items already finished", run.ref.namespace, run.ref.name, found)
+        if run.resumed:
+            # Workers still running this batch's items re-register first, so those attempts are adopted.
+            await asyncio.sleep(max(0.0, self.started_at + self.config.restart_grace_s - time.monotonic()))
+        listing = self._listing(run)
+        while run.stop is None:
+            now = time.time()
+            if (overdue := plan.overdue(now)) is not None:
+                run.stop = overdue
+                break
+            await self._fill(run, listing, now)
+            if run.stop is not None:
+                break
+            if plan.state.complete:
+                run.stop = plan.state.ending()
+                break
+            await self._flush(run, now)
+            if plan.status_due(now):
+                self._publish(run, now)
+            if plan.more_now():
+                await asyncio.sleep(0)  # each round lists a page: I/O in a thread, never a busy loop
+                continue
+            run.wake.clear()
+            try:
+                async with asyncio.timeout(0.5):
+                    await run.wake.wait()
+            except TimeoutError:
+                pass
 
     def _listing(self, run: BatchRun) -> Iterator[list[Entry]]:
         spec = run.plan.spec
@@ -241,7 +261,11 @@ class BatchRunner:
             if page is None:
                 plan.listing_done()
                 break
-            if plan.add_page(page):
+            start = plan.add_page(page)
+            if (refused := plan.too_many()) is not None:
+                run.stop = refused
+                return
+            if start:
                 break  # start work before the whole lookahead is listed
         while plan.has_room() and run.stop is None:
             job = plan.next_group(now)
@@ -298,6 +322,22 @@ class BatchRunner:
         self.status_writes += 1
         self.runs.pop(run.ref.uid, None)
         log.info("batch %s/%s ended %s (%s): %s", run.ref.namespace, run.ref.name, phase.value, reason, message)
+
+    def _end_without_storage(self, run: BatchRun, exc: Exception) -> None:
+        assert run.stop is not None
+        now = time.time()
+        for uid in run.plan.drop_outstanding():
+            self.dispatcher.cancel(uid, "batch ended: InternalError", now)
+        _, reason, message = run.stop
+        if reason not in ("InternalError", "JournalCorrupt", "StorageUnavailable"):
+            reason = "InternalError"
+        message = f"{message}; ending it failed too: {type(exc).__name__}: {exc}"
+        run.phase = Phase.FAILED
+        run.conditions = conditions(Phase.FAILED, reason=reason, message=message, now=now_rfc3339(now),
+                                    generation=run.plan.generation, previous=run.conditions)
+        self.runs.pop(run.ref.uid, None)
+        self.writer.update(run.ref, self._status(run, now, reason, message), urgent=True,
+                           terminal_event=TerminalEvent(reason, message, warning=True))
 
     def _publish(self, run: BatchRun, now: float) -> None:
         state = run.plan.state

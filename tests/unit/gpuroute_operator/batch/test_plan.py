@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 from gpuroute.protocol import ErrorCode, ItemAnswer, OutputInfo
@@ -106,7 +107,8 @@ def test_a_cancelled_group_leaves_its_items_unfinished() -> None:
 
 
 def test_bad_lines_duplicates_finished_and_ungranted_items_end_without_a_group() -> None:
-    plan = _plan(grants=StorageGrants(("s3://photos/in/ok/",), ("s3://photos/out/",)))
+    plan = _plan(grants=StorageGrants(("s3://photos/in/ok/",), ("s3://photos/out/",)),
+                 input={"list": "s3://photos/lists/all.txt"})
     plan.state.resume([ItemOutcome("s3://photos/in/ok/done.png", "s3://photos/out/ok/done.png", ok=True).line()])
     bad = SpecError("spec.input.list line 2", "not a URI")
     plan.add_page([*_uris("ok/a.png", "ok/a.png", "ok/done.png", "secret.png"), bad])
@@ -131,6 +133,8 @@ def test_flushes_and_status_are_due_by_the_clock_and_a_failed_write_keeps_its_li
     plan.unwritten(lines)
     assert plan.lines == ["one", "two", "three"]
     assert plan.take_lines(1000.5, force=True) == ["one", "two", "three"]
+    plan.lines = [str(n) for n in range(plan.config.journal_lines)]
+    assert len(plan.take_lines(1000.6)) == plan.config.journal_lines  # a full buffer goes before its time
     plan.last_status = 1000.0
     assert not plan.status_due(1002.9) and plan.status_due(1003.0)
 
@@ -145,3 +149,49 @@ def test_overdue_and_drop_outstanding() -> None:
     job = plan.next_group(1000.0)
     assert job is not None and plan.drop_outstanding() == [job.uid]
     assert not plan.pending and not plan.outstanding
+
+
+def test_a_listing_past_max_items_fails_the_batch_naming_the_field() -> None:
+    plan = _plan(input={"prefix": "s3://photos/in/", "maxItems": 10})
+    plan.add_page(_uris(*(f"{i}.png" for i in range(10))))
+    assert plan.too_many() is None
+    plan.add_page(_uris("10.png"))
+    stop = plan.too_many()
+    assert stop is not None and stop[:2] == (Phase.FAILED, "TooManyItems") and "spec.input.maxItems=10" in stop[2]
+
+
+def test_a_batch_keeps_no_uri_strings_per_item() -> None:
+    """The plan's memory for listed and finished inputs is digests, not the URI strings: 8 bytes
+    an input a list object names, none for a prefix's."""
+    count = 20_000
+    journal = [ItemOutcome(f"s3://photos/in/done-{i:07d}.png", f"s3://photos/out/done-{i:07d}.png", ok=True).line()
+               for i in range(count)]
+    entries = _uris(*(f"item-{i:07d}.png" for i in range(count)))
+    for spec in ({"input": {"list": "s3://photos/lists/all.txt"}}, {}):
+        tracemalloc.start()
+        try:
+            plan = _plan(window=10**9, group_items=16, lookahead=10**9, grants=StorageGrants((), ()), **spec)
+            plan.state.resume(journal)
+            plan.add_page(entries)
+            plan.listing_done()
+            while plan.next_group(1000.0) is not None:
+                pass
+            plan.lines.clear()  # the shell writes them to the journal every second
+            plan.pending.clear()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert plan.state.failed == count and plan.state.succeeded == count  # StorageNotGranted, and resumed
+        # URI strings in sets would hold about 2 x 20,000 x 120 bytes = 4.8 MB.
+        assert held < 2 * count * 8 + 2 * 1024 * 1024, (spec, held)
+
+
+def test_more_now_while_the_window_has_room_and_the_listing_goes_on() -> None:
+    plan = _plan(window=8, group_items=4)
+    assert plan.more_now()
+    plan.add_page(_uris(*(f"{i}.png" for i in range(12))))
+    while plan.has_room() and plan.next_group(1000.0) is not None:
+        pass
+    assert not plan.more_now()  # the window is full: a group's end wakes the loop
+    plan.listing_done()
+    assert not plan.more_now()
