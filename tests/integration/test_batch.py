@@ -220,3 +220,29 @@ def test_a_batch_whose_journal_is_corrupt_fails_alone(stack: LocalStack, s3_serv
     assert "part-00000001.jsonl" in corrupt["message"]
     assert (beside["phase"], beside["items"]["succeeded"]) == ("Completed", 20), beside
     assert stack.operator.popen.poll() is None  # the operator lives on
+
+
+def test_inputs_naming_the_same_output_fail_after_the_first_and_overlapping_prefixes_are_refused(
+        stack: LocalStack, s3_server: Any) -> None:
+    client = s3_server.client()
+    for seed, name in enumerate(("a.jpg", "a.png", "a.webp", "b.png")):
+        client.put_object(Bucket=BUCKET, Key=f"in/clash/{name}", Body=noise_png(16, 16, seed=seed))
+    spec = _batch("clash")
+    spec["input"].pop("match")
+    stack.create_job(NS, "clash", spec)
+    status = stack.wait_for_jobs(NS, ["clash"], timeout=120)["clash"]["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "ItemsFailed"), status
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in _manifest(s3_server, status["results"])}
+    assert {n: r["status"] for n, r in rows.items()} == {"a.jpg": "succeeded", "a.png": "failed",
+                                                         "a.webp": "failed", "b.png": "succeeded"}
+    assert {rows[n]["reason"] for n in ("a.png", "a.webp")} == {"OutputCollision"}
+    assert f"s3://{BUCKET}/out/clash/a.png" in rows["a.png"]["error"]
+    stored = client.get_object(Bucket=BUCKET, Key="out/clash/a.png")["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == rows["a.jpg"]["sha256"]  # the first input's output survives
+
+    overlap = _batch("overlap")
+    overlap["input"]["prefix"] = f"s3://{BUCKET}/out/overlap/in/"
+    stack.create_job(NS, "overlap", overlap)
+    refused = stack.wait_for_jobs(NS, ["overlap"], timeout=60)["overlap"]["status"]
+    assert (refused["phase"], refused["reason"]) == ("Failed", "InvalidSpec"), refused
+    assert "spec.input.prefix" in refused["message"] and "spec.output.prefix" in refused["message"]

@@ -11,7 +11,7 @@ after a restart the unfinished items of a cell form the same group (and uid) aga
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gpuroute.protocol import ItemAnswer
@@ -31,12 +31,22 @@ from gpuroute_operator.core.grants import READ_ANNOTATION, WRITE_ANNOTATION, Sto
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase
 from gpuroute_operator.core.refs import ObjectRef
-from gpuroute_operator.core.spec import MAX_ITEMS_CAP, BatchSpec, SpecError, StorageURI, item_output
+from gpuroute_operator.core.spec import (
+    MAX_ITEMS_CAP,
+    BatchSpec,
+    SpecError,
+    StorageURI,
+    item_output,
+    parse_storage_uri,
+    under_prefix,
+)
 
 Entry = StorageURI | SpecError
 """One listed line: an input, or a list-object line that is none (it fails alone)."""
 Stop = tuple[Phase, str, str]
 """How a batch ends: phase, reason, message."""
+COLLISION = "OutputCollision"
+"""Reason of an item whose output name an earlier input of the batch has taken."""
 
 
 @dataclass(frozen=True)
@@ -99,12 +109,30 @@ class BatchPlan:
         self.seen: DigestSet | None = DigestSet() if spec.list_uri is not None else None
         """A list object's input URIs listed so far in this run (by digest): a repeated line is
         not another item. None for a prefix: a listing names each object once."""
+        self.outputs = DigestSet()
+        """Output URIs taken by the inputs listed so far (by digest), finished before a restart
+        or not: two inputs whose names differ only in extension (`a.jpg`, `a.png`) name the same
+        output, and the later one in the listing order fails rather than overwrite it."""
         self.lines: list[str] = []
         """Journal lines not yet written."""
         self.last_status = float("-inf")
         self.last_flush = float("-inf")
         self._refill = max(1, self.config.window // 8)
         """Free window slots that are worth waking the batch's loop for."""
+
+    def resume(self, lines: Iterable[str]) -> int:
+        """Take in the journal written before a restart: its items are not run again, and the
+        outputs they took stay taken (so the same input wins a clash after the restart)."""
+        return self.state.resume(lines, self._taken)
+
+    def _taken(self, outcome: ItemOutcome) -> None:
+        if outcome.reason == COLLISION or outcome.input.startswith("("):
+            return  # a clash lost, or a list line that was no URI: took no output
+        try:
+            source = parse_storage_uri(outcome.input, "journal")
+        except SpecError:
+            return
+        self.outputs.add(item_output(self.spec, source).uri)
 
     # ---- listing -------------------------------------------------------------------------------
 
@@ -192,16 +220,28 @@ class BatchPlan:
         if len(state.done) and source in state.done:
             return None  # finished before a restart
         output = item_output(self.spec, entry)
-        problem = ""
-        if not self.grants.may_read(source):
-            problem = f"{source} is outside the read prefixes granted ({READ_ANNOTATION})"
-        elif not self.grants.may_write(output.uri):
-            problem = f"{output.uri} is outside the write prefixes granted ({WRITE_ANNOTATION})"
+        reason = problem = ""
+        if under_prefix(entry, self.spec.output_prefix):
+            reason, problem = "InputUnderOutput", (f"{source} lies under spec.output.prefix "
+                                                   f"{self.spec.output_prefix.uri}: outputs could overwrite it")
+        elif not self.outputs.add(output.uri):
+            reason, problem = COLLISION, (f"{output.uri} is already the output of an input listed before {source} "
+                                          "(outputs keep the input's name, not its extension)")
+        else:
+            reason, problem = "StorageNotGranted", self._not_granted(source, output.uri)
         if problem:
             self.lines.append(state.record(ItemOutcome(input=source, output=output.uri, ok=False,
-                                                       reason="StorageNotGranted", error=problem, completed_at=now)))
+                                                       reason=reason, error=problem, completed_at=now)))
             return None
         return Listed(position, entry, output)
+
+    def _not_granted(self, source: str, output: str) -> str:
+        """Why the namespace's grants do not cover an item, or ""."""
+        if not self.grants.may_read(source):
+            return f"{source} is outside the read prefixes granted ({READ_ANNOTATION})"
+        if not self.grants.may_write(output):
+            return f"{output} is outside the write prefixes granted ({WRITE_ANNOTATION})"
+        return ""
 
     def _group_job(self, group: list[Listed], now: float) -> Job:
         retry = max(self.spent.get(item.source.uri, 0) for item in group)

@@ -215,7 +215,7 @@ class BatchRunner:
     async def _carry_out(self, run: BatchRun) -> None:
         plan = run.plan
         self._publish(run, time.time())
-        found = await asyncio.to_thread(lambda: plan.state.resume(self.store.read_journal(plan.journal)))
+        found = await asyncio.to_thread(lambda: plan.resume(self.store.read_journal(plan.journal)))
         run.parts = await asyncio.to_thread(self.store.journal_parts, plan.journal)
         if found:
             log.info("batch %s/%s resumes: %d items already finished", run.ref.namespace, run.ref.name, found)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,12 +209,15 @@ class BatchState:
         """Every listed item is finished and nothing is out."""
         return self.listing_complete and not self.phases and self.finished >= self.listed
 
-    def resume(self, lines: Iterable[str]) -> int:
-        """Take in the journal written before a restart; returns how many items it holds."""
+    def resume(self, lines: Iterable[str], taken: Callable[[ItemOutcome], None] | None = None) -> int:
+        """Take in the journal written before a restart; returns how many items it holds.
+        `taken` is called with each item taken in (once, whatever the journal repeats)."""
         for text in lines:
             outcome = ItemOutcome.from_line(text)
             if outcome is not None and self.done.add(outcome.input):  # a part written twice counts once
                 self._count(outcome)
+                if taken is not None:
+                    taken(outcome)
         self.resumed = self.finished
         return self.resumed
 

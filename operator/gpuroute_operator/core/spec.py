@@ -316,6 +316,12 @@ def parse_batch_spec(spec: Mapping[str, Any] | None) -> BatchSpec:
     if prefix is not None and prefix.container == output_prefix.container and output_prefix.key.startswith(prefix.key):
         raise SpecError("spec.output.prefix", f"{output_prefix.uri} lies under spec.input.prefix {prefix.uri}: "
                         "outputs would become inputs")
+    if prefix is not None and under_prefix(prefix, output_prefix):
+        raise SpecError("spec.input.prefix", f"{prefix.uri} lies under spec.output.prefix {output_prefix.uri}: "
+                        "outputs would overwrite the batch's own inputs")
+    if list_uri is not None and under_prefix(list_uri, output_prefix):
+        raise SpecError("spec.input.list", f"{list_uri.uri} lies under spec.output.prefix {output_prefix.uri}: "
+                        "outputs could overwrite the list")
     max_items = _int_in(source.get("maxItems"), "spec.input.maxItems", DEFAULT_MAX_ITEMS, 1, MAX_ITEMS_CAP)
     timeout_s = _int_in(spec.get("timeoutSeconds"), "spec.timeoutSeconds", DEFAULT_TIMEOUT_S, 1, 86400)
     item_timeout_s = _int_in(spec.get("itemTimeoutSeconds"), "spec.itemTimeoutSeconds",
@@ -331,6 +337,11 @@ def parse_batch_spec(spec: Mapping[str, Any] | None) -> BatchSpec:
                                       "uri": f"{output_prefix.scheme}://{output_prefix.container}/item"},
                            "timeoutSeconds": item_timeout_s})
     return BatchSpec(prefix, match, list_uri, output_prefix, item, timeout_s, item_timeout_s, max_items)
+
+
+def under_prefix(uri: StorageURI, prefix: StorageURI) -> bool:
+    """`uri` (an object or a prefix) lies under `prefix`, in the same bucket or container."""
+    return uri.scheme == prefix.scheme and uri.container == prefix.container and uri.key.startswith(prefix.key)
 
 
 def item_output(batch: BatchSpec, source: StorageURI) -> StorageURI:

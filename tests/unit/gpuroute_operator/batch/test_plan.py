@@ -195,3 +195,48 @@ def test_more_now_while_the_window_has_room_and_the_listing_goes_on() -> None:
     assert not plan.more_now()  # the window is full: a group's end wakes the loop
     plan.listing_done()
     assert not plan.more_now()
+
+
+def test_inputs_that_name_the_same_output_fail_after_the_first() -> None:
+    plan = _plan()
+    plan.add_page(_uris("a.jpg", "a.png", "a.webp", "b.png"))
+    plan.listing_done()
+    job = plan.next_group(1000.0)
+    assert job is not None and _names(job) == ["a.jpg", "b.png"]
+    rows = [ItemOutcome.from_line(line) for line in plan.lines]
+    assert [(r.input, r.reason) for r in rows if r] == [("s3://photos/in/a.png", "OutputCollision"),
+                                                        ("s3://photos/in/a.webp", "OutputCollision")]
+    assert all("s3://photos/out/a.png" in line and "OutputCollision" in line for line in plan.lines)
+
+
+def test_after_a_restart_the_same_input_wins_a_clash() -> None:
+    first = _plan()
+    first.add_page(_uris("a.jpg", "a.png"))
+    first.listing_done()
+    job = first.next_group(1000.0)
+    assert job is not None
+    _end(first, job, [OK])
+    journal = list(first.lines)
+    # Restarted with a.jpg (the winner) finished: a.png still clashes with it.
+    resumed = _plan()
+    assert resumed.resume(journal) == 2
+    resumed.add_page(_uris("a.jpg", "a.png"))
+    resumed.listing_done()
+    assert resumed.next_group(1000.0) is None and not resumed.lines
+    # Restarted with only the clash journaled: a.jpg runs, it is not a clash with the loser.
+    partial = _plan()
+    partial.resume([line for line in journal if "OutputCollision" in line])
+    partial.add_page(_uris("a.jpg", "a.png"))
+    partial.listing_done()
+    job = partial.next_group(1000.0)
+    assert job is not None and _names(job) == ["a.jpg"] and not partial.lines
+
+
+def test_a_listed_input_under_the_output_prefix_fails_alone() -> None:
+    plan = _plan(input={"list": "s3://photos/lists/all.txt"})
+    plan.add_page([StorageURI("s3", "photos", "out/a.png"), StorageURI("s3", "photos", "in/b.png")])
+    plan.listing_done()
+    job = plan.next_group(1000.0)
+    assert job is not None and [s.key for s, _ in job.spec.items] == ["in/b.png"]
+    row = ItemOutcome.from_line(plan.lines[0])
+    assert row is not None and row.reason == "InputUnderOutput" and "spec.output.prefix" in row.error

@@ -70,6 +70,9 @@ def test_parse_batch_spec_and_item_outputs() -> None:
     (_spec(input={"prefix": "s3://photos/in/", "match": "a/*.png"}), "spec.input.match"),
     (_spec(output={"uri": "s3://photos/out/x.png"}), "spec.output.prefix"),
     (_spec(output={"prefix": "s3://photos/in/sub/"}), "spec.output.prefix"),
+    (_spec(output={"prefix": "s3://photos/"}), "spec.input.prefix"),
+    (_spec(input={"prefix": "s3://photos/in/"}, output={"prefix": "s3://photos/in/"}), "spec.output.prefix"),
+    (_spec(input={"list": "s3://photos/out/list.txt"}), "spec.input.list"),
     (_spec(itemTimeoutSeconds=0), "spec.itemTimeoutSeconds"),
     (_spec(steps=[{"op": "nope"}]), "spec.steps[0].op"),
 ])
@@ -203,6 +206,18 @@ def test_the_item_retry_rule() -> None:
         assert judge_item(failed(code), 2, 3) is ItemVerdict.AGAIN
         assert judge_item(failed(code), 3, 3) is ItemVerdict.EXHAUSTED
     assert judge_item(failed(ErrorCode.CANCELLED), 1, 3) is ItemVerdict.NOT_DONE
+
+
+def test_an_input_under_the_output_prefix_is_refused_naming_both_fields() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_batch_spec(_spec(input={"prefix": "s3://photos/out/in/"}))
+    assert info.value.field == "spec.input.prefix" and "spec.output.prefix s3://photos/out/" in str(info.value)
+    with pytest.raises(SpecError) as info:
+        parse_batch_spec(_spec(input={"list": "s3://photos/out/all.txt"}))
+    assert info.value.field == "spec.input.list" and "spec.output.prefix" in str(info.value)
+    # Siblings and other buckets are fine.
+    parse_batch_spec(_spec(input={"prefix": "s3://photos/outer/"}))
+    parse_batch_spec(_spec(input={"list": "s3://other/out/all.txt"}))
 
 
 def test_max_items_defaults_and_bounds() -> None:
