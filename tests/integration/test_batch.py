@@ -246,3 +246,31 @@ def test_inputs_naming_the_same_output_fail_after_the_first_and_overlapping_pref
     refused = stack.wait_for_jobs(NS, ["overlap"], timeout=60)["overlap"]["status"]
     assert (refused["phase"], refused["reason"]) == ("Failed", "InvalidSpec"), refused
     assert "spec.input.prefix" in refused["message"] and "spec.output.prefix" in refused["message"]
+
+
+def test_a_revoked_read_grant_ends_the_items_not_yet_handed_out(stack: LocalStack, s3_server: Any) -> None:
+    # Last in this module: it restarts the workers. With no worker connected, the first 512
+    # items fill the batch's window and wait in the queue; the other 18 are handed out only
+    # after the admin has revoked the read grant, so they end StorageNotGranted rather than
+    # getting freshly presigned URLs for a prefix the namespace may no longer read.
+    from gpuroute_operator.shell.engine import GRANTS_TTL_S
+
+    _upload(s3_server, "in/revoke", good=530, size=(16, 16))
+    for worker in WORKERS:
+        stack.workers[worker].stop()
+    stack.wait_for_pool(POOL, workers=0, timeout=60)
+    stack.create_job(NS, "revoke", _batch("revoke"))
+    _wait(stack, "revoke", lambda s: s.get("items", {}).get("listingComplete") and s["items"]["total"] == 530)
+    try:
+        stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/elsewhere/"], write=[f"s3://{BUCKET}/out/"])
+        time.sleep(GRANTS_TTL_S + 1.5)  # the operator's cached grants expire; the batch reads them each round
+        for worker in WORKERS:
+            stack.start_worker(POOL, worker, capacity=2)
+        status = stack.wait_for_jobs(NS, ["revoke"], timeout=300)["revoke"]["status"]
+    finally:
+        stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
+    assert (status["items"]["succeeded"], status["items"]["failed"]) == (512, 18), status["items"]
+    assert {f["reason"] for f in status["failures"]} == {"StorageNotGranted"}
+    rows = _manifest(s3_server, status["results"])
+    revoked = sorted(r["input"].rsplit("/", 1)[1] for r in rows if r["status"] == "failed")
+    assert revoked == [f"img-{i:04d}.png" for i in range(512, 530)]  # the listing's last, never handed out

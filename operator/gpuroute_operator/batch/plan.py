@@ -90,7 +90,9 @@ class BatchPlan:
         self.generation = generation
         self.spec = spec
         self.grants = grants
-        """The namespace's storage grants every item is checked against when its group is cut."""
+        """The namespace's storage grants every item is checked against when its group is cut
+        (retries too); the shell refreshes them before each round, so a revoked prefix stops
+        getting signed URLs for the items not yet handed out."""
         self.config = config or PlanConfig()
         self.state = BatchState(queued_at, results_uri(spec.output_prefix, ref.name).uri)
         self.deadline = queued_at + spec.timeout_s
@@ -192,7 +194,9 @@ class BatchPlan:
             cell = group_cell(self.again[0].position, size)
             group: list[Listed] = []
             while self.again and group_cell(self.again[0].position, size) == cell and len(group) < size:
-                group.append(self.again.popleft())
+                retry = self.again.popleft()
+                if self._still_granted(retry, now):
+                    group.append(retry)
             return group
         if not self.pending or not self.whole_cell_pending():
             return None  # nothing listed, or the rest of this cell is on the next page
@@ -234,6 +238,17 @@ class BatchPlan:
                                                        reason=reason, error=problem, completed_at=now)))
             return None
         return Listed(position, entry, output)
+
+    def _still_granted(self, item: Listed, now: float) -> bool:
+        """A retry is checked against the grants again: they may have been revoked since its
+        first group, and a new group gets freshly signed URLs."""
+        problem = self._not_granted(item.source.uri, item.output.uri)
+        if problem:
+            attempts = self.spent.pop(item.source.uri, 0)
+            self.lines.append(self.state.record(ItemOutcome(
+                input=item.source.uri, output=item.output.uri, ok=False, reason="StorageNotGranted", error=problem,
+                attempts=attempts, completed_at=now)))
+        return not problem
 
     def _not_granted(self, source: str, output: str) -> str:
         """Why the namespace's grants do not cover an item, or ""."""

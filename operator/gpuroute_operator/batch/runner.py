@@ -256,6 +256,9 @@ class BatchRunner:
 
     async def _fill(self, run: BatchRun, listing: Iterator[list[Entry]], now: float) -> None:
         plan = run.plan
+        # Grants are read again each round (the lookup caches them for seconds): an admin's
+        # revocation reaches the items of this batch not yet handed out, not only new batches.
+        plan.grants = await self.grants(run.ref.namespace or "")
         while plan.wants_page():
             page = await self._page(listing)
             if page is None:

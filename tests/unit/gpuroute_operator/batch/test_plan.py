@@ -8,7 +8,7 @@ from typing import Any
 from gpuroute.protocol import ErrorCode, ItemAnswer, OutputInfo
 from gpuroute_operator.batch.plan import BatchPlan, PlanConfig
 from gpuroute_operator.batch.state import ItemOutcome, group_uid
-from gpuroute_operator.core.grants import StorageGrants
+from gpuroute_operator.core.grants import READ_ANNOTATION, WRITE_ANNOTATION, StorageGrants
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase
 from gpuroute_operator.core.refs import ObjectRef
@@ -240,3 +240,25 @@ def test_a_listed_input_under_the_output_prefix_fails_alone() -> None:
     assert job is not None and [s.key for s, _ in job.spec.items] == ["in/b.png"]
     row = ItemOutcome.from_line(plan.lines[0])
     assert row is not None and row.reason == "InputUnderOutput" and "spec.output.prefix" in row.error
+
+
+def test_grants_revoked_mid_batch_end_the_items_not_yet_handed_out() -> None:
+    plan = _plan(window=4, group_items=4)
+    plan.add_page(_uris(*(f"{i}.png" for i in range(8))))
+    plan.listing_done()
+    first = plan.next_group(1000.0)
+    assert first is not None and not plan.has_room()
+    _end(plan, first, [OK, SLOW, OK, OK])  # 1.png runs again later
+    plan.grants = StorageGrants(("s3://photos/elsewhere/",), ("s3://photos/out/",))  # the admin revoked in/
+    assert plan.next_group(1001.0) is None
+    rows = [ItemOutcome.from_line(line) for line in plan.lines]
+    assert [(r.input.rsplit("/", 1)[1], r.reason) for r in rows if not r.ok] == [
+        ("1.png", "StorageNotGranted"), *((f"{i}.png", "StorageNotGranted") for i in range(4, 8))]
+    assert all(READ_ANNOTATION in r.error for r in rows if not r.ok)
+    assert plan.state.complete and (plan.state.succeeded, plan.state.failed) == (3, 5)
+    assert not plan.spent
+    revoked_write = _plan()
+    revoked_write.grants = StorageGrants(("s3://photos/in/",), ())
+    revoked_write.add_page(_uris("a.png"))
+    revoked_write.listing_done()
+    assert revoked_write.next_group(1000.0) is None and WRITE_ANNOTATION in revoked_write.lines[0]
