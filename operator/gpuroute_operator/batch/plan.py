@@ -320,6 +320,11 @@ class BatchPlan:
         self.outstanding.clear()
         self.pending.clear()
         self.again.clear()
+        self.spent.clear()
+        # Nothing is listed or resumed any more: the digests go before the manifest is written.
+        for digests in (self.seen, self.outputs, self.state.done):
+            if digests is not None:
+                digests.clear()
         return uids
 
     # ---- when to end, write and report ------------------------------------------------------

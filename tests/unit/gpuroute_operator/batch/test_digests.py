@@ -8,7 +8,7 @@ from gpuroute_operator.batch.digests import DigestSet
 
 
 def test_members_stay_members_across_spills_and_merges() -> None:
-    digests = DigestSet(recent=64)
+    digests = DigestSet(recent=64, max_run=1024)
     names = [f"s3://bucket/in/img-{i:06d}.png" for i in range(5000)]
     assert all(digests.add(name) for name in names)
     assert len(digests) == 5000
@@ -17,6 +17,9 @@ def test_members_stay_members_across_spills_and_merges() -> None:
     assert not any(f"s3://bucket/in/other-{i}.png" in digests for i in range(5000))
     assert len(digests) == 5000 and 5000 * 8 - 64 * 8 <= digests.nbytes <= 5000 * 8
     assert 3 not in digests  # not a string
+    assert max(len(run) for run in digests._runs) <= 1024 and len(digests._runs) <= 5000 // 1024 + 8
+    digests.clear()
+    assert len(digests) == 0 and names[0] not in digests and digests.add(names[0])
 
 
 def test_keys_differ_per_set_and_the_same_key_gives_the_same_members() -> None:
