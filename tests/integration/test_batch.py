@@ -187,3 +187,90 @@ def test_cancel_stops_outstanding_items(stack: LocalStack, s3_server: Any) -> No
     assert _computed(stack) - settled <= 4  # at most what was already on a worker's device
     assert status["items"]["succeeded"] < 200
     assert len(_manifest(s3_server, status["results"])) == status["items"]["succeeded"] + status["items"]["failed"]
+
+
+def test_a_listing_past_max_items_ends_failed_naming_the_field(stack: LocalStack, s3_server: Any) -> None:
+    _upload(s3_server, "in/toomany", good=40)
+    spec = _batch("toomany")
+    spec["input"]["maxItems"] = 20
+    stack.create_job(NS, "toomany", spec)
+    status = stack.wait_for_jobs(NS, ["toomany"], timeout=120)["toomany"]["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "TooManyItems"), status
+    assert "spec.input.maxItems=20" in status["message"]
+    events = stack.core.list_namespaced_event(NS, field_selector="involvedObject.name=toomany").items
+    assert [e.reason for e in events] == ["TooManyItems"]
+
+
+def test_a_batch_whose_journal_is_corrupt_fails_alone(stack: LocalStack, s3_server: Any) -> None:
+    # The journal lies in the tenant's own output prefix: whatever is written there must end
+    # that batch, never the operator or the batches beside it.
+    _upload(s3_server, "in/corrupt", good=20)
+    _upload(s3_server, "in/beside", good=20)
+    assert stack.operator is not None
+    stack.operator.kill()
+    stack.create_job(NS, "corrupt", _batch("corrupt"))
+    uid = stack.get_job(NS, "corrupt")["metadata"]["uid"]
+    s3_server.client().put_object(Bucket=BUCKET, Key=f"out/corrupt/_gpuroute/journal-{uid}/part-00000001.jsonl",
+                                  Body=b'{"input":"s3://x/y"}\n' + b"[" * (2 * 1024 * 1024))
+    stack.create_job(NS, "beside", _batch("beside"))
+    stack.start_operator()
+    statuses = stack.wait_for_jobs(NS, ["corrupt", "beside"], timeout=180)
+    corrupt, beside = statuses["corrupt"]["status"], statuses["beside"]["status"]
+    assert (corrupt["phase"], corrupt["reason"]) == ("Failed", "JournalCorrupt"), corrupt
+    assert "part-00000001.jsonl" in corrupt["message"]
+    assert (beside["phase"], beside["items"]["succeeded"]) == ("Completed", 20), beside
+    assert stack.operator.popen.poll() is None  # the operator lives on
+
+
+def test_inputs_naming_the_same_output_fail_after_the_first_and_overlapping_prefixes_are_refused(
+        stack: LocalStack, s3_server: Any) -> None:
+    client = s3_server.client()
+    for seed, name in enumerate(("a.jpg", "a.png", "a.webp", "b.png")):
+        client.put_object(Bucket=BUCKET, Key=f"in/clash/{name}", Body=noise_png(16, 16, seed=seed))
+    spec = _batch("clash")
+    spec["input"].pop("match")
+    stack.create_job(NS, "clash", spec)
+    status = stack.wait_for_jobs(NS, ["clash"], timeout=120)["clash"]["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "ItemsFailed"), status
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in _manifest(s3_server, status["results"])}
+    assert {n: r["status"] for n, r in rows.items()} == {"a.jpg": "succeeded", "a.png": "failed",
+                                                         "a.webp": "failed", "b.png": "succeeded"}
+    assert {rows[n]["reason"] for n in ("a.png", "a.webp")} == {"OutputCollision"}
+    assert f"s3://{BUCKET}/out/clash/a.png" in rows["a.png"]["error"]
+    stored = client.get_object(Bucket=BUCKET, Key="out/clash/a.png")["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == rows["a.jpg"]["sha256"]  # the first input's output survives
+
+    overlap = _batch("overlap")
+    overlap["input"]["prefix"] = f"s3://{BUCKET}/out/overlap/in/"
+    stack.create_job(NS, "overlap", overlap)
+    refused = stack.wait_for_jobs(NS, ["overlap"], timeout=60)["overlap"]["status"]
+    assert (refused["phase"], refused["reason"]) == ("Failed", "InvalidSpec"), refused
+    assert "spec.input.prefix" in refused["message"] and "spec.output.prefix" in refused["message"]
+
+
+def test_a_revoked_read_grant_ends_the_items_not_yet_handed_out(stack: LocalStack, s3_server: Any) -> None:
+    # Last in this module: it restarts the workers. With no worker connected, the first 512
+    # items fill the batch's window and wait in the queue; the other 18 are handed out only
+    # after the admin has revoked the read grant, so they end StorageNotGranted rather than
+    # getting freshly presigned URLs for a prefix the namespace may no longer read.
+    from gpuroute_operator.shell.engine import GRANTS_TTL_S
+
+    _upload(s3_server, "in/revoke", good=530, size=(16, 16))
+    for worker in WORKERS:
+        stack.workers[worker].stop()
+    stack.wait_for_pool(POOL, workers=0, timeout=60)
+    stack.create_job(NS, "revoke", _batch("revoke"))
+    _wait(stack, "revoke", lambda s: s.get("items", {}).get("listingComplete") and s["items"]["total"] == 530)
+    try:
+        stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/elsewhere/"], write=[f"s3://{BUCKET}/out/"])
+        time.sleep(GRANTS_TTL_S + 1.5)  # the operator's cached grants expire; the batch reads them each round
+        for worker in WORKERS:
+            stack.start_worker(POOL, worker, capacity=2)
+        status = stack.wait_for_jobs(NS, ["revoke"], timeout=300)["revoke"]["status"]
+    finally:
+        stack.ensure_namespace(NS, read=[f"s3://{BUCKET}/in/"], write=[f"s3://{BUCKET}/out/"])
+    assert (status["items"]["succeeded"], status["items"]["failed"]) == (512, 18), status["items"]
+    assert {f["reason"] for f in status["failures"]} == {"StorageNotGranted"}
+    rows = _manifest(s3_server, status["results"])
+    revoked = sorted(r["input"].rsplit("/", 1)[1] for r in rows if r["status"] == "failed")
+    assert revoked == [f"img-{i:04d}.png" for i in range(512, 530)]  # the listing's last, never handed out

@@ -20,7 +20,7 @@ from gpuroute_dev.localenv.objectstore import DUMMY_ACCESS_KEY_ID, DUMMY_SECRET_
 from gpuroute_dev.localenv.sigv4front import VerifyingS3
 from gpuroute_operator.batch import store as batch_io
 from gpuroute_operator.batch.store import BatchStore, StorageIOError
-from gpuroute_operator.core.spec import StorageURI
+from gpuroute_operator.core.spec import SpecError, StorageURI
 from gpuroute_operator.storage.presign import Presigner
 
 BUCKET = "listing"
@@ -272,3 +272,77 @@ def test_journal_parts_and_read_journal(s3: VerifyingS3, monkeypatch: pytest.Mon
     store.write_manifest(journal, _uri("journal/manifest.ndjson", bucket="listing-journal"))
     body = s3.backend.client().get_object(Bucket="listing-journal", Key="journal/manifest.ndjson")["Body"].read().decode()
     assert body.splitlines() == lines
+
+
+def _journal_lines(parts: int, per_part: int) -> list[list[str]]:
+    pad = "p" * 300  # about the size of a real manifest line
+    return [[f'{{"input":"s3://b/in/{p}-{n:06d}.png","status":"succeeded","pad":"{pad}"}}' for n in range(per_part)]
+            for p in range(parts)]
+
+
+def test_the_manifest_is_streamed_in_parts_identical_line_for_line(s3: VerifyingS3) -> None:
+    s3.backend.create_bucket("listing-manifest")
+    client = s3.backend.client()
+    store = BatchStore(Presigner(s3_client=client))
+    journal = _uri("journal/big/", bucket="listing-manifest")
+    parts = _journal_lines(4, 9000)  # about 12 MB
+    for number, lines in enumerate(parts, start=1):
+        store.write(_uri(f"journal/big/part-{number:08d}.jsonl", bucket="listing-manifest"),
+                    "".join(f"{line}\n" for line in lines) + "\n")  # a blank line is left out
+    target = _uri("journal/big.results.jsonl", bucket="listing-manifest")
+    store.write_manifest(journal, target, part_bytes=5 * 1024 * 1024)
+    head = client.head_object(Bucket="listing-manifest", Key=target.key)
+    assert head["ETag"].strip('"').endswith("-3")  # three parts of a multipart upload, never one whole body
+    body = client.get_object(Bucket="listing-manifest", Key=target.key)["Body"].read().decode()
+    assert body.splitlines() == [line for lines in parts for line in lines] and body.endswith("}\n")
+    assert client.list_multipart_uploads(Bucket="listing-manifest").get("Uploads", []) == []
+    # A small manifest is still one plain object.
+    store.write_manifest(_uri("journal/none/", bucket="listing-manifest"), target)
+    assert client.get_object(Bucket="listing-manifest", Key=target.key)["Body"].read() == b""
+
+
+def test_list_and_journal_lines_are_bounded_as_they_stream(s3: VerifyingS3) -> None:
+    s3.backend.create_bucket("listing-lines")
+    client = s3.backend.client()
+    store = BatchStore(Presigner(s3_client=client))
+    huge = b"s3://listing-lines/" + b"x" * (3 * 1024 * 1024)  # one 3 MB line, no storage URI
+    client.put_object(Bucket="listing-lines", Key="list.txt",
+                      Body=b"s3://listing-lines/a.png\r\n" + huge + b"\n# c\n\ns3://listing-lines/b.png")
+    entries = [e for page in store.list_file(_uri("list.txt", bucket="listing-lines")) for e in page]
+    assert [e.uri if isinstance(e, StorageURI) else type(e).__name__ for e in entries] == [
+        "s3://listing-lines/a.png", "SpecError", "s3://listing-lines/b.png"]
+    error = entries[1]
+    assert isinstance(error, SpecError) and error.field == "spec.input.list line 2"
+    assert f"longer than {batch_io.MAX_LIST_LINE_BYTES} bytes" in str(error) and len(str(error)) < 200
+    client.put_object(Bucket="listing-lines", Key="journal/part-00000001.jsonl", Body=b'{"input":"x"}\n' + huge)
+    with pytest.raises(batch_io.JournalCorrupt, match="part-00000001.jsonl"):
+        list(store.read_journal(_uri("journal/", bucket="listing-lines")))
+    store.write_manifest(_uri("journal/", bucket="listing-lines"), _uri("m.jsonl", bucket="listing-lines"))
+    assert client.get_object(Bucket="listing-lines", Key="m.jsonl")["Body"].read() == b'{"input":"x"}\n'
+
+
+def test_azure_lists_and_manifests_stream_too(azurite_server: Any) -> None:
+    from gpuroute.localenv.azurite import ACCOUNT, KEY
+    from gpuroute_operator.storage.presign import AzureAccount
+
+    service = azurite_server.client()
+    container = service.create_container("batch-stream")
+    store = BatchStore(Presigner(azure_accounts=[AzureAccount(ACCOUNT, azurite_server.endpoint, KEY)]))
+
+    def uri(key: str) -> StorageURI:
+        return StorageURI("azure", f"{ACCOUNT}/batch-stream", key)
+
+    huge = b"x" * (200 * 1024)
+    container.upload_blob("list.txt", b"azure://devstoreaccount1/batch-stream/a.png\n" + huge
+                          + b"\nazure://devstoreaccount1/batch-stream/b.png\n")
+    entries = [e for page in store.list_file(uri("list.txt")) for e in page]
+    assert [getattr(e, "uri", "error") for e in entries] == [
+        "azure://devstoreaccount1/batch-stream/a.png", "error", "azure://devstoreaccount1/batch-stream/b.png"]
+    parts = _journal_lines(3, 6000)  # about 6 MB
+    for number, lines in enumerate(parts, start=1):
+        store.write(uri(f"journal/part-{number:08d}.jsonl"), "".join(f"{line}\n" for line in lines))
+    store.write_manifest(uri("journal/"), uri("results.jsonl"), part_bytes=1024 * 1024)
+    blob = container.get_blob_client("results.jsonl")
+    assert len(blob.get_block_list("committed")[0]) >= 5  # written block by block
+    body = blob.download_blob().readall().decode()
+    assert body.splitlines() == [line for lines in parts for line in lines]

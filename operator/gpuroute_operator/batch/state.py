@@ -18,11 +18,12 @@ import hashlib
 import json
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpuroute.protocol import ErrorCode, ItemAnswer
+from gpuroute_operator.batch.digests import DigestSet
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase
 from gpuroute_operator.core.spec import BatchSpec, JobSpec, StorageURI
@@ -138,7 +139,7 @@ class ItemOutcome:
         ok = row.get("status") == "succeeded"
         return cls(input=row["input"], output=str(row.get("output") or ""), ok=ok, reason=str(row.get("reason") or ""),
                    error=str(row.get("error") or ""), sha256=str(row.get("sha256") or ""),
-                   size=int(row.get("size") or 0), attempts=int(row.get("attempts") or 0))
+                   size=_count_field(row.get("size")), attempts=_count_field(row.get("attempts")))
 
     @classmethod
     def from_answer(cls, group: Job, answer: ItemAnswer | None, source: str, output: str, *, attempts: int,
@@ -168,8 +169,10 @@ class BatchState:
     """When the batch was first admitted (kept across restarts through status.timing.queuedAt)."""
     results: str
     """URI of the results manifest (status.results)."""
-    done: set[str] = field(default_factory=set)
-    """Input URIs finished, in this run or before a restart: never admitted again."""
+    done: DigestSet = field(default_factory=DigestSet)
+    """Input URIs the journal holds as finished before this run (by digest: about 8 bytes
+    each): never admitted again. Items finished in this run are not added: the listing
+    names each input once (the plan drops a list object's repeats)."""
     succeeded: int = 0
     failed: int = 0
     listed: int = 0
@@ -206,12 +209,15 @@ class BatchState:
         """Every listed item is finished and nothing is out."""
         return self.listing_complete and not self.phases and self.finished >= self.listed
 
-    def resume(self, lines: Iterable[str]) -> int:
-        """Take in the journal written before a restart; returns how many items it holds."""
+    def resume(self, lines: Iterable[str], taken: Callable[[ItemOutcome], None] | None = None) -> int:
+        """Take in the journal written before a restart; returns how many items it holds.
+        `taken` is called with each item taken in (once, whatever the journal repeats)."""
         for text in lines:
             outcome = ItemOutcome.from_line(text)
-            if outcome is not None and outcome.input not in self.done:
+            if outcome is not None and self.done.add(outcome.input):  # a part written twice counts once
                 self._count(outcome)
+                if taken is not None:
+                    taken(outcome)
         self.resumed = self.finished
         return self.resumed
 
@@ -229,13 +235,11 @@ class BatchState:
             self.running -= items * _running(before)
 
     def record(self, outcome: ItemOutcome) -> str:
-        """An item ended: count it and return its manifest line."""
-        if outcome.input not in self.done:
-            self._count(outcome)
+        """An item ended (each listed item once): count it and return its manifest line."""
+        self._count(outcome)
         return outcome.line()
 
     def _count(self, outcome: ItemOutcome) -> None:
-        self.done.add(outcome.input)
         if outcome.ok:
             self.succeeded += 1
         else:
@@ -282,6 +286,12 @@ class BatchState:
         if not self.total:
             return Phase.COMPLETED, "Succeeded", "no inputs matched"
         return Phase.COMPLETED, "Succeeded", f"all {self.total} items succeeded; results in {self.results}"
+
+
+def _count_field(value: Any) -> int:
+    """A count read back from a journal line; 0 for anything else (the line's object is the
+    tenant's to overwrite, so its fields are not trusted)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _running(phase: Phase) -> int:

@@ -1,18 +1,22 @@
 """A batch's object-storage I/O: listing its inputs page by page, and its results journal.
 
 Every call here blocks (boto3, azure-storage-blob) and is made from a thread by the
-batch shell (batch_runner.py). Nothing here holds image bytes: listings return keys,
-and the only objects read or written are the input list and the manifest text.
+batch shell (runner.py). Nothing here holds image bytes: listings return keys, and the
+only objects read or written are the input list and the manifest text. Neither is ever
+held whole: objects are read in chunks and split into lines of bounded length (the list
+object and the journal sit in the tenant's own storage, so their size is the tenant's
+choice), and the results manifest is written in parts (S3 multipart upload, Azure blocks).
 """
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import http
 import random
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -32,6 +36,17 @@ retries do not apply to a presigned request)."""
 LIST_RETRY_BASE_S = 0.5
 """First backoff before retrying a listing page; doubled per retry, with full jitter."""
 
+READ_CHUNK_BYTES = 256 * 1024
+"""An object (list, journal part) is read this much at a time."""
+MAX_LIST_LINE_BYTES = 64 * 1024
+"""A list object's line longer than this is no storage URI (S3 keys are at most 1,024 bytes):
+that item fails alone, and its bytes are dropped as they stream by, never held."""
+MAX_JOURNAL_LINE_BYTES = 1024 * 1024
+"""No journal line the operator writes comes near this; a longer one means the journal was
+overwritten by someone else, and the batch fails (JournalCorrupt) rather than trusting it."""
+MANIFEST_PART_BYTES = 5 * 1024 * 1024
+"""The results manifest is uploaded in parts of at least this size (S3's minimum part)."""
+
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
                           "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
@@ -41,6 +56,10 @@ _RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "Requ
 
 class StorageIOError(RuntimeError):
     """Listing or manifest I/O failed (network, permissions, a missing object)."""
+
+
+class JournalCorrupt(RuntimeError):
+    """A journal part holds a line no operator wrote."""
 
 
 class S3ListingError(RuntimeError):
@@ -73,14 +92,15 @@ class BatchStore:
         """The URIs in a list object, one per line (blank lines and #comments skipped); a line
         that is no storage URI comes back as a SpecError for that item alone."""
         page: list[StorageURI | SpecError] = []
-        for number, line in enumerate(self._read_lines(uri), start=1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            try:
-                page.append(parse_storage_uri(text, f"spec.input.list line {number}"))
-            except SpecError as exc:
-                page.append(exc)
+        for number, line in enumerate(self._read_lines(uri, MAX_LIST_LINE_BYTES), start=1):
+            if line is None:
+                page.append(SpecError(f"spec.input.list line {number}",
+                                      f"is longer than {MAX_LIST_LINE_BYTES} bytes: no storage URI"))
+            elif (text := line.strip()) and not text.startswith("#"):
+                try:
+                    page.append(parse_storage_uri(text, f"spec.input.list line {number}"))
+                except SpecError as exc:
+                    page.append(exc)
             if len(page) >= page_size:
                 yield page
                 page = []
@@ -102,17 +122,20 @@ class BatchStore:
         except Exception as exc:  # boto3 and azure raise many unrelated types; the batch reports any
             raise _wrap(prefix, exc) from exc
 
-    def _read_lines(self, uri: StorageURI) -> Iterator[str]:
+    def _read_lines(self, uri: StorageURI, limit: int) -> Iterator[str | None]:
+        """The object's lines, read in chunks; None for a line longer than `limit` bytes."""
         try:
             if uri.scheme == "s3":
                 body = self._presigner.s3_client().get_object(Bucket=uri.container, Key=uri.key)["Body"]
-                for raw in body.iter_lines():
-                    yield raw.decode("utf-8", errors="replace")
+                try:
+                    yield from _decoded(split_lines(body.iter_chunks(READ_CHUNK_BYTES), limit))
+                finally:
+                    body.close()
             else:
                 container = self._presigner.azure_container(uri)
                 with container:
-                    text = container.download_blob(uri.key).readall().decode("utf-8", errors="replace")
-                yield from text.splitlines()
+                    chunks = container.download_blob(uri.key, max_concurrency=1).chunks()
+                    yield from _decoded(split_lines(chunks, limit))
         except SpecError:
             raise
         except Exception as exc:  # see _list_keys
@@ -120,11 +143,18 @@ class BatchStore:
 
     # ---- journal and manifest ---------------------------------------------------------------
 
-    def read_journal(self, prefix: StorageURI) -> Iterator[str]:
-        """Every line of every journal part under `prefix`, parts in order."""
+    def read_journal(self, prefix: StorageURI, *, strict: bool = True) -> Iterator[str]:
+        """Every line of every journal part under `prefix`, parts in order. A line longer than
+        any the operator writes raises JournalCorrupt, or is left out when not `strict`."""
         for page in self._list_keys(prefix, PAGE_SIZE):
             for key in sorted(page):
-                yield from self._read_lines(StorageURI(prefix.scheme, prefix.container, key))
+                part = StorageURI(prefix.scheme, prefix.container, key)
+                for line in self._read_lines(part, MAX_JOURNAL_LINE_BYTES):
+                    if line is not None:
+                        yield line
+                    elif strict:
+                        raise JournalCorrupt(f"{part.uri} holds a line longer than {MAX_JOURNAL_LINE_BYTES} bytes, "
+                                             "which no operator writes: the journal was overwritten")
 
     def journal_parts(self, prefix: StorageURI) -> int:
         """How many parts the journal has (the next part is numbered one more)."""
@@ -145,10 +175,135 @@ class BatchStore:
         except Exception as exc:  # see _list_keys
             raise _wrap(uri, exc) from exc
 
-    def write_manifest(self, journal: StorageURI, target: StorageURI) -> None:
-        """Concatenate the journal's parts into the results manifest (one object)."""
-        lines = list(self.read_journal(journal))
-        self.write(target, "".join(f"{line}\n" for line in lines if line.strip()))
+    def write_manifest(self, journal: StorageURI, target: StorageURI, *,
+                       part_bytes: int = MANIFEST_PART_BYTES) -> None:
+        """Concatenate the journal's parts into the results manifest (one object), streamed:
+        at most about `part_bytes` of it is held at once."""
+        upload: _PartUpload | None = None
+        buffer = bytearray()
+        try:
+            for line in self.read_journal(journal, strict=False):
+                if line.strip():
+                    buffer += line.encode()
+                    buffer += b"\n"
+                if len(buffer) >= part_bytes:
+                    if upload is None:
+                        upload = self._part_upload(target)
+                    upload.add(bytes(buffer))
+                    del buffer[:]
+            if upload is None:
+                self.write(target, buffer.decode())
+                return
+            if buffer:
+                upload.add(bytes(buffer))
+            upload.commit()
+        except Exception as exc:
+            if upload is not None:
+                upload.abort()
+            if isinstance(exc, (StorageIOError, SpecError)):
+                raise
+            raise _wrap(target, exc) from exc
+
+    def _part_upload(self, target: StorageURI) -> _PartUpload:
+        if target.scheme == "s3":
+            return _S3Parts(self._presigner.s3_client(), target)
+        return _AzureBlocks(self._presigner.azure_container(target), target)
+
+
+class _PartUpload:
+    """One object written in parts, committed at the end or aborted."""
+
+    def add(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+
+class _S3Parts(_PartUpload):
+    def __init__(self, client: Any, target: StorageURI) -> None:
+        self._client, self._target = client, target
+        self._id = client.create_multipart_upload(Bucket=target.container, Key=target.key,
+                                                  ContentType="application/x-ndjson")["UploadId"]
+        self._parts: list[dict[str, Any]] = []
+
+    def add(self, data: bytes) -> None:
+        number = len(self._parts) + 1
+        answer = self._client.upload_part(Bucket=self._target.container, Key=self._target.key, UploadId=self._id,
+                                          PartNumber=number, Body=data)
+        self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+
+    def commit(self) -> None:
+        self._client.complete_multipart_upload(Bucket=self._target.container, Key=self._target.key, UploadId=self._id,
+                                               MultipartUpload={"Parts": self._parts})
+
+    def abort(self) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self._target.container, Key=self._target.key,
+                                                UploadId=self._id)
+        except Exception:  # the store's own lifecycle rules drop an upload left incomplete
+            pass
+
+
+class _AzureBlocks(_PartUpload):
+    def __init__(self, container: Any, target: StorageURI) -> None:
+        self._container = container
+        self._blob = container.get_blob_client(target.key)
+        self._blocks: list[str] = []
+
+    def add(self, data: bytes) -> None:
+        # Block ids of one blob must all have the same length.
+        block = base64.b64encode(f"gpuroute-{len(self._blocks):08d}".encode()).decode()
+        self._blob.stage_block(block, data)
+        self._blocks.append(block)
+
+    def commit(self) -> None:
+        from azure.storage.blob import BlobBlock
+
+        try:
+            self._blob.commit_block_list([BlobBlock(block_id=block) for block in self._blocks])
+        finally:
+            self._container.close()
+
+    def abort(self) -> None:
+        self._container.close()  # staged blocks that are never committed expire after a week
+
+
+def split_lines(chunks: Iterable[bytes], limit: int) -> Iterator[bytes | None]:
+    """The lines of a byte stream, without their `\n` (or `\r\n`); None for a line longer than
+    `limit` bytes, whose bytes are dropped as they come rather than held."""
+    held = bytearray()
+    overlong = False
+    for chunk in chunks:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if not overlong:
+                held += chunk[start:end]
+            yield None if overlong or len(held) > limit + 1 else _line(held)
+            held.clear()
+            overlong = False
+            start = end + 1
+        if not overlong:
+            held += chunk[start:]
+            if len(held) > limit + 1:  # + 1: the `\r` of a `\r\n` is no part of the line
+                overlong = True
+                held.clear()
+    if overlong:
+        yield None
+    elif held:
+        yield _line(held)
+
+
+def _line(held: bytearray) -> bytes:
+    return bytes(held[:-1] if held.endswith(b"\r") else held)
+
+
+def _decoded(lines: Iterator[bytes | None]) -> Iterator[str | None]:
+    for line in lines:
+        yield None if line is None else line.decode("utf-8", errors="replace")
 
 
 # ---- S3 listing -------------------------------------------------------------------------

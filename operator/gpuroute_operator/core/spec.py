@@ -248,6 +248,11 @@ def _pixels(size: tuple[int, int] | None) -> int | None:
 # ---- batches: one ImageJob, many images ------------------------------------------------------
 
 DEFAULT_ITEM_TIMEOUT_S = 600
+DEFAULT_MAX_ITEMS = 1_000_000
+"""spec.input.maxItems when unset."""
+MAX_ITEMS_CAP = 10_000_000
+"""The most spec.input.maxItems may ask for: what one batch may cost the operator (about 16
+bytes an item for a list object's inputs, and the results journal) stays bounded."""
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "avif": ".avif"}
 """File extension an item's output gets, by output format."""
 
@@ -274,6 +279,8 @@ class BatchSpec:
     """spec.timeoutSeconds: bounds the whole batch, from admission."""
     item_timeout_s: int
     """spec.itemTimeoutSeconds: bounds each item's run on a worker."""
+    max_items: int = DEFAULT_MAX_ITEMS
+    """spec.input.maxItems: a listing past this many inputs fails the batch (TooManyItems)."""
 
 
 def is_batch(spec: Mapping[str, Any] | None) -> bool:
@@ -327,6 +334,13 @@ def parse_batch_spec(spec: Mapping[str, Any] | None) -> BatchSpec:
     if prefix is not None and prefix.container == output_prefix.container and output_prefix.key.startswith(prefix.key):
         raise SpecError("spec.output.prefix", f"{output_prefix.uri} lies under spec.input.prefix {prefix.uri}: "
                         "outputs would become inputs")
+    if prefix is not None and under_prefix(prefix, output_prefix):
+        raise SpecError("spec.input.prefix", f"{prefix.uri} lies under spec.output.prefix {output_prefix.uri}: "
+                        "outputs would overwrite the batch's own inputs")
+    if list_uri is not None and under_prefix(list_uri, output_prefix):
+        raise SpecError("spec.input.list", f"{list_uri.uri} lies under spec.output.prefix {output_prefix.uri}: "
+                        "outputs could overwrite the list")
+    max_items = _int_in(source.get("maxItems"), "spec.input.maxItems", DEFAULT_MAX_ITEMS, 1, MAX_ITEMS_CAP)
     timeout_s = _int_in(spec.get("timeoutSeconds"), "spec.timeoutSeconds", DEFAULT_TIMEOUT_S, 1, 86400)
     item_timeout_s = _int_in(spec.get("itemTimeoutSeconds"), "spec.itemTimeoutSeconds",
                              min(DEFAULT_ITEM_TIMEOUT_S, timeout_s), 1, 86400)
@@ -340,7 +354,12 @@ def parse_batch_spec(spec: Mapping[str, Any] | None) -> BatchSpec:
                            "output": {**{k: v for k, v in output.items() if k != "prefix"},
                                       "uri": f"{output_prefix.scheme}://{output_prefix.container}/item"},
                            "timeoutSeconds": item_timeout_s})
-    return BatchSpec(prefix, match, list_uri, output_prefix, item, timeout_s, item_timeout_s)
+    return BatchSpec(prefix, match, list_uri, output_prefix, item, timeout_s, item_timeout_s, max_items)
+
+
+def under_prefix(uri: StorageURI, prefix: StorageURI) -> bool:
+    """`uri` (an object or a prefix) lies under `prefix`, in the same bucket or container."""
+    return uri.scheme == prefix.scheme and uri.container == prefix.container and uri.key.startswith(prefix.key)
 
 
 def item_output(batch: BatchSpec, source: StorageURI) -> StorageURI:

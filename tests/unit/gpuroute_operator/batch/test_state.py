@@ -70,6 +70,9 @@ def test_parse_batch_spec_and_item_outputs() -> None:
     (_spec(input={"prefix": "s3://photos/in/", "match": "a/*.png"}), "spec.input.match"),
     (_spec(output={"uri": "s3://photos/out/x.png"}), "spec.output.prefix"),
     (_spec(output={"prefix": "s3://photos/in/sub/"}), "spec.output.prefix"),
+    (_spec(output={"prefix": "s3://photos/"}), "spec.input.prefix"),
+    (_spec(input={"prefix": "s3://photos/in/"}, output={"prefix": "s3://photos/in/"}), "spec.output.prefix"),
+    (_spec(input={"list": "s3://photos/out/list.txt"}), "spec.input.list"),
     (_spec(itemTimeoutSeconds=0), "spec.itemTimeoutSeconds"),
     (_spec(steps=[{"op": "nope"}]), "spec.steps[0].op"),
 ])
@@ -156,7 +159,8 @@ def test_manifest_lines_round_trip_and_resume_skips_finished() -> None:
     state = BatchState(0.0, "r")
     assert state.resume(lines) == 2
     assert (state.succeeded, state.failed) == (1, 1)
-    assert state.done == {"s3://photos/in/a.jpg", "s3://photos/in/b.jpg"}
+    assert len(state.done) == 2 and "s3://photos/in/a.jpg" in state.done and "s3://photos/in/b.jpg" in state.done
+    assert "s3://photos/in/c.jpg" not in state.done
     # A resumed run's rate counts only what it finishes itself.
     state.status(0.0)
     assert state.status(5.0)["itemsPerSecond"] == 0.0
@@ -202,3 +206,30 @@ def test_the_item_retry_rule() -> None:
         assert judge_item(failed(code), 2, 3) is ItemVerdict.AGAIN
         assert judge_item(failed(code), 3, 3) is ItemVerdict.EXHAUSTED
     assert judge_item(failed(ErrorCode.CANCELLED), 1, 3) is ItemVerdict.NOT_DONE
+
+
+def test_an_input_under_the_output_prefix_is_refused_naming_both_fields() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_batch_spec(_spec(input={"prefix": "s3://photos/out/in/"}))
+    assert info.value.field == "spec.input.prefix" and "spec.output.prefix s3://photos/out/" in str(info.value)
+    with pytest.raises(SpecError) as info:
+        parse_batch_spec(_spec(input={"list": "s3://photos/out/all.txt"}))
+    assert info.value.field == "spec.input.list" and "spec.output.prefix" in str(info.value)
+    # Siblings and other buckets are fine.
+    parse_batch_spec(_spec(input={"prefix": "s3://photos/outer/"}))
+    parse_batch_spec(_spec(input={"list": "s3://other/out/all.txt"}))
+
+
+def test_max_items_defaults_and_bounds() -> None:
+    assert parse_batch_spec(_spec()).max_items == 1_000_000
+    assert parse_batch_spec(_spec(input={"prefix": "s3://photos/in/", "maxItems": 5})).max_items == 5
+    for bad in (0, 10_000_001, "5", True):
+        with pytest.raises(SpecError) as info:
+            parse_batch_spec(_spec(input={"prefix": "s3://photos/in/", "maxItems": bad}))
+        assert info.value.field == "spec.input.maxItems"
+
+
+def test_a_journal_line_with_fields_of_the_wrong_type_does_not_stop_the_resume() -> None:
+    state = BatchState(0.0, "r")
+    line = json.dumps({"input": "s3://photos/in/a.jpg", "status": "succeeded", "size": "big", "attempts": [1]})
+    assert state.resume([line]) == 1 and state.succeeded == 1
