@@ -407,8 +407,9 @@ def step_cpu_seconds(step: Mapping[str, Any], channels: int, in_hw: tuple[int, i
     """Estimated seconds of one CPU core for one normalized step on one image."""
     scale = max(channels, 3) / 3.0
     in_mpx = in_hw[0] * in_hw[1] / 1e6
-    if step["op"] == "denoise" and step.get("method") == "median" and step.get("size", 3) > 3:
-        return in_mpx * step["size"] ** 2 * RANK_SECONDS_PER_MPX * scale
+    size = int(step.get("size", 3))
+    if step["op"] == "denoise" and step.get("method") == "median" and size > 3:
+        return in_mpx * size**2 * RANK_SECONDS_PER_MPX * scale
     return (in_mpx + out_hw[0] * out_hw[1] / 1e6) * CPU_SECONDS_PER_MPX * scale
 
 
