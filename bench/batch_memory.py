@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.common import row
 from bench.control_plane import BUCKET, NS, local_stack
-from gpuroute.localenv.stack import LocalStack
+from gpuroute_dev.localenv.stack import LocalStack
 
 GOAL_MB = 250.0
 GOAL_RATIO = 1.2

@@ -34,7 +34,8 @@ from typing import Any
 from bench.common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("control_plane", "batch", "watch_cost", "dispatch", "dataplane", "transfers", "worker_ops", "operator_memory", "gpu")
+ORDER = ("control_plane", "batch", "watch_cost", "dispatch", "dataplane", "transfers", "worker_ops", "operator_memory",
+         "batch_memory", "gpu")
 NAMES = (*ORDER, "routing_sim")
 
 
@@ -114,6 +115,11 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, An
 
         return m.run(counts=tuple(int(c) for c in args.memory.split(",") if c.strip()))
 
+    def batch_memory() -> dict[str, Any]:
+        from bench import batch_memory as m
+
+        return m.run()
+
     def gpu() -> dict[str, Any]:
         from bench import gpu as m
 
@@ -130,7 +136,7 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, An
             "dataplane": dataplane,
             "transfers": transfers,
             "worker_ops": worker_ops,
-            "operator_memory": operator_memory, "gpu": gpu, "routing_sim": routing_sim}
+            "operator_memory": operator_memory, "batch_memory": batch_memory, "gpu": gpu, "routing_sim": routing_sim}
 
 
 def _routing_markdown(result: dict[str, Any]) -> str:

@@ -322,7 +322,7 @@ def test_list_and_journal_lines_are_bounded_as_they_stream(s3: VerifyingS3) -> N
 
 
 def test_azure_lists_and_manifests_stream_too(azurite_server: Any) -> None:
-    from gpuroute.localenv.azurite import ACCOUNT, KEY
+    from gpuroute_dev.localenv.azurite import ACCOUNT, KEY
     from gpuroute_operator.storage.presign import AzureAccount
 
     service = azurite_server.client()
