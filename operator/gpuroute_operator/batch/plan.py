@@ -19,14 +19,13 @@ from gpuroute_operator.batch.digests import DigestSet
 from gpuroute_operator.batch.state import (
     BatchState,
     ItemOutcome,
-    ItemVerdict,
     group_cell,
     group_spec,
     group_uid,
     journal_prefix,
-    judge_item,
     results_uri,
 )
+from gpuroute_operator.core.answers import ItemVerdict, judge_item
 from gpuroute_operator.core.grants import READ_ANNOTATION, WRITE_ANNOTATION, StorageGrants
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase

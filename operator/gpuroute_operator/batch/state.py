@@ -13,7 +13,6 @@ at. The clock is passed in, so the tests run in milliseconds and the operator's 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
 import math
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuroute.protocol import ErrorCode, ItemAnswer
+from gpuroute.protocol import ItemAnswer
 from gpuroute_operator.batch.digests import DigestSet
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase
@@ -57,31 +56,6 @@ def group_spec(batch: BatchSpec, items: Sequence[tuple[StorageURI, StorageURI]],
     `timeout_s` bounds the group as a whole; each item is bounded by itemTimeoutSeconds."""
     return dataclasses.replace(batch.item, input_uri=None, output=batch.output_prefix, items=tuple(items),
                                item_timeout_s=batch.item_timeout_s, timeout_s=max(1, timeout_s))
-
-
-class ItemVerdict(enum.Enum):
-    """What becomes of one item of a group that ended."""
-
-    DONE = "done"
-    """Succeeded or failed for good: it gets its manifest line."""
-    AGAIN = "again"
-    """Failed for a retryable reason with attempts left: it runs in a later group."""
-    EXHAUSTED = "exhausted"
-    """Failed for a retryable reason on its last attempt: fails as MaxAttemptsExceeded."""
-    NOT_DONE = "not_done"
-    """Cancelled with its group: not finished (a resumed batch would run it)."""
-
-
-def judge_item(answer: ItemAnswer | None, spent: int, max_attempts: int) -> ItemVerdict:
-    """The retry rule for one item: `answer` is its worker's (None: its group failed as a
-    whole, which already spent the group's attempts), `spent` the attempts its groups took."""
-    if answer is None or answer.ok:
-        return ItemVerdict.DONE
-    if answer.code is ErrorCode.CANCELLED:
-        return ItemVerdict.NOT_DONE
-    if answer.code is not None and answer.code.retryable:
-        return ItemVerdict.AGAIN if spent < max_attempts else ItemVerdict.EXHAUSTED
-    return ItemVerdict.DONE
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Every answer a worker gives is judged here, after sessions.py has decided that t
 may say it at all:
 - an ERROR: the retry policy in one table (`judge`): the job goes back to a queue (without
   spending the attempt, or spending it), or ends;
+- an item of a batch's item group: its own retry rule (`judge_item`);
 - a RESULT: whether it answers what was sent (`result_mismatch`: one answer per item of a group,
   in order, or one output for a single image) and what a completed job keeps (`record_output`).
 The dispatcher applies the verdicts.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from gpuroute.protocol import AttemptId, Error, ErrorCode, Result
+from gpuroute.protocol import AttemptId, Error, ErrorCode, ItemAnswer, Result
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase
 
@@ -102,3 +103,28 @@ def record_output(job: Job, result: Result) -> str:
         return f"{sum(1 for item in result.items if item.ok)} of {len(result.items)} items written"
     job.output = {"uri": job.spec.output.uri, **result.output.to_header()}
     return f"{result.output.width}x{result.output.height} {result.output.format} written to {job.spec.output.uri}"
+
+
+class ItemVerdict(enum.Enum):
+    """What becomes of one item of a group that ended."""
+
+    DONE = "done"
+    """Succeeded or failed for good: it gets its manifest line."""
+    AGAIN = "again"
+    """Failed for a retryable reason with attempts left: it runs in a later group."""
+    EXHAUSTED = "exhausted"
+    """Failed for a retryable reason on its last attempt: fails as MaxAttemptsExceeded."""
+    NOT_DONE = "not_done"
+    """Cancelled with its group: not finished (a resumed batch would run it)."""
+
+
+def judge_item(answer: ItemAnswer | None, spent: int, max_attempts: int) -> ItemVerdict:
+    """The retry rule for one item: `answer` is its worker's (None: its group failed as a
+    whole, which already spent the group's attempts), `spent` the attempts its groups took."""
+    if answer is None or answer.ok:
+        return ItemVerdict.DONE
+    if answer.code is ErrorCode.CANCELLED:
+        return ItemVerdict.NOT_DONE
+    if answer.code is not None and answer.code.retryable:
+        return ItemVerdict.AGAIN if spent < max_attempts else ItemVerdict.EXHAUSTED
+    return ItemVerdict.DONE

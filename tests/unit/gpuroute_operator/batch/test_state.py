@@ -12,11 +12,9 @@ from gpuroute_operator.batch.state import (
     MAX_FAILURES,
     BatchState,
     ItemOutcome,
-    ItemVerdict,
     group_cell,
     group_spec,
     group_uid,
-    judge_item,
     results_uri,
 )
 from gpuroute_operator.core.jobs import Job
@@ -190,22 +188,6 @@ def test_outcomes_from_an_item_group() -> None:
     whole = ItemOutcome.from_answer(job, None, items[0][0].uri, items[0][1].uri, attempts=2)
     assert (whole.ok, whole.reason, whole.error) == (False, "Timeout", job.message)
     assert results_uri(batch.output_prefix, "batch").uri == "s3://photos/out/_gpuroute/batch.results.jsonl"
-
-
-def test_the_item_retry_rule() -> None:
-    ok = ItemAnswer(OutputInfo(7, 2, 2, "cd" * 32, "png"))
-
-    def failed(code: ErrorCode) -> ItemAnswer:
-        return ItemAnswer(code=code, message=code.value)
-
-    assert judge_item(ok, 1, 3) is ItemVerdict.DONE
-    assert judge_item(None, 3, 3) is ItemVerdict.DONE  # the group failed as a whole: its reason stands
-    assert judge_item(failed(ErrorCode.INVALID_INPUT), 1, 3) is ItemVerdict.DONE  # never retried
-    for code in (ErrorCode.OOM, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.EXPIRED):
-        assert judge_item(failed(code), 1, 3) is ItemVerdict.AGAIN
-        assert judge_item(failed(code), 2, 3) is ItemVerdict.AGAIN
-        assert judge_item(failed(code), 3, 3) is ItemVerdict.EXHAUSTED
-    assert judge_item(failed(ErrorCode.CANCELLED), 1, 3) is ItemVerdict.NOT_DONE
 
 
 def test_an_input_under_the_output_prefix_is_refused_naming_both_fields() -> None:
