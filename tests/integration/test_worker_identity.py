@@ -214,6 +214,16 @@ def test_one_key_one_connection(stack: LocalStack) -> None:
         assert second.was_disconnected(5.0)
         ids = [w["id"] for w in stack.worker_pool(POOL_A)["status"].get("workers", [])]
         assert "a2-twin" not in ids
+        # A copied key is alerted: a Warning Event on the WorkerPool names the key and the limit.
+        deadline = time.monotonic() + 10
+        while True:
+            events = [e for e in stack.core.list_namespaced_event("default").items
+                      if e.reason == "KeyConflict" and e.involved_object.name == POOL_A]
+            if events:
+                break
+            assert time.monotonic() < deadline, "no KeyConflict Event for the copied key"
+            time.sleep(0.2)
+        assert events[0].type == "Warning" and "maxConnectionsPerKey=1" in events[0].message
     finally:
         first.close()
         if second is not None:
