@@ -310,3 +310,21 @@ def test_a_dropped_connection_leaves_no_session_to_squat(stack: LocalStack, s3_s
     status = stack.wait_for_jobs(NS, ["squat-b"])["squat-b"]["status"]
     assert (status["phase"], status["worker"]) == ("Completed", "b1")
 
+
+
+def test_narrowing_allowed_source_cidrs_cuts_a_live_session(stack: LocalStack) -> None:
+    """The address checked is the one the socket saw (127.0.0.1 here): once the pool's
+    allowedSourceCIDRs exclude it, the live session ends although it answers every heartbeat,
+    and a new READY from it is refused."""
+    key = stack.worker_keys[(POOL_A, "a1")]
+    rogue = RogueWorker(stack, key, _routing_id(stack, POOL_A, "a1"))
+    try:
+        reply = rogue.first_reply(Ready(pool=POOL_A, worker="a1", capacity=1))
+        assert reply is not None and reply.kind is Kind.HEARTBEAT
+        stack.custom.patch_cluster_custom_object("gpuroute.io", "v1alpha1", "workerpools", POOL_A,
+                                                 {"spec": {"allowedSourceCIDRs": ["10.0.0.0/8"]}})
+        assert rogue.live_until_disconnected(15.0), "the session outlived the narrowed CIDRs"
+    finally:
+        rogue.close()
+        stack.custom.patch_cluster_custom_object("gpuroute.io", "v1alpha1", "workerpools", POOL_A,
+                                                 {"spec": {"allowedSourceCIDRs": None}})
