@@ -263,3 +263,29 @@ def test_a_silent_connection_cannot_hold_a_routing_id(stack: LocalStack) -> None
         stack.wait_for_pool(POOL_B, workers=1, timeout=30)
     finally:
         squatter.close()
+
+
+def test_deleting_the_keys_secret_disconnects_the_pools_workers(stack: LocalStack) -> None:
+    """The Secret gone revokes every key it listed: a real worker and a live rogue of pool A
+    are both cut, and neither gets back in until the Secret is back."""
+    secret_name = f"gpuroute-pool-{POOL_A}-keys"
+    worker = stack.start_worker(POOL_A, "a2")
+    rogue = RogueWorker(stack, stack.worker_keys[(POOL_A, "a1")], _routing_id(stack, POOL_A, "a1"))
+    try:
+        stack.wait_for_pool(POOL_A, workers=1)
+        reply = rogue.first_reply(Ready(pool=POOL_A, worker="a1", capacity=1))
+        assert reply is not None and reply.kind is Kind.HEARTBEAT, "the rogue a1 was not registered"
+        revoked_before = stack.operator_metric("gpuroute_worker_disconnects_total", {"pool": POOL_A, "reason": "key"})
+        stack.core.delete_namespaced_secret(secret_name, stack.namespace)
+        # It answers every heartbeat meanwhile: only the revocation can end its session.
+        assert rogue.live_until_disconnected(15.0), "a key of the deleted Secret kept its connection"
+        deadline = time.monotonic() + 15
+        while stack.worker_pool(POOL_A).get("status", {}).get("connectedWorkers"):
+            assert time.monotonic() < deadline, "the real worker of pool A stayed connected without its Secret"
+            time.sleep(0.2)
+        assert stack.operator_metric("gpuroute_worker_disconnects_total",
+                                     {"pool": POOL_A, "reason": "key"}) == revoked_before + 2
+    finally:
+        rogue.close()
+        worker.stop()
+        stack.add_pool(PoolConfig(POOL_A, workers=("a1", "a2")))
