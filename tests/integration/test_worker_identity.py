@@ -265,12 +265,27 @@ def test_a_silent_connection_cannot_hold_a_routing_id(stack: LocalStack) -> None
         squatter.close()
 
 
+def _admitted_rogue(stack: LocalStack, pool: str, worker: str, seconds: float = 15.0) -> RogueWorker:
+    """A RogueWorker whose CURVE handshake went through. A key restored by an earlier test is
+    admitted only at the operator's next keys refresh, and a connection ZAP refused meanwhile
+    stays refused (its sends would block): connect again until one is admitted."""
+    deadline = time.monotonic() + seconds
+    while True:
+        rogue = RogueWorker(stack, stack.worker_keys[(pool, worker)], _routing_id(stack, pool, worker))
+        if rogue.monitor.poll(1000):
+            event = zmq.utils.monitor.recv_monitor_message(rogue.monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return rogue
+        rogue.close()
+        assert time.monotonic() < deadline, f"the key of {pool}/{worker} was never admitted"
+
+
 def test_deleting_the_keys_secret_disconnects_the_pools_workers(stack: LocalStack) -> None:
     """The Secret gone revokes every key it listed: a real worker and a live rogue of pool A
     are both cut, and neither gets back in until the Secret is back."""
     secret_name = f"gpuroute-pool-{POOL_A}-keys"
     worker = stack.start_worker(POOL_A, "a2")
-    rogue = RogueWorker(stack, stack.worker_keys[(POOL_A, "a1")], _routing_id(stack, POOL_A, "a1"))
+    rogue = _admitted_rogue(stack, POOL_A, "a1")
     try:
         stack.wait_for_pool(POOL_A, workers=1)
         reply = rogue.first_reply(Ready(pool=POOL_A, worker="a1", capacity=1))
