@@ -79,6 +79,12 @@ def _wait_for_worker_assignment(stack: LocalStack, name: str, timeout: float = 3
     raise TimeoutError(f"{name} never reached a worker: {stack.get_job(NS, name).get('status')}")
 
 
+def _computed(stack: LocalStack) -> float:
+    """Images the workers computed so far (answers from a worker's cache or joined runs are not counted)."""
+    return sum(stack.worker_metric(worker, "gpuroute_worker_jobs_total", {"outcome": "completed"})
+               for worker in stack.workers)
+
+
 def _restart_missing_workers(stack: LocalStack) -> None:
     for worker, process in list(stack.workers.items()):
         if not process.alive:
@@ -241,14 +247,18 @@ def test_operator_restart_every_job_reaches_one_terminal_phase(stack: LocalStack
     for i, name in enumerate(names):
         steps = SLOW_STEPS if i < 2 else [{"op": "equalize"}, {"op": "rotate", "angle": 10 * i, "expand": True}]
         stack.create_job(NS, name, _spec(name, steps, src="in/large.png" if i < 2 else "in/small.png"))
+    computed_before = _computed(stack)
     _wait_for_worker_assignment(stack, names[0])
     stack.operator.kill()
     time.sleep(1.0)
     stack.start_operator()
     jobs = stack.wait_for_jobs(NS, names, timeout=240)
+    # Both workers lived through the restart: every attempt they had was adopted, none sent twice.
+    assert _computed(stack) - computed_before == len(names), "an image was computed more than once"
     for name, body in jobs.items():
         status = body["status"]
         assert status["phase"] == "Completed", (name, status)
+        assert status["attempts"] == 1, (name, status)
         stored = s3_server.client().get_object(Bucket=BUCKET, Key=f"out/{name}.png")["Body"].read()
         assert hashlib.sha256(stored).hexdigest() == status["output"]["sha256"]
         completed_events = [e for e in _events(stack, name) if e.reason == "Completed"]

@@ -49,13 +49,22 @@ OVERLAYS = [
 PARSE_ONLY_GROUPS = {"monitoring.coreos.com", "argoproj.io"}
 
 KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(
-    KUBECTL is None, reason="kubectl is not on PATH: cannot render the kustomize overlays"
-)
+
+
+@pytest.fixture
+def kubectl() -> str:
+    """kubectl is part of the test environment (it renders the kustomize overlays): its
+    absence is a broken environment, so these tests fail rather than pass as skipped."""
+    if KUBECTL is None:
+        pytest.fail("kubectl is not on PATH (expected /usr/bin/kubectl): cannot render the kustomize overlays")
+    return KUBECTL
+
+
+needs_kubectl = pytest.mark.usefixtures("kubectl")
 
 
 def _render(overlay: str) -> list[dict[str, Any]]:
-    assert KUBECTL is not None
+    assert KUBECTL is not None, "kubectl is not on PATH (expected /usr/bin/kubectl)"
     proc = subprocess.run(
         [KUBECTL, "kustomize", str(MANIFESTS / overlay)],
         capture_output=True,

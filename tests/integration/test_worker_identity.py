@@ -275,6 +275,47 @@ def test_a_silent_connection_cannot_hold_a_routing_id(stack: LocalStack) -> None
         squatter.close()
 
 
+def _admitted_rogue(stack: LocalStack, pool: str, worker: str, seconds: float = 15.0) -> RogueWorker:
+    """A RogueWorker whose CURVE handshake went through. A key restored by an earlier test is
+    admitted only at the operator's next keys refresh, and a connection ZAP refused meanwhile
+    stays refused (its sends would block): connect again until one is admitted."""
+    deadline = time.monotonic() + seconds
+    while True:
+        rogue = RogueWorker(stack, stack.worker_keys[(pool, worker)], _routing_id(stack, pool, worker))
+        if rogue.monitor.poll(1000):
+            event = zmq.utils.monitor.recv_monitor_message(rogue.monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return rogue
+        rogue.close()
+        assert time.monotonic() < deadline, f"the key of {pool}/{worker} was never admitted"
+
+
+def test_deleting_the_keys_secret_disconnects_the_pools_workers(stack: LocalStack) -> None:
+    """The Secret gone revokes every key it listed: a real worker and a live rogue of pool A
+    are both cut, and neither gets back in until the Secret is back."""
+    secret_name = f"gpuroute-pool-{POOL_A}-keys"
+    worker = stack.start_worker(POOL_A, "a2")
+    rogue = _admitted_rogue(stack, POOL_A, "a1")
+    try:
+        stack.wait_for_pool(POOL_A, workers=1)
+        reply = rogue.first_reply(Ready(pool=POOL_A, worker="a1", capacity=1))
+        assert reply is not None and reply.kind is Kind.HEARTBEAT, "the rogue a1 was not registered"
+        revoked_before = stack.operator_metric("gpuroute_worker_disconnects_total", {"pool": POOL_A, "reason": "key"})
+        stack.core.delete_namespaced_secret(secret_name, stack.namespace)
+        # It answers every heartbeat meanwhile: only the revocation can end its session.
+        assert rogue.live_until_disconnected(15.0), "a key of the deleted Secret kept its connection"
+        deadline = time.monotonic() + 15
+        while stack.worker_pool(POOL_A).get("status", {}).get("connectedWorkers"):
+            assert time.monotonic() < deadline, "the real worker of pool A stayed connected without its Secret"
+            time.sleep(0.2)
+        assert stack.operator_metric("gpuroute_worker_disconnects_total",
+                                     {"pool": POOL_A, "reason": "key"}) == revoked_before + 2
+    finally:
+        rogue.close()
+        worker.stop()
+        stack.add_pool(PoolConfig(POOL_A, workers=("a1", "a2")))
+
+
 def test_a_dropped_connection_leaves_no_session_to_squat(stack: LocalStack, s3_server: Any) -> None:
     """The review's live squat: a worker's TCP connection ends without DISCONNECT (crash, OOM kill,
     network cut); another admitted key connects at once under the same routing id and listens. Its
@@ -311,13 +352,11 @@ def test_a_dropped_connection_leaves_no_session_to_squat(stack: LocalStack, s3_s
     assert (status["phase"], status["worker"]) == ("Completed", "b1")
 
 
-
 def test_narrowing_allowed_source_cidrs_cuts_a_live_session(stack: LocalStack) -> None:
     """The address checked is the one the socket saw (127.0.0.1 here): once the pool's
     allowedSourceCIDRs exclude it, the live session ends although it answers every heartbeat,
     and a new READY from it is refused."""
-    key = stack.worker_keys[(POOL_A, "a1")]
-    rogue = RogueWorker(stack, key, _routing_id(stack, POOL_A, "a1"))
+    rogue = _admitted_rogue(stack, POOL_A, "a1")
     try:
         reply = rogue.first_reply(Ready(pool=POOL_A, worker="a1", capacity=1))
         assert reply is not None and reply.kind is Kind.HEARTBEAT

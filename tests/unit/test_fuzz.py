@@ -2,8 +2,11 @@
 
 Each target gets random and mutated inputs from hypothesis; the only exception allowed
 is the target's documented error type (anything else is a crash), and hypothesis'
-`deadline` bounds each input's time (a slow input is a hang). The number of inputs tried
-per target is printed at the end (`pytest -s`) and asserted non-zero.
+`deadline` bounds each input's time (a slow input is a hang). Each outcome is checked
+too: an input is either refused with that error, naming what is wrong, or accepted as a
+value that keeps the target's own guarantees (a decoded message re-encodes to itself, a
+parsed spec is within its limits, a decoded image within its pixel budget). The number
+of inputs tried per target is printed at the end (`pytest -s`) and asserted.
 """
 
 from __future__ import annotations
@@ -69,9 +72,17 @@ def mutated_spec(draw: st.DrawFn) -> Any:
 def test_fuzz_parse_job_spec(spec: Any) -> None:
     _tried("parse_job_spec")
     try:
-        parse_job_spec(spec)
-    except SpecError:
-        pass
+        parsed = parse_job_spec(spec)
+    except SpecError as exc:
+        # Refused, naming the field: that is what the Failed status and Event show.
+        assert exc.field.startswith("spec") and exc.message, (exc.field, exc.message)
+        assert str(exc) == f"{exc.field}: {exc.message}"
+        return
+    assert isinstance(spec, dict)
+    assert parsed.steps and parsed.timeout_s > 0 and parsed.max_attempts >= 1
+    assert parsed.priority in ("realtime", "batch")
+    assert parsed.output_format in ("png", "jpeg", "webp")
+    assert (parsed.input_uri is not None) + (parsed.input_url is not None) + (parsed.inline is not None) == 1
 
 
 @FUZZ
@@ -115,14 +126,46 @@ def _frames() -> st.SearchStrategy[list[bytes]]:
         st.tuples(kinds, headers).map(list) | st.tuples(kinds, headers, st.binary(max_size=64)).map(list)
 
 
+_VALID_BODIES = (
+    protocol.Ready(pool="p", worker="w", capacity=2, device="cuda:0", jobs=(protocol.AttemptId("u", 1),)),
+    protocol.Heartbeat(ping=1.5, rtt_ms=3.0),
+    protocol.Accepted(protocol.AttemptId("u", 2)),
+    protocol.Error(protocol.AttemptId("u", 1), protocol.ErrorCode.OOM, "out of memory"),
+    protocol.Cancel(protocol.AttemptId("u", 3)),
+    protocol.Disconnect("bye"),
+)
+
+
+@st.composite
+def _edited_valid_frames(draw: st.DrawFn) -> list[bytes]:
+    """A valid message with some header fields replaced, dropped or added: near misses, so
+    that the accepting side of decode is exercised as much as the refusing one."""
+    kind, header = protocol.encode(draw(st.sampled_from(_VALID_BODIES)))
+    fields = msgpack.unpackb(header, raw=False)
+    for _ in range(draw(st.integers(0, 2))):
+        key = draw(st.one_of(st.sampled_from(sorted(fields) or ["x"]), st.text(max_size=6)))
+        if draw(st.booleans()):
+            fields[key] = draw(json_like)
+        else:
+            fields.pop(key, None)
+    return [kind, msgpack.packb(fields, use_bin_type=True)]
+
+
 @FUZZ
-@given(frames=_frames())
+@given(frames=st.one_of(_frames(), _edited_valid_frames()))
 def test_fuzz_protocol_decode(frames: list[bytes]) -> None:
     _tried("protocol.decode")
     try:
-        protocol.decode(frames)
-    except protocol.ProtocolError:
-        pass
+        message = protocol.decode(frames)
+    except protocol.ProtocolError as exc:
+        assert str(exc), "a refusal says why (it is logged and counted as malformed)"
+        return
+    # Accepted: a whole, typed message of the kind its first frame names, which reads the
+    # same once written again (nothing in it was half-parsed or ignored into a default).
+    assert isinstance(message.kind, protocol.Kind) and message.kind.value == bytes(frames[0])
+    assert type(message.body) is protocol.BODY_TYPES[message.kind]
+    again = protocol.decode(protocol.encode(message.body, payload=message.payload))
+    assert again.body == message.body and again.payload == message.payload
 
 
 def _tiny_images() -> list[bytes]:
@@ -167,13 +210,25 @@ def test_fuzz_decode_image(data: bytes, keep: bool) -> None:
 
     _tried("decode_image")
     try:
-        decode_image(data, max_bytes=1 << 20, max_pixels=1 << 20, keep_metadata=keep)
-    except DecodeError:
-        pass
+        decoded = decode_image(data, max_bytes=1 << 20, max_pixels=1 << 20, keep_metadata=keep)
+    except DecodeError as exc:
+        assert str(exc), "a refusal says why (it is the job's InvalidInput message)"
+        return
+    width, height = decoded.image.size
+    assert 0 < width * height <= 1 << 20
+    assert decoded.image.mode in ("L", "LA", "RGB", "RGBA", "I;16")
+    assert keep or (decoded.icc is None and decoded.exif is None)
 
 
+@pytest.mark.usefixtures("warm_codec")
 def test_zz_fuzz_counts() -> None:
+    # Runs every target itself (whatever ran before, or did not), so that it never passes
+    # vacuously: each must really have tried many inputs.
+    TRIED.clear()
+    for target in (test_fuzz_parse_job_spec, test_fuzz_grant_matcher, test_fuzz_url_guard_parsing,
+                   test_fuzz_address_rule, test_fuzz_protocol_decode, test_fuzz_decode_image):
+        target()
     print("\nfuzz inputs tried (0 crashes, 0 hangs):", ", ".join(f"{k}={v}" for k, v in sorted(TRIED.items())))
-    if not TRIED:
-        pytest.skip("run together with the fuzz tests above")
-    assert all(count > 0 for count in TRIED.values())
+    assert set(TRIED) == {"parse_job_spec", "grant matcher", "url guard", "address rule", "protocol.decode",
+                          "decode_image"}
+    assert min(TRIED.values()) >= 100, TRIED

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from gpuroute_operator.core.refs import ObjectRef
-from gpuroute_operator.kube.status_writer import merge_patch_status
+from gpuroute_operator.kube.coalesce import Coalescer
+from gpuroute_operator.kube.status_writer import merge_patch_status, terminal_event_name
 
 
 def test_top_level_empty_values_become_null() -> None:
@@ -56,5 +61,22 @@ def test_object_ref_involved() -> None:
     pool = ObjectRef("WorkerPool", "gpu-a")
     assert pool.involved() == {"apiVersion": "gpuroute.io/v1alpha1", "kind": "WorkerPool", "name": "gpu-a",
                                "uid": ""}
-    assert ObjectRef("ImageJob", "a", "n") == ObjectRef("ImageJob", "a", "n")
-    assert len({ObjectRef("ImageJob", "a", "n"), ObjectRef("ImageJob", "a", "n")}) == 1
+
+
+def test_object_refs_key_pending_writes_by_value() -> None:
+    """The writer keeps one pending status per ref: a ref rebuilt from the same object is the
+    same key (its writes coalesce), while a re-created job (same name, new uid) or another
+    kind of the same name is another object with writes of its own."""
+    coalescer: Coalescer[ObjectRef] = Coalescer(0.3)
+    coalescer.offer(ObjectRef("ImageJob", "a", "n", "u1"), {"phase": "Queued"}, now=0.0)
+    coalescer.offer(ObjectRef("ImageJob", "a", "n", "u1"), {"phase": "Dispatched"}, now=0.1)
+    assert len(coalescer) == 1
+    coalescer.offer(ObjectRef("ImageJob", "a", "n", "u2"), {"phase": "Queued"}, now=0.1)
+    coalescer.offer(ObjectRef("WorkerPool", "a"), {"connectedWorkers": 1}, now=0.1)
+    coalescer.offer(ObjectRef("ImageJob", "a", "other-namespace", "u1"), {"phase": "Queued"}, now=0.1)
+    assert len(coalescer) == 4
+    # A re-created job's terminal Event is not refused as its predecessor's duplicate.
+    assert terminal_event_name(ObjectRef("ImageJob", "a", "n", "u1")) != terminal_event_name(
+        ObjectRef("ImageJob", "a", "n", "u2"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ObjectRef("ImageJob", "a").uid = "changed"  # type: ignore[misc]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -169,7 +170,16 @@ def test_parse_cidrs() -> None:
 
 
 def test_admission_record() -> None:
-    assert Admission("p", "k", ()) == Admission("p", "k", ())
+    """An admission is a value: every field tells two apart, and none can be changed in place
+    (ZAP's table is replaced whole when a pool's keys change, never edited)."""
+    net = ipaddress.ip_network("10.0.0.0/8")
+    admission = Admission("p", "k", (net,))
+    assert admission == Admission("p", "k", (ipaddress.ip_network("10.0.0.0/8"),))
+    assert admission != Admission("q", "k", (net,))
+    assert admission != Admission("p", "other", (net,))
+    assert admission != Admission("p", "k", ())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        admission.pool = "q"  # type: ignore[misc]
 
 
 # --- Real sockets ------------------------------------------------------------------------------
