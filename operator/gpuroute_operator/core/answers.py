@@ -13,11 +13,14 @@ The dispatcher applies the verdicts.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from gpuroute.protocol import AttemptId, Error, ErrorCode, ItemAnswer, Result
 from gpuroute_operator.core.jobs import Job
 from gpuroute_operator.core.phases import Phase
+from gpuroute_operator.core.pools import PoolState, WorkerConn
 
 RETRY_REASONS = {ErrorCode.OOM: "OutOfMemory", ErrorCode.UNAVAILABLE: "WorkerUnavailable", ErrorCode.TIMEOUT: "Timeout",
                  ErrorCode.EXPIRED: "StorageURLRejected"}
@@ -67,6 +70,38 @@ def overdue(job: Job, attempt: AttemptId, now: float, *, accept_within_s: float,
     if now - started > limit_s:
         return Error(attempt, ErrorCode.TIMEOUT, f"no answer within {limit_s:.0f} s of starting (per-attempt limit)")
     return None
+
+
+class OverdueRules(Protocol):
+    """The dispatcher's settings that bound an attempt (DispatcherConfig)."""
+
+    @property
+    def accept_within_s(self) -> float: ...
+
+    @property
+    def attempt_floor_s(self) -> float: ...
+
+    @property
+    def attempt_slack(self) -> float: ...
+
+
+def overdue_attempts(sessions: Iterable[WorkerConn], jobs: Mapping[str, Job], pools: Mapping[str, PoolState],
+                     expected_ms: Callable[[Job, PoolState], float | None], now: float,
+                     rules: OverdueRules) -> Iterator[tuple[WorkerConn, Error]]:
+    """Each session's attempts whose answer is overdue (`overdue`), as the ERROR that stands for
+    it; after a never-accepted one, that session's other attempts are left to its loss."""
+    for conn in sessions:
+        pool = pools.get(conn.pool)
+        for attempt in sorted(conn.attempts):
+            job = jobs.get(attempt.uid)
+            if job is None or pool is None:
+                continue
+            error = overdue(job, attempt, now, accept_within_s=rules.accept_within_s, floor_s=rules.attempt_floor_s,
+                            expected_ms=expected_ms(job, pool), slack=rules.attempt_slack)
+            if error is not None:
+                yield conn, error
+                if error.code is ErrorCode.UNAVAILABLE:
+                    break
 
 
 def judge(job: Job, error: Error, where: str) -> Verdict:

@@ -463,27 +463,16 @@ class Dispatcher:
                          f"not completed within timeoutSeconds={job.spec.timeout_s} (last phase {job.phase.value})", now)
 
     def _give_up_overdue(self, now: float) -> None:
-        """Attempts whose answer is overdue end as the worker's ERROR would (answers.overdue); a
-        worker that never accepted is cut, since its heartbeats alone say nothing."""
-        config = self.config
-        for conn in list(self.sessions.values()):
-            for attempt in sorted(conn.attempts):
-                job = self.jobs.get(attempt.uid)
-                pool = self.pools.get(conn.pool)
-                if job is None or pool is None:
-                    continue
-                error = answers.overdue(job, attempt, now, accept_within_s=config.accept_within_s,
-                                        floor_s=config.attempt_floor_s, expected_ms=self.placement.expected_ms(job, pool),
-                                        slack=config.attempt_slack)
-                if error is None:
-                    continue
-                self._count("overdue_attempt")
-                log.warning("attempt %s on %s/%s: %s", attempt, conn.pool, conn.worker, error.message)
-                self.effects.send(conn.routing_id, Cancel(attempt))
-                self.on_error(conn, error, now)
-                if error.code is ErrorCode.UNAVAILABLE:
-                    self.registry.lose(conn, "unresponsive (a JOB was never accepted)", now, kick=True)
-                    break
+        """Attempts whose answer is overdue end as the worker's ERROR would; a worker that never
+        accepted is cut, since its heartbeats alone say nothing (answers.overdue_attempts)."""
+        for conn, error in answers.overdue_attempts(list(self.sessions.values()), self.jobs, self.pools,
+                                                    self.placement.expected_ms, now, self.config):
+            self._count("overdue_attempt")
+            log.warning("attempt %s on %s/%s: %s", error.job, conn.pool, conn.worker, error.message)
+            self.effects.send(conn.routing_id, Cancel(error.job))
+            self.on_error(conn, error, now)
+            if error.code is ErrorCode.UNAVAILABLE:
+                self.registry.lose(conn, "unresponsive (a JOB was never accepted)", now, kick=True)
 
     def _reroute_unrouted(self, now: float) -> None:
         """Route again every job no pool could take: after a change that may have made one eligible."""
