@@ -191,11 +191,7 @@ class Dispatcher:
             return
         resumed = resume is not None and resume.attempts >= 1
         if resume is not None and resumed:
-            job.attempts = resume.attempts
-            job.pool = resume.pool or None
-            job.preferred_worker = resume.worker or None
-            job.move(Phase.QUEUED, at=now, reason="Resumed", message=f"resumed after an operator restart; "
-                     f"attempt {resume.attempts} was on {resume.pool}/{resume.worker}")
+            job.resume(resume, now)
         else:
             job.move(Phase.QUEUED, at=now, reason="Admitted", message="waiting for a worker")
         holder = self.placement.holder_of(job, self.sessions.values(), now)
@@ -291,14 +287,9 @@ class Dispatcher:
             self.registry.lose(conn, "unreachable", now)
             self._route(job, now, front=True)
             return
-        job.attempts = number
-        job.reuse_attempt = False
-        self.ledger.open(job, attempt, conn)
         first = job.dispatched_at is None
-        job.pool, job.worker, job.gpu = conn.pool, conn.worker, conn.device
-        job.dispatched_at = now
-        job.started_at = None
-        job.move(Phase.DISPATCHED, at=now, reason="Dispatched", message=f"attempt {number} sent to {conn.pool}/{conn.worker}")
+        self.ledger.open(job, attempt, conn)
+        job.sent(number, conn.pool, conn.worker, conn.device, now)
         if first:
             metrics.DISPATCH_SECONDS.observe(max(0.0, now - job.queued_at))
         reports.changed(self.effects, job)

@@ -85,6 +85,23 @@ class Job:
     def current_attempt(self) -> AttemptId:
         return AttemptId(self.uid, max(1, self.attempts))
 
+    def sent(self, number: int, pool: str, worker: str, device: str, now: float) -> None:
+        """Attempt `number` has left for `pool`/`worker`: the job is Dispatched, its attempt counted."""
+        self.attempts = number
+        self.reuse_attempt = False
+        self.pool, self.worker, self.gpu = pool, worker, device
+        self.dispatched_at = now
+        self.started_at = None
+        self.move(Phase.DISPATCHED, at=now, reason="Dispatched", message=f"attempt {number} sent to {pool}/{worker}")
+
+    def resume(self, resume: Resume, now: float) -> None:
+        """Admitted after a restart with an attempt out (its stored status): take that attempt up again."""
+        self.attempts = resume.attempts
+        self.pool = resume.pool or None
+        self.preferred_worker = resume.worker or None
+        self.move(Phase.QUEUED, at=now, reason="Resumed", message=f"resumed after an operator restart; "
+                  f"attempt {resume.attempts} was on {resume.pool}/{resume.worker}")
+
     def move(self, phase: Phase, *, at: float, reason: str = "", message: str = "") -> None:
         """Change phase at clock time `at` (conditions' lastTransitionTime)."""
         check_transition(self.phase, phase)
