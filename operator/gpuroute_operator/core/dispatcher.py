@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 from gpuroute import protocol
 from gpuroute.protocol import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
     Accepted,
     AttemptId,
     Cancel,
@@ -77,12 +79,15 @@ class DispatcherConfig:
     """A worker that refused a job for capacity gets no new job for this long."""
     signing_retry_s: float = 5.0
     """A job whose storage cannot be signed right now is tried again this often, until its timeout."""
-    resume_grace_s: float = 5.0
+    resume_grace_s: float = 2 * HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
     """After a restart, how long a resumed job waits for the worker that ran it to re-register
-    (workers re-register within about one heartbeat of the new leader starting)."""
-    startup_hold_s: float = 2.0
-    """After taking over, how long a job whose status shows no attempt waits before one is sent:
-    its Dispatched write may have been lost with the previous leader while a worker runs it."""
+    (6 s: a worker learns of the new leader at its next heartbeat and registers again at once,
+    or after HEARTBEAT_LIVENESS silent beats at worst; twice that leaves room on a busy machine,
+    as for batches, since a recomputed image costs far more than a few seconds' wait)."""
+    startup_hold_s: float = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
+    """After taking over, how long a job whose status shows no attempt waits before one is sent
+    (3 s from when the socket serves): its Dispatched write may have been lost with the previous
+    leader while a worker runs it. At 2 s, a loaded machine recomputed such a job now and then."""
     finished_memory: int = 100_000
     """Terminal job uids remembered, so late events and duplicate results are ignored cheaply."""
     accept_within_s: float = 10.0

@@ -183,6 +183,9 @@ class Engine:
         if not self.config.plaintext:
             self.zap.start()
         self.server.start()
+        if self.config.resume_hold:
+            # Workers can re-register only from now on: the startup hold counts from here.
+            self.dispatcher.started_at = time.time()
         self.writer.start()
         self.batches.start()
         loop = asyncio.get_running_loop()

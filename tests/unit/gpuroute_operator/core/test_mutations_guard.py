@@ -123,6 +123,7 @@ def test_after_a_restart_a_re_queued_job_spends_its_remaining_attempts_only() ->
     world.submit("j1", maxAttempts=2, placement={"pools": ["pool-a"]})
     w2 = world.connect("pool-a", "w2", capacity=1)
     world.advance(world.config.startup_hold_s + 0.1)
+    world.send(w2, Heartbeat(pong=world.now))  # alive through the hold
     world.dispatcher.tick(world.now, heartbeat=False)
     assert _requests_for(world, "j1", w2) == [AttemptId("j1", 2)]
     world.send(w2, world.error(AttemptId("j1", 2)))   # retryable, but the budget of 2 is spent: it ends
