@@ -57,12 +57,17 @@ def overdue(job: Job, attempt: AttemptId, now: float, *, accept_within_s: float,
     while its session lives is broken (or is a stolen key holding jobs). Once accepted, an
     attempt may run `slack` times what the pool is expected to take (`expected_ms`, learned),
     or, for work the pool has no figures for yet, its share of timeoutSeconds over maxAttempts;
-    never less than `floor_s`. The job's own deadline still bounds every attempt."""
+    never less than `floor_s`. The job's own deadline still bounds every attempt; an item group
+    is bounded by its items' timeouts and the batch's deadline instead."""
     if job.dispatched_at is None or attempt != job.current_attempt:
         return None
     if job.phase is Phase.DISPATCHED:
         if now - job.dispatched_at > accept_within_s:
             return Error(attempt, ErrorCode.UNAVAILABLE, f"not accepted within {accept_within_s:g} s")
+        return None
+    if job.spec.items:
+        # An item group: each item is bounded on the worker by itemTimeoutSeconds, the group by
+        # the batch's deadline; the pool's figures are per image, not per group of 16.
         return None
     started = job.started_at if job.started_at is not None else job.dispatched_at
     share_s = (expected_ms / 1000.0 * slack) if expected_ms is not None else job.spec.timeout_s / job.spec.max_attempts
