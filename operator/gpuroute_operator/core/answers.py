@@ -13,6 +13,7 @@ The dispatcher applies the verdicts.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,7 +51,7 @@ class Verdict:
 
 
 def overdue(job: Job, attempt: AttemptId, now: float, *, accept_within_s: float, floor_s: float,
-            expected_ms: float | None, slack: float) -> Error | None:
+            expected_ms: Callable[[], float | None], slack: float) -> Error | None:
     """An ERROR standing for an answer that did not come in time, or None while there is time.
 
     A worker ACCEPTs a JOB the moment it reads it, so one that has not within `accept_within_s`
@@ -70,7 +71,8 @@ def overdue(job: Job, attempt: AttemptId, now: float, *, accept_within_s: float,
         # the batch's deadline; the pool's figures are per image, not per group of 16.
         return None
     started = job.started_at if job.started_at is not None else job.dispatched_at
-    share_s = (expected_ms / 1000.0 * slack) if expected_ms is not None else job.spec.timeout_s / job.spec.max_attempts
+    expected = expected_ms()  # only now: most attempts end long before they need it
+    share_s = (expected / 1000.0 * slack) if expected is not None else job.spec.timeout_s / job.spec.max_attempts
     limit_s = max(floor_s, share_s)
     if now - started > limit_s:
         return Error(attempt, ErrorCode.TIMEOUT, f"no answer within {limit_s:.0f} s of starting (per-attempt limit)")
@@ -102,7 +104,7 @@ def overdue_attempts(sessions: Iterable[WorkerConn], jobs: Mapping[str, Job], po
             if job is None or pool is None:
                 continue
             error = overdue(job, attempt, now, accept_within_s=rules.accept_within_s, floor_s=rules.attempt_floor_s,
-                            expected_ms=expected_ms(job, pool), slack=rules.attempt_slack)
+                            expected_ms=functools.partial(expected_ms, job, pool), slack=rules.attempt_slack)
             if error is not None:
                 yield conn, error
                 if error.code is ErrorCode.UNAVAILABLE:

@@ -18,7 +18,7 @@ from gpuroute.protocol import AttemptId, OutputInfo, Result
 from gpuroute_operator.core.jobs import Job, Place
 from gpuroute_operator.core.pools import PoolState, WorkerConn
 from gpuroute_operator.core.router import Decision, JobNeeds, PoolView, choose, rejection
-from gpuroute_operator.core.service_model import MAX_LEARNED_MPIX, PipelinePriors, band_floor, plausible_ms
+from gpuroute_operator.core.service_model import MAX_LEARNED_MPIX, PipelinePriors, ServiceFit, band_floor, plausible_ms
 
 Chooser = Callable[[JobNeeds, Sequence[PoolView]], Decision]
 """router.choose, or a stand-in that changes what the views show (the counterfactuals in bench/routing_sim/gpuroute.py)."""
@@ -42,21 +42,23 @@ class Placer:
         view = dataclasses.replace(view, workers=max(1, view.workers), slots=max(1, view.slots))
         return rejection(self.needs(job, now), view) is None
 
-    def expected_ms(self, job: Job, pool: PoolState) -> float | None:
-        """What `pool` is expected to take for `job` (worker ms), from what it has learned; None if nothing."""
+    def _size(self, job: Job) -> tuple[str, float | None, ServiceFit | None]:
+        """The job's pipeline class, its input megapixels (known, or typical for the class) and the
+        class's fit over every pool: what every service-time estimate for it starts from."""
         pixels = job.spec.input_pixels
         cost_class = job.spec.cost_class
-        mpix = self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None)
-        return pool.job_service_ms(cost_class, mpix, self.priors.shape(cost_class))
+        return (cost_class, self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None),
+                self.priors.shape(cost_class))
+
+    def expected_ms(self, job: Job, pool: PoolState) -> float | None:
+        """What `pool` is expected to take for `job` (worker ms), from what it has learned; None if nothing."""
+        return pool.job_service_ms(*self._size(job))
 
     def views(self, job: Job) -> list[PoolView]:
         """Every pool as the router sees it for `job`. A pool's expected worker time is the mean
         over its worker keys, each credited with no less than RATE_BAND under the median of
         the other pools' keys (a pool that never ran the pipeline: its typical time, as low)."""
-        pixels = job.spec.input_pixels
-        cost_class = job.spec.cost_class
-        mpix = self.priors.expected_mpix(cost_class, pixels / 1e6 if pixels else None)
-        shape = self.priors.shape(cost_class)
+        cost_class, mpix, shape = self._size(job)
         keys = {name: pool.key_predictions(cost_class, mpix, shape) for name, pool in self.pools.items()}
         views = []
         for name, pool in self.pools.items():
