@@ -71,7 +71,9 @@ def overdue(job: Job, attempt: AttemptId, now: float, *, accept_within_s: float,
         # the batch's deadline; the pool's figures are per image, not per group of 16.
         return None
     started = job.started_at if job.started_at is not None else job.dispatched_at
-    expected = expected_ms()  # only now: most attempts end long before they need it
+    if now - started <= floor_s:
+        return None  # never past the limit yet, whatever was learned: no estimate needed
+    expected = expected_ms()
     share_s = (expected / 1000.0 * slack) if expected is not None else job.spec.timeout_s / job.spec.max_attempts
     limit_s = max(floor_s, share_s)
     if now - started > limit_s:
